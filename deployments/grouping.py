@@ -1,0 +1,85 @@
+"""Group a batch of jobs into pipeline calls.
+
+Jobs whose ``CallShape`` is equal share one diffusers call: their images become one list of
+prompts with one seed each. Kept free of torch so it is tested against a fake pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from serve_app.work import CallShape, GenerationJob
+
+ImageT = TypeVar("ImageT")
+
+
+@dataclass
+class PipelineCall:
+    """One diffusers call: parallel lists, one entry per image."""
+
+    shape: CallShape
+    prompts: list[str] = field(default_factory=list)
+    negative_prompts: list[str] | None = None
+    seeds: list[int] = field(default_factory=list)
+    # (job index, image index within the job) for each entry, to route results back.
+    owners: list[tuple[int, int]] = field(default_factory=list)
+
+
+def group_jobs(jobs: Sequence[GenerationJob]) -> list[PipelineCall]:
+    """One call per distinct shape, in order of first appearance."""
+    calls: dict[CallShape, PipelineCall] = {}
+    for job_index, job in enumerate(jobs):
+        call = calls.get(job.shape)
+        if call is None:
+            call = PipelineCall(shape=job.shape, negative_prompts=[] if job.shape.with_negative_prompt else None)
+            calls[job.shape] = call
+        for image_index, seed in enumerate(job.seeds):
+            call.prompts.append(job.prompt)
+            if call.negative_prompts is not None:
+                call.negative_prompts.append(job.negative_prompt or "")
+            call.seeds.append(seed)
+            call.owners.append((job_index, image_index))
+    return list(calls.values())
+
+
+def count_images(jobs: Sequence[GenerationJob]) -> int:
+    """``batch_size_fn`` for ``@serve.batch``: a batch's size is its image count."""
+    return sum(job.num_images for job in jobs)
+
+
+@dataclass
+class JobOutcome(Generic[ImageT]):
+    """Either every image of a job, in seed order, or the error that stopped it."""
+
+    images: list[ImageT] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def run_grouped(
+    jobs: Sequence[GenerationJob],
+    run_call: Callable[[PipelineCall], Sequence[ImageT]],
+) -> list[JobOutcome[ImageT]]:
+    """Run each call once and hand every job its own images.
+
+    A failing call fails only the jobs in it; other shapes in the same batch still
+    complete.
+    """
+    slots: list[list[ImageT | None]] = [[None] * job.num_images for job in jobs]
+    outcomes: list[JobOutcome[ImageT]] = [JobOutcome() for _ in jobs]
+    for call in group_jobs(jobs):
+        try:
+            images = run_call(call)
+            if len(images) != len(call.prompts):
+                raise RuntimeError(f"pipeline returned {len(images)} images for {len(call.prompts)} prompts")
+        except Exception as exc:  # noqa: BLE001 - routed to the jobs that own this call
+            for job_index, _ in call.owners:
+                outcomes[job_index].error = exc
+            continue
+        for (job_index, image_index), image in zip(call.owners, images):
+            slots[job_index][image_index] = image
+    for outcome, job_slots in zip(outcomes, slots):
+        if outcome.error is None:
+            outcome.images = [image for image in job_slots if image is not None]
+    return outcomes

@@ -1,0 +1,128 @@
+"""The per-model Ray Serve deployment: dynamic batching on one diffusers pipeline.
+
+A replica loads its pipeline once, then serves ``generate(job)`` calls. ``@serve.batch``
+gathers jobs until ``max_batch_images`` images are waiting (it counts images, not
+requests) or the wait timeout passes; the batch is grouped by call shape and each group is
+one pipeline call. The pipeline runs on a dedicated thread so the event loop keeps
+accepting work and the next batch forms while this one computes; encoding runs on another
+pool so the pipeline thread goes straight on to the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from deployments.grouping import JobOutcome, PipelineCall, count_images, run_grouped
+from serve_app.config import BatchingConfig, ModelConfig
+from serve_app.work import GeneratedImage, GenerationJob, JobResult
+
+logger = logging.getLogger("ray.serve")
+
+# Placeholders: the real values come from the model's config in reconfigure(), which Serve
+# calls right after __init__ with the deployment's user_config.
+_INITIAL_BATCH = BatchingConfig()
+
+
+class ImageModelDeployment:
+    def __init__(self, model: ModelConfig | dict[str, Any], cache_dir: str) -> None:
+        import torch
+
+        from deployments.pipeline_loader import load_pipeline
+
+        self.model = ModelConfig.model_validate(model)
+        # Ray sets OMP_NUM_THREADS from num_cpus; make torch honour it even if it was
+        # imported before the variable was set.
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self._pipeline = load_pipeline(
+            family=self.model.family.value,
+            weights=self.model.weights,
+            device=self.model.device,
+            dtype=self.model.dtype,
+            cache_dir=Path(cache_dir),
+        )
+        self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        self._max_batch_images = self.model.batching.max_batch_images
+        self._failed_fatally: str | None = None
+        logger.info("model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batch limits are changeable at runtime (``user_config`` in serve_config.yaml)."""
+        batching = BatchingConfig.model_validate(user_config or {})
+        self._max_batch_images = batching.max_batch_images
+        self._generate_batch.set_max_batch_size(batching.max_batch_images)
+        self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    async def generate(self, job: GenerationJob) -> JobResult:
+        parts = job.split(self._max_batch_images)
+        outcomes = await asyncio.gather(*(self._generate_batch(part) for part in parts))
+        images: list[Any] = []
+        for outcome in outcomes:
+            if outcome.error is not None:
+                raise outcome.error
+            images.extend(outcome.images)
+        loop = asyncio.get_running_loop()
+        encoded = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._encode_pool, self._encode, image, seed, job)
+                for image, seed in zip(images, job.seeds)
+            )
+        )
+        return JobResult(images=tuple(encoded))
+
+    @serve.batch(
+        max_batch_size=_INITIAL_BATCH.max_batch_images,
+        batch_wait_timeout_s=_INITIAL_BATCH.batch_wait_timeout_s,
+        batch_size_fn=count_images,
+    )
+    async def _generate_batch(self, jobs: list[GenerationJob]) -> list[JobOutcome]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pipeline_thread, run_grouped, jobs, self._run_call)
+
+    def _run_call(self, call: PipelineCall) -> list[Any]:
+        from deployments.pipeline_runner import run_pipeline
+
+        try:
+            return run_pipeline(
+                self._pipeline,
+                self.model.family.value,
+                call.shape,
+                call.prompts,
+                call.negative_prompts,
+                call.seeds,
+                self.model.device,
+            )
+        except RuntimeError as exc:
+            # A CUDA device error leaves the replica unusable; let the health check
+            # replace it instead of failing every later request.
+            if "CUDA" in str(exc) and "out of memory" not in str(exc):
+                self._failed_fatally = str(exc)
+            raise
+
+    @staticmethod
+    def _encode(image: Any, seed: int, job: GenerationJob) -> GeneratedImage:
+        from deployments.encoding import encode_image
+
+        return GeneratedImage(
+            data=encode_image(image, job.output_format, job.output_quality),
+            seed=seed,
+            output_format=job.output_format,
+            width=image.width,
+            height=image.height,
+        )
+
+    def check_health(self) -> None:
+        if self._failed_fatally is not None:
+            raise RuntimeError(f"pipeline failed fatally: {self._failed_fatally}")
+
+
+ImageModel = serve.deployment(ImageModelDeployment)

@@ -1,0 +1,248 @@
+"""Typed application config: the ``args:`` of serve_config.yaml.
+
+One pydantic model validates the whole tree at startup, so a bad config fails before any
+replica starts, with pydantic's message naming the field (``models.0.limits.max_steps``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from decimal import Decimal
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.work import OUTPUT_FORMATS
+
+SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+# Price per image is stored in exact integer units: one credit is a million units.
+CREDIT_UNITS = 1_000_000
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelFamily(str, Enum):
+    SDXL = "sdxl"
+    QWEN_IMAGE = "qwen-image"
+
+    @property
+    def size_multiple(self) -> int:
+        # The SDXL VAE downsamples by 8; Qwen-Image also packs 2x2 latent patches.
+        return 8 if self is ModelFamily.SDXL else 16
+
+
+class ModelDefaults(StrictModel):
+    size: str = "1024x1024"
+    steps: int = Field(30, ge=1)
+    guidance: float = Field(5.0, ge=0)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_quality: int = Field(80, ge=0, le=100)
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, value: str) -> str:
+        if not SIZE_PATTERN.match(value):
+            raise ValueError(f"size must look like 1024x1024, got {value!r}")
+        return value
+
+
+class ModelLimits(StrictModel):
+    max_pixels: int = Field(1024 * 1024, ge=64)
+    min_side: int = Field(64, ge=8)
+    max_side: int = Field(2048, ge=8)
+    max_steps: int = Field(100, ge=1)
+    max_n: int = Field(10, ge=1, le=10)
+    max_prompt_chars: int = Field(4000, ge=1)
+
+
+class BatchingConfig(StrictModel):
+    """Dynamic batching; both values can be changed at runtime through user_config."""
+
+    max_batch_images: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+
+
+class QualitySteps(StrictModel):
+    """OpenAI's quality names mapped to denoising steps (``None``: the model default)."""
+
+    low: int | None = Field(None, ge=1)
+    medium: int | None = Field(None, ge=1)
+    high: int | None = Field(None, ge=1)
+
+
+class DeploymentOptions(StrictModel):
+    """Passed through to Ray Serve's ``.options()`` for the model deployment."""
+
+    num_replicas: int | Literal["auto"] | None = None
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 1})
+    max_ongoing_requests: int = Field(16, ge=1)
+    health_check_period_s: float | None = None
+    graceful_shutdown_timeout_s: float | None = None
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "DeploymentOptions":
+        if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+
+class ModelConfig(StrictModel):
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    family: ModelFamily
+    weights: str = Field(min_length=1, description="hub id, local folder, or builtin:<name>")
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    limits: ModelLimits = Field(default_factory=ModelLimits)
+    quality_steps: QualitySteps = Field(default_factory=QualitySteps)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    price_per_image: Decimal = Field(Decimal("1"), ge=0, decimal_places=6)
+    timeout_s: float = Field(300.0, gt=0, description="deadline for one request's images")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @property
+    def deployment_name(self) -> str:
+        """Serve deployment name from the id (``org/sdxl-1.0`` -> ``model-org-sdxl-1-0``)."""
+        return "model-" + "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in self.id)
+
+    @property
+    def price_units(self) -> int:
+        return int(self.price_per_image * CREDIT_UNITS)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "ModelConfig":
+        width, height = (int(v) for v in self.defaults.size.split("x"))
+        multiple = self.family.size_multiple
+        if width % multiple or height % multiple:
+            raise ValueError(f"defaults.size {self.defaults.size} must be a multiple of {multiple}")
+        if width * height > self.limits.max_pixels:
+            raise ValueError(f"defaults.size {self.defaults.size} exceeds limits.max_pixels")
+        if self.defaults.steps > self.limits.max_steps:
+            raise ValueError("defaults.steps exceeds limits.max_steps")
+        if self.batching.max_batch_images > self.deployment.max_ongoing_requests * self.limits.max_n:
+            raise ValueError("batching.max_batch_images can never fill: raise deployment.max_ongoing_requests")
+        return self
+
+    def steps_for_quality(self, quality: str) -> int:
+        """``auto``/``standard`` give the default; ``hd`` is ``high``."""
+        default = self.defaults.steps
+        table = {
+            "low": self.quality_steps.low or max(1, default // 2),
+            "medium": self.quality_steps.medium or default,
+            "high": self.quality_steps.high or min(self.limits.max_steps, default * 2),
+        }
+        table["standard"] = table["medium"]
+        table["hd"] = table["high"]
+        return table.get(quality, default)
+
+
+class AccountsConfig(StrictModel):
+    database_url: str = Field(
+        "sqlite:///data/imagegen.db",
+        description="sqlite:///relative/path or sqlite:////absolute/path; env IMAGEGEN_DATABASE_URL overrides",
+    )
+    default_requests_per_minute: int = Field(60, ge=1)
+    default_images_per_minute: int = Field(120, ge=1)
+
+    def resolved_database_url(self) -> str:
+        return os.environ.get("IMAGEGEN_DATABASE_URL") or self.database_url
+
+
+class LocalStorageConfig(StrictModel):
+    root: Path = Path("data/images")
+    public_base_url: str | None = Field(
+        None, description="external base URL of the ingress; default: the request's own base URL"
+    )
+    signing_secret: str | None = Field(
+        None, description="HMAC secret for URLs; default: a random one kept in <root>/.signing_key"
+    )
+    sweep_interval_s: float = Field(300.0, gt=0)
+
+
+class S3StorageConfig(StrictModel):
+    bucket: str = Field(min_length=3)
+    prefix: str = "images/"
+    region: str | None = None
+    endpoint_url: str | None = None
+    addressing_style: Literal["path", "virtual"] | None = Field(
+        None, description="default: virtual-hosted on AWS, path-style with a custom endpoint_url"
+    )
+
+
+class StorageConfig(StrictModel):
+    backend: Literal["local", "s3"] = "local"
+    url_ttl_s: int = Field(3600, ge=1)
+    local: LocalStorageConfig = Field(default_factory=LocalStorageConfig)
+    s3: S3StorageConfig | None = None
+
+    @model_validator(mode="after")
+    def _backend_configured(self) -> "StorageConfig":
+        if self.backend == "s3" and self.s3 is None:
+            raise ValueError("backend 's3' needs an s3: section with at least a bucket")
+        if self.backend == "s3" and self.url_ttl_s > 7 * 24 * 3600:
+            raise ValueError("url_ttl_s: S3 presigned URLs live at most 7 days (604800 s)")
+        return self
+
+
+class IngressOptions(StrictModel):
+    num_replicas: int | Literal["auto"] | None = 1
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0.25})
+    max_ongoing_requests: int = Field(256, ge=1)
+
+
+class AppConfig(StrictModel):
+    models: list[ModelConfig] = Field(min_length=1)
+    cache_dir: Path = Field(Path("data/models"), description="where built-in models are built")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    ingress: IngressOptions = Field(default_factory=IngressOptions)
+    accounts: AccountsConfig = Field(default_factory=AccountsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        seen: set[str] = set()
+        for model in models:
+            if model.id in seen:
+                raise ValueError(f"duplicate model id {model.id!r}")
+            seen.add(model.id)
+        return models
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+
+def load_app_config(path: str | Path) -> AppConfig:
+    """Read the ``args:`` of the first application in a Serve config file."""
+    import yaml
+
+    with open(path, encoding="utf-8") as handle:
+        document = yaml.safe_load(handle) or {}
+    applications = document.get("applications") or []
+    if not applications:
+        raise ValueError(f"{path}: no applications: section")
+    return AppConfig.model_validate(applications[0].get("args") or {})
+
+
+__all__ = [
+    "CREDIT_UNITS",
+    "OUTPUT_FORMATS",
+    "AccountsConfig",
+    "AppConfig",
+    "BatchingConfig",
+    "DeploymentOptions",
+    "LocalStorageConfig",
+    "ModelConfig",
+    "ModelFamily",
+    "S3StorageConfig",
+    "StorageConfig",
+    "load_app_config",
+]

@@ -1,0 +1,35 @@
+"""The one place where errors become HTTP responses."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi.responses import JSONResponse
+
+from serve_app.errors import APIError, InternalError
+from serve_app.protocol import ErrorBody, ErrorResponse
+
+logger = logging.getLogger("ray.serve")
+
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    """Render any exception in the documented error shape.
+
+    An ``APIError`` is the client's to see; anything else is a bug, logged with the
+    request id and shown as a bare 500 so no internals leak.
+    """
+    if not isinstance(exc, APIError):
+        logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
+        exc = InternalError("The server had an error while processing your request.")
+    body = ErrorResponse(
+        error=ErrorBody(
+            message=exc.message, type=exc.error_type, code=exc.code, param=exc.param, request_id=request_id
+        )
+    )
+    headers = {REQUEST_ID_HEADER: request_id, **exc.headers}
+    if exc.retry_after_s is not None:
+        headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=headers)

@@ -1,0 +1,127 @@
+"""The HTTP ingress deployment: thin FastAPI routes over ``ImageGenerationService``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.config import AppConfig
+from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge
+from serve_app.http_errors import REQUEST_ID_HEADER, error_response
+from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter
+from serve_app.serving import ImageGenerationService
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", docs_url="/docs")
+
+
+def request_id_of(request: Request) -> str:
+    return getattr(request.state, "request_id", None) or _new_request_id(request)
+
+
+def _new_request_id(request: Request) -> str:
+    # Serve's proxy forwards the client's (or its own) x-request-id; keep them the same.
+    request_id = request.headers.get(REQUEST_ID_HEADER) or f"req_{uuid.uuid4().hex}"
+    request.state.request_id = request_id
+    return request_id
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        error: APIError = NotFound(f"No route for {request.method} {request.url.path}.")
+    else:
+        error = InvalidRequest(str(exc.detail))
+        error.status_code = exc.status_code
+    return error_response(error, request_id_of(request))
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc, request_id_of(request))
+
+
+@serve.ingress(api)
+class ImageGenerationIngress:
+    def __init__(self, config: AppConfig | dict[str, Any], handles: dict[str, Any]) -> None:
+        self._config = AppConfig.model_validate(config)
+        replicas = ServeReplicaCounter(app_name=lambda: serve.get_replica_context().app_name)
+        routes = {
+            model.id: ModelRoute(
+                model_id=model.id,
+                deployment_name=model.deployment_name,
+                handle=handles[model.id],
+                timeout_s=model.timeout_s,
+                scales_from_zero=_scales_from_zero(model.deployment.autoscaling_config),
+            )
+            for model in self._config.models
+        }
+        self._service = ImageGenerationService(
+            config=self._config,
+            router=ModelRouter(routes, replicas),
+            accounts=_build_accounts(self._config),
+            store=None,
+        )
+
+    @api.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        request_id = request_id_of(request)
+        try:
+            models = await self._service.list_models(request.headers.get("authorization"))
+        except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
+            return error_response(exc, request_id)
+        return JSONResponse(models.model_dump(), headers={REQUEST_ID_HEADER: request_id})
+
+    @api.post("/v1/images/generations")
+    async def generate_images(self, request: Request) -> Response:
+        request_id = request_id_of(request)
+        try:
+            payload = await self._read_json(request)
+            served = await self._service.generate(
+                payload,
+                authorization=request.headers.get("authorization"),
+                request_id=request_id,
+                base_url=str(request.base_url).rstrip("/"),
+            )
+        except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
+            return error_response(exc, request_id)
+        return JSONResponse(
+            served.body.model_dump(exclude_none=True), headers={REQUEST_ID_HEADER: request_id, **served.headers}
+        )
+
+    async def _read_json(self, request: Request) -> object:
+        limit = self._config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
+        body = bytearray()
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise InvalidRequest("The request body is not valid JSON.") from None
+
+
+def _scales_from_zero(autoscaling_config: dict[str, Any] | None) -> bool:
+    return autoscaling_config is not None and int(autoscaling_config.get("min_replicas", 1)) == 0
+
+
+def _build_accounts(config: AppConfig) -> Any:
+    from serve_app.accounts import build_accounts
+
+    return build_accounts(config)

@@ -1,0 +1,170 @@
+"""Turn a validated request into concrete work for one model.
+
+Everything that depends on the model's config is decided here: the pixel size, the step
+count, guidance, seeds, output encoding. Anything the model cannot honour is a 400 that
+names the field. Pure functions: no I/O, no Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+
+from serve_app.config import SIZE_PATTERN, ModelConfig
+from serve_app.errors import InvalidRequest
+from serve_app.protocol import MAX_SEED, ImageGenerationRequest
+from serve_app.work import CallShape, GenerationJob
+
+ASPECT_PATTERN = re.compile(r"^(\d{1,3}):(\d{1,3})$")
+# image_size modes from the qubrid document, as a share of the model's default pixel count.
+IMAGE_SIZE_PIXEL_SHARE = {"optimize_for_quality": 1.0, "optimize_for_speed": 0.25}
+QUALITY_LABELS = {"low": "low", "medium": "medium", "high": "high", "standard": "medium", "hd": "high"}
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    model: ModelConfig
+    prompt: str
+    negative_prompt: str | None
+    shape: CallShape
+    seeds: tuple[int, ...]
+    output_format: str
+    output_quality: int
+    response_format: str
+    quality_label: str | None
+
+    @property
+    def size(self) -> str:
+        return f"{self.shape.width}x{self.shape.height}"
+
+    def jobs(self, request_id: str, max_images_per_job: int) -> list[GenerationJob]:
+        """The request's images as jobs no larger than one model batch."""
+        job = GenerationJob(
+            request_id=request_id,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            shape=self.shape,
+            seeds=self.seeds,
+            output_format=self.output_format,
+            output_quality=self.output_quality,
+        )
+        return job.split(max_images_per_job)
+
+
+def plan_generation(request: ImageGenerationRequest, model: ModelConfig) -> GenerationPlan:
+    limits = model.limits
+    if len(request.prompt) > limits.max_prompt_chars:
+        raise InvalidRequest(
+            f"Invalid 'prompt': longer than {limits.max_prompt_chars} characters.", param="prompt"
+        )
+    if request.n > limits.max_n:
+        raise InvalidRequest(f"Invalid 'n': model '{model.id}' returns at most {limits.max_n} images.", param="n")
+
+    width, height = resolve_size(request, model)
+    steps = resolve_steps(request, model)
+    guidance = model.defaults.guidance if request.guidance is None else request.guidance
+    negative_prompt = request.negative_prompt or None
+
+    first_seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    if first_seed + request.n - 1 > MAX_SEED:
+        raise InvalidRequest(f"Invalid 'seed': seed + n - 1 must not exceed {MAX_SEED}.", param="seed")
+
+    output_format = request.resolved_output_format(model.defaults.output_format)
+    quality = request.output_quality_value
+    return GenerationPlan(
+        model=model,
+        prompt=request.prompt,
+        negative_prompt=negative_prompt,
+        shape=CallShape(
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=float(guidance),
+            with_negative_prompt=negative_prompt is not None,
+        ),
+        seeds=tuple(range(first_seed, first_seed + request.n)),
+        output_format=output_format,
+        output_quality=model.defaults.output_quality if quality is None else quality,
+        response_format=request.response_format or "b64_json",
+        quality_label=None if request.num_inference_steps is not None else QUALITY_LABELS.get(
+            request.quality or "medium", "medium"
+        ),
+    )
+
+
+def resolve_steps(request: ImageGenerationRequest, model: ModelConfig) -> int:
+    if request.num_inference_steps is not None:
+        if request.quality not in (None, "auto"):
+            raise InvalidRequest(
+                "Invalid 'num_inference_steps': send either quality or num_inference_steps, not both.",
+                param="num_inference_steps",
+            )
+        if request.num_inference_steps > model.limits.max_steps:
+            raise InvalidRequest(
+                f"Invalid 'num_inference_steps': model '{model.id}' allows at most {model.limits.max_steps}.",
+                param="num_inference_steps",
+            )
+        return request.num_inference_steps
+    return model.steps_for_quality(request.quality or "auto")
+
+
+def resolve_size(request: ImageGenerationRequest, model: ModelConfig) -> tuple[int, int]:
+    """``size``, else ``aspect_ratio`` + ``image_size``, else the model default."""
+    if request.size is not None and request.size != "auto":
+        match = SIZE_PATTERN.match(request.size)
+        if not match:
+            raise InvalidRequest("Invalid 'size': expected WIDTHxHEIGHT, e.g. 1024x1024, or 'auto'.", param="size")
+        width, height = int(match[1]), int(match[2])
+        _check_size(width, height, model, param="size")
+        return width, height
+
+    default_w, default_h = (int(v) for v in model.defaults.size.split("x"))
+    if request.aspect_ratio is None and request.image_size is None:
+        return default_w, default_h
+
+    pixel_share = 1.0
+    if request.image_size is not None:
+        if request.image_size not in IMAGE_SIZE_PIXEL_SHARE:
+            choices = ", ".join(IMAGE_SIZE_PIXEL_SHARE)
+            raise InvalidRequest(f"Invalid 'image_size': expected one of {choices}.", param="image_size")
+        pixel_share = IMAGE_SIZE_PIXEL_SHARE[request.image_size]
+
+    ratio = default_w / default_h
+    param = "image_size"
+    if request.aspect_ratio is not None:
+        match = ASPECT_PATTERN.match(request.aspect_ratio)
+        if not match or int(match[1]) == 0 or int(match[2]) == 0:
+            raise InvalidRequest("Invalid 'aspect_ratio': expected W:H, e.g. 16:9.", param="aspect_ratio")
+        ratio = int(match[1]) / int(match[2])
+        param = "aspect_ratio"
+
+    pixels = default_w * default_h * pixel_share
+    multiple = model.family.size_multiple
+    width = _round_to(math.sqrt(pixels * ratio), multiple)
+    height = _round_to(math.sqrt(pixels / ratio), multiple)
+    _check_size(width, height, model, param=param)
+    return width, height
+
+
+def _round_to(value: float, multiple: int) -> int:
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def _check_size(width: int, height: int, model: ModelConfig, *, param: str) -> None:
+    limits = model.limits
+    multiple = model.family.size_multiple
+    problems = []
+    if width % multiple or height % multiple:
+        problems.append(f"both sides must be multiples of {multiple}")
+    if min(width, height) < limits.min_side or max(width, height) > limits.max_side:
+        problems.append(f"each side must be between {limits.min_side} and {limits.max_side}")
+    if width * height > limits.max_pixels:
+        problems.append(f"at most {limits.max_pixels} pixels")
+    if problems:
+        raise InvalidRequest(
+            f"Invalid '{param}': {width}x{height} is not supported by model '{model.id}' "
+            f"({'; '.join(problems)}).",
+            param=param,
+        )

@@ -1,0 +1,168 @@
+"""Wire types of the public API.
+
+Fields follow the order of OpenAI's images API reference; the qubrid extensions are fenced
+below it. Validation here is static (types, ranges, combinations that no model can
+honour); what depends on the model (sizes, step limits) is checked in ``planning``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve_app.errors import InvalidRequest
+
+MAX_SEED = 2**63 - 1
+
+
+class ImageGenerationRequest(BaseModel):
+    # strict: "3" is not a number and 1 is not a boolean, as with OpenAI's API.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    # --- OpenAI images API -------------------------------------------------------------
+    prompt: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    moderation: Literal["low", "auto"] | None = None
+    n: int = Field(1, ge=1, le=10)
+    output_compression: int | None = Field(None, ge=0, le=100)
+    output_format: Literal["png", "jpeg", "jpg", "webp"] | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    size: str | None = None
+    stream: bool | None = None
+    style: Literal["vivid", "natural"] | None = None
+    user: str | None = Field(None, max_length=256)
+    safety_identifier: str | None = Field(None, max_length=256)
+
+    # --- qubrid extensions ----------------------------------------------------------------
+    # Generation controls with no OpenAI equivalent; defaults match the qubrid document.
+    enhance_prompt: bool = False
+    go_fast: bool = True
+    guidance: float | None = Field(None, ge=0, le=50)
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = Field(None, ge=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    disable_safety_checker: bool = False
+    image: str | None = None
+    strength: float = Field(0, ge=0, le=1)
+    lora_weights: str | None = None
+    lora_scale: float = 1
+    extra_lora_weights: list[str] = Field(default_factory=list)
+    extra_lora_scale: list[float] = Field(default_factory=lambda: [1.0, 1.0])
+    aspect_ratio: str | None = None
+    image_size: str | None = None
+    output_quality: int | None = Field(None, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _honourable(self) -> "ImageGenerationRequest":
+        """Reject what no model here can do, rather than silently ignoring it."""
+        unsupported = [
+            ("stream", self.stream is True, "streaming responses are not supported"),
+            ("partial_images", bool(self.partial_images), "partial images need streaming, which is not supported"),
+            ("background", self.background == "transparent", "transparent backgrounds are not supported"),
+            ("style", self.style is not None, "style presets are not supported; describe the style in the prompt"),
+            ("enhance_prompt", self.enhance_prompt, "prompt enhancement is not supported"),
+            ("image", self.image is not None, "image-to-image generation is not supported yet"),
+            ("strength", self.image is None and self.strength != 0, "strength needs an input image"),
+            ("lora_weights", self.lora_weights is not None, "LoRA weights are not supported yet"),
+            ("extra_lora_weights", bool(self.extra_lora_weights), "LoRA weights are not supported yet"),
+        ]
+        for param, rejected, why in unsupported:
+            if rejected:
+                raise _FieldError(param, why)
+        if self.output_compression is not None and self.output_quality is not None:
+            if self.output_compression != self.output_quality:
+                raise _FieldError("output_compression", "output_compression and output_quality disagree; send one")
+        if self.output_compression is not None and self.resolved_output_format() == "png":
+            raise _FieldError("output_compression", "output_compression applies to jpeg and webp only")
+        if self.size is not None and self.size != "auto" and (self.aspect_ratio or self.image_size):
+            raise _FieldError("size", "send either size or aspect_ratio/image_size, not both")
+        return self
+
+    def resolved_output_format(self, default: str = "png") -> str:
+        fmt = self.output_format or default
+        return "jpeg" if fmt == "jpg" else fmt
+
+    @property
+    def output_quality_value(self) -> int | None:
+        return self.output_compression if self.output_compression is not None else self.output_quality
+
+
+class _FieldError(ValueError):
+    """A validator's complaint that names its field (pydantic reports it at the model)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+def parse_generation_request(payload: object) -> ImageGenerationRequest:
+    """Validate a decoded JSON body, turning the first problem into a 400 naming its field."""
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return ImageGenerationRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _to_invalid_request(exc) from None
+
+
+def _to_invalid_request(exc: ValidationError) -> InvalidRequest:
+    error = exc.errors(include_url=False)[0]
+    location = ".".join(str(part) for part in error["loc"])
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, _FieldError):
+        return InvalidRequest(f"Invalid '{cause.param}': {cause.message}.", param=cause.param)
+    param = location or None
+    if error["type"] == "extra_forbidden":
+        return InvalidRequest(f"Unrecognized request argument supplied: {location}", param=param)
+    if error["type"] == "missing":
+        return InvalidRequest(f"Missing required parameter: '{location}'.", param=param)
+    # pydantic's own message says what was expected; the input is not echoed back.
+    return InvalidRequest(f"Invalid '{location}': {error['msg'].rstrip('.')}.", param=param)
+
+
+# --- responses ------------------------------------------------------------------------------
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: Literal["png", "jpeg", "webp"]
+    size: str
+    quality: Literal["low", "medium", "high"] | None = None
+    background: Literal["opaque"] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "imagegen"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: str
+    param: str | None = None
+    request_id: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

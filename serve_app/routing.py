@@ -1,0 +1,119 @@
+"""Send jobs to model deployments and turn every way that can fail into an APIError.
+
+A deployment with no running replica (still loading, or asking for a GPU the cluster does
+not have) would make a handle call wait forever, so the router consults Serve's own status
+first and answers 503 at once instead. The status is cached and refreshed in the
+background while replicas are known to be up, so the hot path does not pay for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from serve_app.errors import APIError, GenerationTimeout, ModelUnavailable, UpstreamError
+from serve_app.work import GenerationJob, JobResult
+
+logger = logging.getLogger("ray.serve")
+
+STATUS_MAX_AGE_S = 1.0
+UNAVAILABLE_RETRY_AFTER_S = 10.0
+
+
+class ReplicaCounter(Protocol):
+    async def running_replicas(self) -> dict[str, int]:
+        """Running replicas per deployment name of this application."""
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    model_id: str
+    deployment_name: str
+    handle: Any  # a DeploymentHandle; Any so that tests can pass a fake
+    timeout_s: float
+    scales_from_zero: bool
+
+
+class ServeReplicaCounter:
+    """Running replica counts from ``serve.status()``, cached for ``max_age_s``."""
+
+    def __init__(self, app_name: Callable[[], str], max_age_s: float = STATUS_MAX_AGE_S) -> None:
+        self._app_name = app_name
+        self._max_age_s = max_age_s
+        self._counts: dict[str, int] | None = None
+        self._fetched_at = 0.0
+        self._refreshing: asyncio.Task[dict[str, int]] | None = None
+
+    async def running_replicas(self) -> dict[str, int]:
+        fresh = time.monotonic() - self._fetched_at < self._max_age_s
+        if self._counts is not None and (fresh or all(self._counts.values())):
+            if not fresh:
+                self._refresh()  # stale but all up: answer now, refresh behind
+            return self._counts
+        return await self._refresh()
+
+    def _refresh(self) -> asyncio.Task[dict[str, int]]:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self._fetch())
+        return self._refreshing
+
+    async def _fetch(self) -> dict[str, int]:
+        from ray import serve
+
+        status = await asyncio.to_thread(serve.status)
+        application = status.applications.get(self._app_name())
+        counts: dict[str, int] = {}
+        if application is not None:
+            for name, deployment in application.deployments.items():
+                counts[name] = int(deployment.replica_states.get("RUNNING", 0))
+        self._counts, self._fetched_at = counts, time.monotonic()
+        return counts
+
+
+class ModelRouter:
+    def __init__(self, routes: Mapping[str, ModelRoute], replicas: ReplicaCounter) -> None:
+        self._routes = dict(routes)
+        self._replicas = replicas
+
+    async def generate(self, model_id: str, jobs: list[GenerationJob]) -> list[JobResult]:
+        """Run every job of one request; all succeed or the request fails."""
+        route = self._routes[model_id]
+        await self._ensure_available(route)
+        responses = [route.handle.generate.remote(job) for job in jobs]
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*responses), timeout=route.timeout_s))
+        except asyncio.TimeoutError:
+            raise GenerationTimeout(
+                f"Generation with model '{model_id}' did not finish within {route.timeout_s:g} s."
+            ) from None
+        except APIError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any replica failure is the upstream's
+            logger.warning("model %s failed a request: %s", model_id, _short(exc))
+            raise UpstreamError(f"The model '{model_id}' failed to generate the image.") from exc
+        finally:
+            for response in responses:
+                response.cancel()  # no-op for finished ones; frees replicas on timeout/disconnect
+
+    async def _ensure_available(self, route: ModelRoute) -> None:
+        if route.scales_from_zero:
+            return  # the queued request is what makes Serve scale up from zero
+        try:
+            running = (await self._replicas.running_replicas()).get(route.deployment_name, 0)
+        except Exception as exc:  # noqa: BLE001 - if Serve can't say, try the handle anyway
+            logger.warning("could not read Serve status: %s", _short(exc))
+            return
+        if running == 0:
+            raise ModelUnavailable(
+                f"The model '{route.model_id}' has no ready replica right now; retry shortly.",
+                retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+            )
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]

@@ -1,0 +1,159 @@
+"""The image generation use case, free of HTTP: testable against fakes.
+
+Order matters and is the contract with billing: authenticate, validate, authorize, rate
+limit, reserve credits, generate, deliver, then settle exactly what was delivered. The
+settlement runs even when the client disconnects or generation fails, so a reservation
+is never left hanging and nothing undelivered is charged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Protocol
+
+from serve_app.config import CREDIT_UNITS, AppConfig, ModelConfig
+from serve_app.errors import InvalidRequest, ModelNotFound, UpstreamError
+from serve_app.planning import GenerationPlan, plan_generation
+from serve_app.protocol import ImageData, ImagesResponse, ModelCard, ModelList, parse_generation_request
+from serve_app.routing import ModelRouter
+from serve_app.work import GeneratedImage
+
+logger = logging.getLogger("ray.serve")
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class AccountsPort(Protocol):
+    """What the service needs from accounts (``serve_app.accounts.Accounts``)."""
+
+    async def authenticate(self, authorization: str | None) -> Any: ...
+
+    def check_model(self, key: Any, model_id: str) -> None: ...
+
+    async def admit(self, key: Any, images: int) -> dict[str, str]: ...
+
+    async def reserve(self, key: Any, request_id: str, model_id: str, images: int, price_units: int) -> Any: ...
+
+    async def settle(self, reservation: Any, delivered: int) -> "Settlement": ...
+
+
+class ImageStorePort(Protocol):
+    async def put(self, name: str, data: bytes, content_type: str, base_url: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class Settlement:
+    charged_units: int
+    balance_units: int
+
+
+@dataclass
+class ServedResponse:
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def format_credits(units: int) -> str:
+    """Exact decimal credits for headers: 1500000 units -> "1.5"."""
+    value = (Decimal(units) / CREDIT_UNITS).normalize()
+    return f"{value:f}"
+
+
+class ImageGenerationService:
+    def __init__(
+        self,
+        config: AppConfig,
+        router: ModelRouter,
+        accounts: AccountsPort,
+        store: ImageStorePort | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._router = router
+        self._accounts = accounts
+        self._store = store
+        self._clock = clock
+
+    async def list_models(self, authorization: str | None) -> ModelList:
+        await self._accounts.authenticate(authorization)
+        created = int(self._clock())
+        return ModelList(data=[ModelCard(id=model.id, created=created) for model in self._config.models])
+
+    async def generate(
+        self, payload: object, *, authorization: str | None, request_id: str, base_url: str
+    ) -> ServedResponse:
+        key = await self._accounts.authenticate(authorization)
+        request = parse_generation_request(payload)
+        model = self._config.model(request.model)
+        if model is None:
+            raise ModelNotFound(request.model)
+        self._accounts.check_model(key, model.id)
+        plan = plan_generation(request, model)
+        if plan.response_format == "url" and self._store is None:
+            raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
+
+        headers = dict(await self._accounts.admit(key, request.n))
+        reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
+        delivered: list[ImageData] = []
+        try:
+            delivered = await self._generate_and_deliver(plan, model, request_id, base_url)
+        finally:
+            # Shielded: a client disconnect cancels this coroutine, never the settlement.
+            settlement = await asyncio.shield(self._accounts.settle(reservation, len(delivered)))
+        headers["x-credits-charged"] = format_credits(settlement.charged_units)
+        headers["x-credits-remaining"] = format_credits(settlement.balance_units)
+        body = ImagesResponse(
+            created=int(self._clock()),
+            data=delivered,
+            output_format=plan.output_format,
+            size=plan.size,
+            quality=plan.quality_label,
+            background="opaque" if request.background is not None else None,
+        )
+        return ServedResponse(body=body, headers=headers)
+
+    async def _generate_and_deliver(
+        self, plan: GenerationPlan, model: ModelConfig, request_id: str, base_url: str
+    ) -> list[ImageData]:
+        results = await self._router.generate(model.id, plan.jobs(request_id, model.batching.max_batch_images))
+        images = [image for result in results for image in result.images]
+        if [image.seed for image in images] != list(plan.seeds):
+            raise UpstreamError(f"The model '{model.id}' returned an incomplete result.")
+        if plan.response_format == "url":
+            return await self._store_all(images, plan, request_id, base_url)
+        return [
+            ImageData(b64_json=base64.b64encode(image.data).decode("ascii"), revised_prompt=plan.prompt, seed=image.seed)
+            for image in images
+        ]
+
+    async def _store_all(
+        self, images: Sequence[GeneratedImage], plan: GenerationPlan, request_id: str, base_url: str
+    ) -> list[ImageData]:
+        assert self._store is not None
+        stored = await asyncio.gather(
+            *(
+                self._store.put(
+                    f"{request_id}/{index}.{image.output_format}",
+                    image.data,
+                    CONTENT_TYPES[image.output_format],
+                    base_url,
+                )
+                for index, image in enumerate(images)
+            ),
+            return_exceptions=True,
+        )
+        data = []
+        for image, url in zip(images, stored):
+            if isinstance(url, BaseException):
+                logger.warning("request %s: could not store image seed %d: %s", request_id, image.seed, type(url).__name__)
+                continue
+            data.append(ImageData(url=url, revised_prompt=plan.prompt, seed=image.seed))
+        if not data:
+            raise UpstreamError("The generated images could not be stored; nothing was charged.")
+        return data
