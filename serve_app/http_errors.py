@@ -29,7 +29,8 @@ def error_response(exc: BaseException, request_id: str) -> JSONResponse:
             message=exc.message, type=exc.error_type, code=exc.code, param=exc.param, request_id=request_id
         )
     )
-    headers = {REQUEST_ID_HEADER: request_id, **exc.headers}
+    # x-request-id itself is added by Serve's proxy (the same id), not here.
+    headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
     return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=headers)

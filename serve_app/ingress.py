@@ -1,22 +1,27 @@
-"""The HTTP ingress deployment: thin FastAPI routes over ``ImageGenerationService``."""
+"""The HTTP ingress deployment: thin FastAPI routes over ``ImageGenerationService``.
 
-from __future__ import annotations
+No ``from __future__ import annotations``: FastAPI reads the route annotations (``Request``)
+at runtime in the replica, where string annotations would not resolve.
+"""
 
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge
 from serve_app.http_errors import REQUEST_ID_HEADER, error_response
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter
 from serve_app.serving import ImageGenerationService
+from serve_app.storage import LocalImageStore, build_image_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,7 +33,8 @@ def request_id_of(request: Request) -> str:
 
 
 def _new_request_id(request: Request) -> str:
-    # Serve's proxy forwards the client's (or its own) x-request-id; keep them the same.
+    # Serve's proxy puts the client's x-request-id, or one it generates, on every request
+    # and echoes it on the response; use exactly that id so body and header agree.
     request_id = request.headers.get(REQUEST_ID_HEADER) or f"req_{uuid.uuid4().hex}"
     request.state.request_id = request_id
     return request_id
@@ -49,6 +55,12 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc, request_id_of(request))
 
 
+# Defined before the class: Serve pickles the deployment class when it is decorated.
+def _scales_from_zero(autoscaling_config: dict[str, Any] | None) -> bool:
+    return autoscaling_config is not None and int(autoscaling_config.get("min_replicas", 1)) == 0
+
+
+@serve.deployment
 @serve.ingress(api)
 class ImageGenerationIngress:
     def __init__(self, config: AppConfig | dict[str, Any], handles: dict[str, Any]) -> None:
@@ -64,11 +76,12 @@ class ImageGenerationIngress:
             )
             for model in self._config.models
         }
+        self._store = build_image_store(self._config.storage)
         self._service = ImageGenerationService(
             config=self._config,
             router=ModelRouter(routes, replicas),
-            accounts=_build_accounts(self._config),
-            store=None,
+            accounts=build_accounts(self._config),
+            store=self._store,
         )
 
     @api.get("/health")
@@ -82,11 +95,30 @@ class ImageGenerationIngress:
             models = await self._service.list_models(request.headers.get("authorization"))
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             return error_response(exc, request_id)
-        return JSONResponse(models.model_dump(), headers={REQUEST_ID_HEADER: request_id})
+        return JSONResponse(models.model_dump())
+
+    @api.get("/v1/files/images/{name:path}")
+    async def get_image(self, name: str, request: Request) -> Response:
+        """A stored image; the URL's signature is the authorization, not an API key."""
+        request_id = request_id_of(request)
+        expires = request.query_params.get("expires")
+        try:
+            if not isinstance(self._store, LocalImageStore):
+                raise NotFound("Images are served by the configured object store, not here.")
+            path, content_type = self._store.resolve(name, expires, request.query_params.get("signature"))
+        except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
+            return error_response(exc, request_id)
+        max_age = max(0, int(expires or 0) - int(time.time()))
+        return FileResponse(
+            path,
+            media_type=content_type,
+            headers={"cache-control": f"private, max-age={max_age}", "x-content-type-options": "nosniff"},
+        )
 
     @api.post("/v1/images/generations")
     async def generate_images(self, request: Request) -> Response:
         request_id = request_id_of(request)
+        self._store.start_sweeper()
         try:
             payload = await self._read_json(request)
             served = await self._service.generate(
@@ -97,9 +129,7 @@ class ImageGenerationIngress:
             )
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             return error_response(exc, request_id)
-        return JSONResponse(
-            served.body.model_dump(exclude_none=True), headers={REQUEST_ID_HEADER: request_id, **served.headers}
-        )
+        return JSONResponse(served.body.model_dump(exclude_none=True), headers=served.headers)
 
     async def _read_json(self, request: Request) -> object:
         limit = self._config.max_body_bytes
@@ -115,13 +145,3 @@ class ImageGenerationIngress:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise InvalidRequest("The request body is not valid JSON.") from None
-
-
-def _scales_from_zero(autoscaling_config: dict[str, Any] | None) -> bool:
-    return autoscaling_config is not None and int(autoscaling_config.get("min_replicas", 1)) == 0
-
-
-def _build_accounts(config: AppConfig) -> Any:
-    from serve_app.accounts import build_accounts
-
-    return build_accounts(config)

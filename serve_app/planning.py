@@ -66,6 +66,12 @@ def plan_generation(request: ImageGenerationRequest, model: ModelConfig) -> Gene
     steps = resolve_steps(request, model)
     guidance = model.defaults.guidance if request.guidance is None else request.guidance
     negative_prompt = request.negative_prompt or None
+    if negative_prompt is not None and guidance <= 1:
+        # Both pipelines skip the unconditional pass at guidance <= 1: the negative
+        # prompt would be silently ignored.
+        raise InvalidRequest(
+            "Invalid 'negative_prompt': it only has an effect with guidance above 1.", param="negative_prompt"
+        )
 
     first_seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     if first_seed + request.n - 1 > MAX_SEED:
@@ -142,10 +148,22 @@ def resolve_size(request: ImageGenerationRequest, model: ModelConfig) -> tuple[i
 
     pixels = default_w * default_h * pixel_share
     multiple = model.family.size_multiple
-    width = _round_to(math.sqrt(pixels * ratio), multiple)
-    height = _round_to(math.sqrt(pixels / ratio), multiple)
+    width, height = _fit_aspect(pixels, ratio, multiple)
     _check_size(width, height, model, param=param)
     return width, height
+
+
+def _fit_aspect(pixels: float, ratio: float, multiple: int) -> tuple[int, int]:
+    """Sides on the size grid near ``pixels`` whose ratio is closest to ``ratio``.
+
+    Rounding both sides independently skews the ratio (2:1 at 4096 px gives 88x48), so
+    round one side, derive the other from it, and keep the better of the two ways round.
+    """
+    by_height_h = _round_to(math.sqrt(pixels / ratio), multiple)
+    by_height = (_round_to(by_height_h * ratio, multiple), by_height_h)
+    by_width_w = _round_to(math.sqrt(pixels * ratio), multiple)
+    by_width = (by_width_w, _round_to(by_width_w / ratio, multiple))
+    return min(by_height, by_width, key=lambda wh: (abs(wh[0] / wh[1] - ratio), abs(wh[0] * wh[1] - pixels)))
 
 
 def _round_to(value: float, multiple: int) -> int:

@@ -22,12 +22,10 @@ from serve_app.errors import InvalidRequest, ModelNotFound, UpstreamError
 from serve_app.planning import GenerationPlan, plan_generation
 from serve_app.protocol import ImageData, ImagesResponse, ModelCard, ModelList, parse_generation_request
 from serve_app.routing import ModelRouter
+from serve_app.storage import CONTENT_TYPES
 from serve_app.work import GeneratedImage
 
 logger = logging.getLogger("ray.serve")
-
-CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-
 
 class AccountsPort(Protocol):
     """What the service needs from accounts (``serve_app.accounts.Accounts``)."""
@@ -151,7 +149,7 @@ class ImageGenerationService:
         data = []
         for image, url in zip(images, stored):
             if isinstance(url, BaseException):
-                logger.warning("request %s: could not store image seed %d: %s", request_id, image.seed, type(url).__name__)
+                logger.warning("request %s: could not store image seed %d: %s", request_id, image.seed, url)
                 continue
             data.append(ImageData(url=url, revised_prompt=plan.prompt, seed=image.seed))
         if not data:

@@ -1,0 +1,215 @@
+"""``Accounts``: the async face of keys, credits and rate limits, for the ingress.
+
+Per request, in this order::
+
+    key = await accounts.authenticate(request.headers.get("authorization"))  # 401
+    accounts.check_model(key, model_id)                                        # 403
+    limits = await accounts.check_rate_limit(key, images=n)                    # 429
+    #   (or: headers = await accounts.admit(key, n), the x-ratelimit-* headers only)
+    reservation = await accounts.reserve(key, request_id, model_id, n, price)  # 402
+    delivered = 0
+    try:
+        ... generate; delivered = len(data) ...
+    finally:
+        settlement = await accounts.settle(reservation, delivered)
+    headers = {**limits.headers(), **settlement.credit_headers()}
+
+Blocking database work runs on a small private thread pool, never on the event loop.
+``settle`` is shielded from cancellation (a client disconnect cannot stop a refund), and a
+``reserve`` cancelled while its transaction commits is refunded as soon as it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from serve_app.accounts.keys import bearer_token, hash_key, looks_like_key
+from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter
+from serve_app.accounts.records import ApiKey, Reservation, Settlement, Usage
+from serve_app.accounts.store import AccountStore, open_store
+from serve_app.errors import InvalidAPIKey, MissingAPIKey, ModelNotPermitted
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+MISSING_KEY_MESSAGE = (
+    "You didn't provide an API key. Send it in the Authorization header: 'Authorization: Bearer qbt_...'."
+)
+INVALID_KEY_MESSAGE = "Incorrect API key provided."
+
+
+class Accounts:
+    def __init__(
+        self,
+        store: AccountStore,
+        *,
+        default_rpm: int = 60,
+        default_ipm: int = 120,
+        rate_limiter: RateLimiter | None = None,
+        key_cache_ttl_s: float = 1.0,
+        max_workers: int = 4,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``rate_limiter`` None: a per-process ``LocalRateLimiter`` (right for one process
+        only; in Serve pass ``RayRateLimiter()``, or use ``from_config``)."""
+        self.store = store
+        self.default_rpm = default_rpm
+        self.default_ipm = default_ipm
+        self.rate_limiter: RateLimiter = rate_limiter or LocalRateLimiter()
+        self._ttl = key_cache_ttl_s
+        self._clock = clock
+        self._cache: dict[str, tuple[float, ApiKey]] = {}
+        self._cache_max = 10_000
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="accounts-db")
+
+    @classmethod
+    def from_config(cls, config: Any, *, rate_limiter: RateLimiter | None = None, **kwargs: Any) -> Accounts:
+        """From an ``AccountsConfig``. Without ``rate_limiter``: the shared Ray actor when
+        running inside Ray (every Serve replica), a local one otherwise."""
+        if rate_limiter is None:
+            rate_limiter = _default_rate_limiter()
+        return cls(
+            open_store(config.resolved_database_url()),
+            default_rpm=config.default_requests_per_minute,
+            default_ipm=config.default_images_per_minute,
+            rate_limiter=rate_limiter,
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return f"Accounts({self.store!r})"
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    # -- 401 -------------------------------------------------------------------------
+    async def authenticate(self, authorization: str | None) -> ApiKey:
+        """The key of an ``Authorization: Bearer qbt_...`` header value.
+
+        Raises MissingAPIKey (no bearer token) or InvalidAPIKey (unknown or revoked). A
+        known key is cached for ``key_cache_ttl_s`` (1 s): a revocation takes effect
+        within that, and ``reserve`` checks revocation in its own transaction anyway.
+        """
+        token = bearer_token(authorization)
+        if token is None:
+            raise MissingAPIKey(MISSING_KEY_MESSAGE)
+        if not looks_like_key(token):
+            raise InvalidAPIKey(INVALID_KEY_MESSAGE)
+        digest = hash_key(token)
+        now = self._clock()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            key = cached[1]
+        else:
+            key = await self._run(self.store.key_by_hash, digest)
+            if key is not None:
+                self._remember(digest, key, now)
+        if key is None or key.revoked:
+            raise InvalidAPIKey(INVALID_KEY_MESSAGE)
+        return key
+
+    def _remember(self, digest: str, key: ApiKey, now: float) -> None:
+        if len(self._cache) >= self._cache_max:
+            self._cache = {d: entry for d, entry in self._cache.items() if entry[0] > now}
+            if len(self._cache) >= self._cache_max:
+                self._cache.clear()
+        self._cache[digest] = (now + self._ttl, key)
+
+    # -- 403 -------------------------------------------------------------------------
+    @staticmethod
+    def check_model(key: ApiKey, model_id: str) -> None:
+        if not key.may_use(model_id):
+            raise ModelNotPermitted(f"This API key is not allowed to use the model '{model_id}'.", param="model")
+
+    # -- 429 -------------------------------------------------------------------------
+    def limits_for(self, key: ApiKey) -> tuple[int, int]:
+        """(requests per minute, images per minute) for this key."""
+        return key.rpm or self.default_rpm, key.ipm or self.default_ipm
+
+    async def check_rate_limit(self, key: ApiKey, images: int = 1) -> RateLimitDecision:
+        """Admit the request (consuming 1 request and ``images`` image tokens) and return
+        the decision for the ``x-ratelimit-*`` headers, or raise RateLimitExceeded (with
+        ``retry_after_s`` and those headers) having consumed nothing."""
+        rpm, ipm = self.limits_for(key)
+        decision = await self.rate_limiter.check(key.id, rpm, ipm, images)
+        decision.raise_if_rejected()
+        return decision
+
+    async def admit(self, key: ApiKey, images: int = 1) -> dict[str, str]:
+        """``check_rate_limit`` returning just the ``x-ratelimit-*`` headers."""
+        return (await self.check_rate_limit(key, images)).headers()
+
+    # -- 402 and billing -------------------------------------------------------------
+    async def reserve(self, key: ApiKey, request_id: str, model_id: str, images: int, price_units: int) -> Reservation:
+        """Hold ``images x price_units`` or raise InsufficientFunds (InvalidAPIKey if the key
+        was revoked since it authenticated); nothing is held when it raises."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            self._executor, functools.partial(self.store.reserve, key.id, request_id, model_id, images, price_units)
+        )
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._refund_orphan)
+            raise
+
+    def _refund_orphan(self, future: asyncio.Future[Reservation]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        reservation = future.result()
+        logger.info("request %s cancelled while reserving: refunding", reservation.request_id)
+        try:
+            self._executor.submit(self.store.settle, reservation.id, 0)
+        except RuntimeError:  # shutting down: settle here rather than leave credits held
+            self.store.settle(reservation.id, 0)
+
+    async def settle(self, reservation: Reservation, delivered: int) -> Settlement:
+        """Charge ``delivered`` images and refund the rest. Idempotent, and it completes
+        even if the calling task is cancelled meanwhile."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._executor, self.store.settle, reservation.id, delivered)
+        return await asyncio.shield(future)
+
+    async def usage(self, key: ApiKey) -> Usage:
+        return await self._run(self.store.usage, key.id)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.store.close()
+
+
+def build_accounts(config: Any, *, rate_limiter: RateLimiter | None = None) -> Accounts:
+    """The ingress replica's ``Accounts`` for an ``AppConfig`` that ``build_app`` already
+    anchored: its ``accounts.database_url`` is final (the env override and the base
+    directory were applied on the driver), so it is used as is, not re-read from this
+    process's environment."""
+    accounts = config.accounts
+    return Accounts(
+        open_store(accounts.database_url),
+        default_rpm=accounts.default_requests_per_minute,
+        default_ipm=accounts.default_images_per_minute,
+        rate_limiter=rate_limiter or _default_rate_limiter(),
+    )
+
+
+def _default_rate_limiter() -> RateLimiter:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from serve_app.accounts.limiter_actor import RayRateLimiter
+
+            return RayRateLimiter()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return LocalRateLimiter()
+
+
+__all__ = ["INVALID_KEY_MESSAGE", "MISSING_KEY_MESSAGE", "Accounts", "build_accounts"]

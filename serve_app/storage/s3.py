@@ -1,0 +1,94 @@
+"""Images in any S3-compatible store, delivered as presigned GET URLs.
+
+Credentials come from boto3's standard chain (environment, shared config/credentials
+files, container or instance role, ...); never from the service config. ``endpoint_url``
+points the client at another S3-compatible store. All boto3 calls run in worker threads
+(a boto3 client is thread-safe; its session is not, so the client is made once, here).
+
+Retention is the bucket's business: configure a lifecycle rule on the prefix that expires
+objects after a day or so. A presigned URL lives ``url_ttl_s`` seconds (at most 7 days for
+SigV4) or until the signing credentials expire, whichever comes first: temporary
+credentials (an assumed role) shorten it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from serve_app.config import S3StorageConfig
+
+from .base import ImageStore, StorageError, unguessable_name
+
+logger = logging.getLogger(__name__)
+
+MAX_PRESIGN_TTL_S = 7 * 24 * 3600  # SigV4 presigned URLs cannot live longer
+
+
+class S3ImageStore(ImageStore):
+    def __init__(self, config: S3StorageConfig, url_ttl_s: int, client: object | None = None) -> None:
+        super().__init__(url_ttl_s)
+        if self.url_ttl_s > MAX_PRESIGN_TTL_S:
+            raise ValueError(f"url_ttl_s {self.url_ttl_s} exceeds the 7-day limit of S3 presigned URLs")
+        self.bucket = config.bucket
+        self.prefix = config.prefix.lstrip("/")
+        if self.prefix and not self.prefix.endswith("/"):
+            self.prefix += "/"
+        self._client = client if client is not None else _make_client(config)
+
+    def __repr__(self) -> str:
+        return f"S3ImageStore(bucket={self.bucket!r}, prefix={self.prefix!r}, url_ttl_s={self.url_ttl_s})"
+
+    async def put(self, name: str, data: bytes, content_type: str, base_url: str) -> str:
+        key = self.prefix + unguessable_name(name)
+        return await asyncio.to_thread(self._put_and_presign, key, data, content_type)
+
+    def _put_and_presign(self, key: str, data: bytes, content_type: str) -> str:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+            return self._client.generate_presigned_url(
+                "get_object",
+                Params={"Bucket": self.bucket, "Key": key},
+                ExpiresIn=self.url_ttl_s,
+            )
+        except ClientError as exc:
+            response = exc.response if isinstance(exc.response, dict) else {}
+            error = response.get("Error") or {}
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            raise StorageError(
+                f"s3 {exc.operation_name} to bucket {self.bucket!r} failed: "
+                f"{error.get('Code', 'unknown error')} (HTTP {status})"
+            ) from None
+        except BotoCoreError as exc:
+            # Class name only: some botocore messages quote endpoints or profile names.
+            raise StorageError(f"s3 upload to bucket {self.bucket!r} failed: {type(exc).__name__}") from None
+
+    async def close(self) -> None:
+        await super().close()
+        close = getattr(self._client, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+
+
+def _make_client(config: S3StorageConfig) -> object:
+    import boto3
+    from botocore.config import Config
+
+    # AWS itself: virtual-hosted URLs on the bucket's regional endpoint (botocore's "auto"
+    # presigns against the global endpoint, which redirects for young buckets outside
+    # us-east-1). A custom endpoint: path-style, which needs no wildcard DNS.
+    style = config.addressing_style or ("path" if config.endpoint_url else "virtual")
+    return boto3.session.Session().client(
+        "s3",
+        region_name=config.region,
+        endpoint_url=config.endpoint_url,
+        config=Config(
+            signature_version="s3v4",
+            s3={"addressing_style": style},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=30,
+        ),
+    )

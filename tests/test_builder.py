@@ -1,0 +1,94 @@
+"""Builder checks: the bound graph, without starting Serve."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from serve_app.app import INGRESS_DEPLOYMENT_NAME, build_app
+from serve_app.config import AppConfig, load_app_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bound_models(app):
+    ingress = app._bound_deployment
+    return ingress, {model_id: handle._bound_deployment for model_id, handle in ingress.init_args[1].items()}
+
+
+def test_embedded_default_binds_one_deployment_per_model():
+    config = load_app_config(ROOT / "serve_config.yaml")
+    ingress, models = bound_models(build_app(config))
+    assert ingress.name == INGRESS_DEPLOYMENT_NAME
+    assert set(models) == {"tiny-sdxl", "tiny-qwen-image"}
+    sdxl = models["tiny-sdxl"]
+    assert sdxl.name == "model-tiny-sdxl"
+    assert sdxl.ray_actor_options["num_cpus"] == 1
+    assert sdxl.max_ongoing_requests == 16
+    assert sdxl.user_config == {"max_batch_images": 8, "batch_wait_timeout_s": 0.05}
+    autoscaling = sdxl._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 2)
+    model_arg, cache_dir = sdxl.init_args
+    assert model_arg["weights"] == "builtin:tiny-sdxl"
+    assert Path(cache_dir).is_absolute()
+
+
+def test_gpu_config_asks_for_one_gpu_per_replica():
+    config = load_app_config(ROOT / "serve_config.gpu.yaml")
+    _, models = bound_models(build_app(config))
+    assert set(models) == {"stable-diffusion-xl-base-v10", "qwen-image"}
+    for deployment in models.values():
+        assert deployment.ray_actor_options["num_gpus"] == 1
+        assert deployment._deployment_config.autoscaling_config.max_replicas > 1
+    assert config.model("qwen-image").dtype == "bfloat16"
+    assert config.model("stable-diffusion-xl-base-v10").dtype == "float16"
+
+
+def test_relative_paths_are_anchored_for_replicas(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("IMAGEGEN_DATABASE_URL", raising=False)
+    config = load_app_config(ROOT / "serve_config.yaml")
+    ingress, _ = bound_models(build_app(config))
+    anchored = AppConfig.model_validate(ingress.init_args[0])
+    assert anchored.accounts.database_url == f"sqlite:///{tmp_path}/data/imagegen.db"
+    assert anchored.storage.local.root == tmp_path / "data/images"
+
+
+def test_deployment_names_are_derived_from_model_ids():
+    config = AppConfig.model_validate(
+        {"models": [{"id": "org/sdxl-1.0", "family": "sdxl", "weights": "org/sdxl-1.0"}]}
+    )
+    _, models = bound_models(build_app(config))
+    assert models["org/sdxl-1.0"].name == "model-org-sdxl-1-0"
+
+
+@pytest.mark.parametrize(
+    "model, field",
+    [
+        ({"family": "dalle"}, "family"),
+        ({"dtype": "int8"}, "dtype"),
+        ({"limits": {"max_n": 11}}, "max_n"),
+        ({"price_per_image": "-1"}, "price_per_image"),
+        ({"defaults": {"size": "big"}}, "size"),
+        ({"batching": {"max_batch_images": 0}}, "max_batch_images"),
+        ({"surprise": True}, "surprise"),
+    ],
+)
+def test_bad_config_names_the_field(model, field):
+    base = {"id": "m", "family": "sdxl", "weights": "builtin:tiny-sdxl"}
+    with pytest.raises(ValidationError) as caught:
+        AppConfig.model_validate({"models": [{**base, **model}]})
+    assert field in str(caught.value)
+
+
+def test_duplicate_model_ids_are_rejected():
+    model = {"id": "m", "family": "sdxl", "weights": "builtin:tiny-sdxl"}
+    with pytest.raises(ValidationError, match="duplicate model id"):
+        AppConfig.model_validate({"models": [model, model]})
+
+
+def test_ingress_package_imports_without_torch():
+    code = "import sys, serve_app.app, serve_app.cli; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

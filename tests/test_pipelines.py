@@ -1,0 +1,284 @@
+"""Fast CPU tests of the built-in tiny models, pipeline loading, the runner and encoding.
+
+The tiny models are built once per session into a temporary cache folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deployments import tiny_models
+from deployments.encoding import encode_image
+from deployments.pipeline_loader import (
+    PipelineLoadError,
+    load_pipeline,
+    prompt_template_prefix_length,
+)
+from deployments.pipeline_runner import run_pipeline
+from deployments.tiny_models import BUILTIN_MODELS, BuiltinModel, ensure_builtin_model
+from serve_app.work import CallShape
+
+FAMILIES = {"sdxl": "tiny-sdxl", "qwen-image": "tiny-qwen-image"}
+GUIDANCE = {"sdxl": 5.0, "qwen-image": 4.0}
+
+# Different texts and token lengths, so a batch pads them differently from a single call.
+PROMPTS = [
+    "a cat",
+    "a very long prompt about a small brown dog sitting on a red sofa in the warm afternoon sun",
+    "",
+    "the quick brown fox jumps over the lazy dog",
+]
+NEGATIVE_PROMPTS = ["blurry", "", "low quality, ugly, deformed hands, watermark, text", "no"]
+SEEDS = [7, 1234, 7, 99]
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("builtin-cache")
+
+
+@pytest.fixture(scope="session")
+def built(cache_dir) -> dict[str, Path]:
+    return {name: ensure_builtin_model(name, cache_dir) for name in BUILTIN_MODELS}
+
+
+@pytest.fixture(scope="session")
+def pipes(built, cache_dir):
+    return {
+        family: load_pipeline(family, f"builtin:{name}", "cpu", "float32", cache_dir)
+        for family, name in FAMILIES.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Building
+
+
+def _folder_contents(folder: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    contents: dict[str, object] = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        rel = str(path.relative_to(folder))
+        if path.suffix == ".safetensors":
+            contents[rel] = {k: (str(v.dtype), tuple(v.shape), v.numpy().tobytes()) for k, v in load_file(path).items()}
+        else:
+            contents[rel] = path.read_bytes()
+    return contents
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_tiny_build_is_deterministic(name, built, tmp_path):
+    torch.manual_seed(2024)
+    expected_next = torch.rand(3)
+    torch.manual_seed(2024)
+
+    again = ensure_builtin_model(name, tmp_path)
+
+    assert torch.equal(torch.rand(3), expected_next), "building must not disturb the caller's RNG"
+    assert again == tmp_path / f"{name}-{tiny_models.BUILTIN_VERSION}"
+    first, second = _folder_contents(built[name]), _folder_contents(again)
+    assert sorted(first) == sorted(second)
+    assert any(rel.endswith(".safetensors") for rel in first)
+    for rel in first:
+        assert first[rel] == second[rel], f"{rel} differs between two builds"
+    assert [p.name for p in tmp_path.iterdir()] == [again.name], "no temporary folders are left behind"
+
+
+def test_existing_folder_is_reused(built, cache_dir):
+    folder = built["tiny-sdxl"]
+    stamp = (folder / "model_index.json").stat().st_mtime_ns
+    assert ensure_builtin_model("tiny-sdxl", cache_dir) == folder
+    assert (folder / "model_index.json").stat().st_mtime_ns == stamp
+
+
+def test_losing_a_build_race_uses_the_winners_folder(tmp_path, monkeypatch):
+    target = tmp_path / f"tiny-sdxl-{tiny_models.BUILTIN_VERSION}"
+
+    def build_while_another_process_wins(work: Path) -> None:
+        (work / "model_index.json").write_text('{"mine": true}')
+        target.mkdir()  # the other process renames its finished folder into place first
+        (target / "model_index.json").write_text('{"winner": true}')
+        (target / "weights.bin").write_bytes(b"x")
+
+    monkeypatch.setitem(BUILTIN_MODELS, "tiny-sdxl", BuiltinModel("sdxl", build_while_another_process_wins))
+    assert ensure_builtin_model("tiny-sdxl", tmp_path) == target
+    assert json.loads((target / "model_index.json").read_text()) == {"winner": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
+
+
+def test_unknown_builtin_name(tmp_path):
+    with pytest.raises(ValueError, match="unknown built-in model"):
+        ensure_builtin_model("tiny-nope", tmp_path)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading
+
+
+def test_builtin_folders_load_with_plain_from_pretrained(built):
+    from diffusers import QwenImagePipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer, Qwen2Tokenizer
+
+    sdxl = StableDiffusionXLPipeline.from_pretrained(built["tiny-sdxl"])
+    assert isinstance(sdxl.tokenizer, CLIPTokenizer) and sdxl.tokenizer.model_max_length == 77
+    assert sdxl.text_encoder.config.vocab_size >= len(sdxl.tokenizer)
+    assert sdxl.vae_scale_factor == 8
+
+    qwen = QwenImagePipeline.from_pretrained(built["tiny-qwen-image"])
+    assert isinstance(qwen.tokenizer, Qwen2Tokenizer)
+    text_config = qwen.text_encoder.config.text_config
+    assert text_config.vocab_size >= len(qwen.tokenizer)
+    for token_id in (text_config.bos_token_id, text_config.eos_token_id, text_config.pad_token_id):
+        assert 0 <= token_id < text_config.vocab_size
+    for token in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert len(qwen.tokenizer(token, add_special_tokens=False).input_ids) == 1, token
+    assert qwen.vae_scale_factor == 8
+
+
+def test_qwen_prompt_template_start_idx_drops_exactly_the_template_prefix(pipes):
+    pipe = pipes["qwen-image"]
+    template = pipe.prompt_template_encode
+    start = pipe.prompt_template_encode_start_idx
+    assert start == prompt_template_prefix_length(pipe.tokenizer, template)
+    prompt = "a red bicycle"
+    full = pipe.tokenizer(template.format(prompt)).input_ids
+    suffix = template.split("{}", 1)[1]
+    expected = pipe.tokenizer(prompt + suffix, add_special_tokens=False).input_ids
+    assert full[start:] == expected
+
+
+def test_loader_rejects_mismatches(cache_dir, tmp_path):
+    with pytest.raises(ValueError, match="is a 'qwen-image' model, not 'sdxl'"):
+        load_pipeline("sdxl", "builtin:tiny-qwen-image", "cpu", "float32", cache_dir)
+    with pytest.raises(ValueError, match="unknown model family"):
+        load_pipeline("flux", "builtin:tiny-sdxl", "cpu", "float32", cache_dir)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_pipeline("sdxl", "builtin:tiny-sdxl", "cpu", "float64", cache_dir)
+    with pytest.raises(PipelineLoadError, match="does not exist"):
+        load_pipeline("sdxl", str(tmp_path / "missing" / "folder"), "cpu", "float32", cache_dir)
+    with pytest.raises(PipelineLoadError, match="no model_index.json"):
+        load_pipeline("sdxl", str(tmp_path), "cpu", "float32", cache_dir)
+
+
+def test_loader_rejects_a_folder_of_another_family(built, cache_dir):
+    with pytest.raises(ValueError, match="holds a .QwenImagePipeline., not a .sdxl. pipeline"):
+        load_pipeline("sdxl", str(built["tiny-qwen-image"]), "cpu", "float32", cache_dir)
+
+
+# ----------------------------------------------------------------------------------------
+# Running
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("size", [(64, 64), (128, 64)])
+def test_images_have_the_requested_size(pipes, family, size):
+    width, height = size
+    shape = CallShape(width=width, height=height, steps=4, guidance=GUIDANCE[family], with_negative_prompt=False)
+    images = run_pipeline(pipes[family], family, shape, ["a cat", "a dog"], None, [1, 2], "cpu")
+    assert [im.size for im in images] == [(width, height)] * 2
+    assert all(im.mode == "RGB" for im in images)
+
+
+@pytest.mark.parametrize(
+    ("family", "guidance", "with_negative"),
+    [
+        ("sdxl", 5.0, False),
+        ("sdxl", 5.0, True),
+        ("qwen-image", 4.0, False),  # true CFG with the blank negative prompt
+        ("qwen-image", 4.0, True),
+        ("qwen-image", 1.0, False),  # no CFG at all
+    ],
+)
+def test_batch_equals_singles(pipes, family, guidance, with_negative):
+    pipe = pipes[family]
+    shape = CallShape(width=64, height=64, steps=3, guidance=guidance, with_negative_prompt=with_negative)
+    negatives = NEGATIVE_PROMPTS if with_negative else None
+
+    batch = run_pipeline(pipe, family, shape, PROMPTS, negatives, SEEDS, "cpu")
+    singles = [
+        run_pipeline(pipe, family, shape, [PROMPTS[i]], [negatives[i]] if negatives else None, [SEEDS[i]], "cpu")[0]
+        for i in range(len(PROMPTS))
+    ]
+
+    for i, (b, s) in enumerate(zip(batch, singles)):
+        diff = np.abs(pixels(b) - pixels(s)).max()
+        assert diff <= 1, f"image {i}: batch differs from single by {diff} levels"
+    # The identity means something only if the images depend on prompt and seed:
+    # images 0 and 2 share a seed but not a prompt; 0 and 1 differ in both.
+    assert np.abs(pixels(batch[0]) - pixels(batch[2])).max() > 1
+    assert np.abs(pixels(batch[0]) - pixels(batch[1])).max() > 1
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_same_seed_same_image_and_negative_prompt_matters(pipes, family):
+    pipe = pipes[family]
+    plain = CallShape(width=64, height=64, steps=3, guidance=GUIDANCE[family], with_negative_prompt=False)
+    negative = CallShape(width=64, height=64, steps=3, guidance=GUIDANCE[family], with_negative_prompt=True)
+    a = run_pipeline(pipe, family, plain, ["a cat"], None, [5], "cpu")[0]
+    b = run_pipeline(pipe, family, plain, ["a cat"], None, [5], "cpu")[0]
+    c = run_pipeline(pipe, family, negative, ["a cat"], ["a dog in the rain"], [5], "cpu")[0]
+    assert np.array_equal(pixels(a), pixels(b))
+    assert np.abs(pixels(a) - pixels(c)).max() > 1
+
+
+def test_runner_checks_its_arguments(pipes):
+    shape = CallShape(width=64, height=64, steps=2, guidance=5.0, with_negative_prompt=False)
+    with pytest.raises(ValueError, match="seeds"):
+        run_pipeline(pipes["sdxl"], "sdxl", shape, ["a", "b"], None, [1], "cpu")
+    with pytest.raises(ValueError, match="with_negative_prompt"):
+        run_pipeline(pipes["sdxl"], "sdxl", shape, ["a"], ["b"], [1], "cpu")
+    assert run_pipeline(pipes["sdxl"], "sdxl", shape, [], None, [], "cpu") == []
+
+
+# ----------------------------------------------------------------------------------------
+# Encoding
+
+
+def _gradient(width: int, height: int, mode: str) -> Image.Image:
+    rng = np.random.default_rng(0)
+    channels = len(mode)
+    data = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return Image.fromarray(data, mode=mode)
+
+
+@pytest.mark.parametrize("output_format", ["png", "jpeg", "webp"])
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_encoding_round_trips(output_format, mode):
+    image = _gradient(96, 64, mode)
+    data = encode_image(image, output_format, 80)
+    decoded = Image.open(io.BytesIO(data))
+    assert decoded.format == {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}[output_format]
+    assert decoded.size == (96, 64)
+    if output_format == "png":
+        assert decoded.mode == mode
+        assert np.array_equal(np.asarray(decoded), np.asarray(image)), "png is lossless"
+    if output_format == "jpeg":
+        assert decoded.mode == "RGB"
+
+
+@pytest.mark.parametrize("output_format", ["jpeg", "webp"])
+def test_quality_changes_lossy_size(output_format):
+    image = _gradient(64, 64, "RGB")
+    assert len(encode_image(image, output_format, 10)) < len(encode_image(image, output_format, 95))
+
+
+def test_encoding_rejects_bad_arguments():
+    image = _gradient(8, 8, "RGB")
+    with pytest.raises(ValueError, match="output_format"):
+        encode_image(image, "gif", 80)
+    with pytest.raises(ValueError, match="quality"):
+        encode_image(image, "jpeg", 101)

@@ -1,0 +1,123 @@
+"""Model-dependent validation: sizes, steps, seeds and encoding are resolved per model."""
+
+import pytest
+
+from serve_app.config import ModelConfig
+from serve_app.errors import InvalidRequest
+from serve_app.planning import plan_generation
+from serve_app.protocol import parse_generation_request
+
+SDXL = ModelConfig.model_validate(
+    {
+        "id": "tiny-sdxl",
+        "family": "sdxl",
+        "weights": "builtin:tiny-sdxl",
+        "defaults": {"size": "64x64", "steps": 4, "guidance": 5.0},
+        "limits": {"max_pixels": 65536, "min_side": 32, "max_side": 256, "max_steps": 50, "max_n": 10},
+    }
+)
+QWEN = ModelConfig.model_validate(
+    {**SDXL.model_dump(), "id": "tiny-qwen-image", "family": "qwen-image", "weights": "builtin:tiny-qwen-image"}
+)
+
+
+def plan(model=SDXL, **fields):
+    return plan_generation(parse_generation_request({"model": model.id, "prompt": "apple", **fields}), model)
+
+
+def test_defaults_come_from_the_model():
+    result = plan()
+    assert (result.shape.width, result.shape.height, result.shape.steps) == (64, 64, 4)
+    assert result.shape.guidance == 5.0
+    assert result.output_format == "png"
+    assert result.response_format == "b64_json"
+    assert len(result.seeds) == 1
+
+
+def test_seeds_are_consecutive_from_the_given_seed():
+    assert plan(n=3, seed=41).seeds == (41, 42, 43)
+
+
+def test_random_seed_when_none_given():
+    drawn = {plan(n=2).seeds for _ in range(5)}
+    assert len(drawn) > 1
+    assert all(second == first + 1 for first, second in drawn)
+
+
+def test_explicit_size_and_auto():
+    assert plan(size="128x96").size == "128x96"
+    assert plan(size="auto").size == "64x64"
+
+
+@pytest.mark.parametrize("size", ["65x64", "16x16", "512x512", "1024", "x64", "64x64x64"])
+def test_unsupported_size_is_a_400(size):
+    with pytest.raises(InvalidRequest) as caught:
+        plan(size=size)
+    assert caught.value.param == "size"
+
+
+def test_qwen_needs_multiples_of_16():
+    with pytest.raises(InvalidRequest):
+        plan(QWEN, size="72x72")
+    assert plan(QWEN, size="80x64").size == "80x64"
+
+
+def test_aspect_ratio_and_image_size():
+    wide = plan(aspect_ratio="16:9")
+    assert wide.shape.width > wide.shape.height
+    assert wide.shape.width % 8 == 0 and wide.shape.height % 8 == 0
+    fast = plan(image_size="optimize_for_speed")
+    assert fast.shape.width * fast.shape.height < 64 * 64
+    with pytest.raises(InvalidRequest) as caught:
+        plan(aspect_ratio="wide")
+    assert caught.value.param == "aspect_ratio"
+    with pytest.raises(InvalidRequest) as caught:
+        plan(image_size="huge")
+    assert caught.value.param == "image_size"
+
+
+def test_quality_maps_to_steps():
+    assert plan(quality="low").shape.steps == 2
+    assert plan(quality="medium").shape.steps == 4
+    assert plan(quality="high").shape.steps == 8
+    assert plan(quality="hd").quality_label == "high"
+    assert plan(quality="standard").shape.steps == 4
+
+
+def test_num_inference_steps_and_its_limit():
+    assert plan(num_inference_steps=7).shape.steps == 7
+    with pytest.raises(InvalidRequest) as caught:
+        plan(num_inference_steps=51)
+    assert caught.value.param == "num_inference_steps"
+    with pytest.raises(InvalidRequest):
+        plan(num_inference_steps=7, quality="low")
+
+
+def test_guidance_negative_prompt_and_output():
+    result = plan(guidance=2.5, negative_prompt="blurry", output_format="webp", output_quality=60)
+    assert result.shape.guidance == 2.5
+    assert result.negative_prompt == "blurry" and result.shape.with_negative_prompt
+    assert (result.output_format, result.output_quality) == ("webp", 60)
+    assert plan(negative_prompt="").negative_prompt is None
+    with pytest.raises(InvalidRequest) as caught:
+        plan(negative_prompt="blurry", guidance=1.0)
+    assert caught.value.param == "negative_prompt"
+
+
+def test_n_above_model_limit():
+    small = SDXL.model_copy(update={"limits": SDXL.limits.model_copy(update={"max_n": 2})})
+    with pytest.raises(InvalidRequest) as caught:
+        plan(small, n=3)
+    assert caught.value.param == "n"
+
+
+def test_seed_overflow_is_rejected():
+    with pytest.raises(InvalidRequest) as caught:
+        plan(n=2, seed=2**63 - 1)
+    assert caught.value.param == "seed"
+
+
+def test_jobs_split_by_batch_size():
+    jobs = plan(n=10, seed=1).jobs("req_1", max_images_per_job=4)
+    assert [job.seeds for job in jobs] == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10)]
+    assert {job.request_id for job in jobs} == {"req_1"}

@@ -1,0 +1,177 @@
+"""The real graph under `serve.run`, driven the way users drive it: the official OpenAI client
+and plain HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.serve
+
+MODELS = ["tiny-sdxl", "tiny-qwen-image"]
+
+
+def decode(item) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+    image.load()
+    return image
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return served.client(served.create_key("100000"))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_generates_images_with_the_openai_client(client, model):
+    result = client.images.generate(model=model, prompt="a small red apple", n=2, size="64x64")
+    assert len(result.data) == 2
+    for item in result.data:
+        image = decode(item)
+        assert image.format == "PNG" and image.size == (64, 64)
+        assert item.revised_prompt == "a small red apple"
+    assert result.output_format == "png" and result.size == "64x64"
+    seeds = [item.model_extra["seed"] for item in result.data]
+    assert seeds[1] == seeds[0] + 1
+
+
+@pytest.mark.parametrize("model, fmt, pil_format", [("tiny-sdxl", "jpeg", "JPEG"), ("tiny-qwen-image", "webp", "WEBP")])
+def test_output_formats_and_sizes(client, model, fmt, pil_format):
+    result = client.images.generate(
+        model=model, prompt="a lighthouse", size="96x64", output_format=fmt, extra_body={"output_quality": 70}
+    )
+    image = decode(result.data[0])
+    assert image.format == pil_format and image.size == (96, 64)
+    assert result.output_format == fmt
+
+
+def test_qubrid_fields_are_honoured(client):
+    body = {"num_inference_steps": 2, "guidance": 3.0, "negative_prompt": "blurry", "seed": 7,
+            "aspect_ratio": "2:1", "image_size": "optimize_for_quality"}
+    first = client.images.generate(model="tiny-sdxl", prompt="a boat", extra_body=body)
+    again = client.images.generate(model="tiny-sdxl", prompt="a boat", extra_body=body)
+    assert first.data[0].model_extra["seed"] == 7
+    assert decode(first.data[0]).size[0] == 2 * decode(first.data[0]).size[1]
+    assert first.data[0].b64_json == again.data[0].b64_json  # same seed, same image
+    other = client.images.generate(model="tiny-sdxl", prompt="a boat", extra_body={**body, "negative_prompt": "sharp"})
+    assert other.data[0].b64_json != first.data[0].b64_json
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_seeded_batch_equals_single_requests_under_load(client, model):
+    """Image i of a seeded n=3 request is the n=1 image with seed S+i, even amid other work."""
+    seed = 1234
+    def one(s):
+        return client.images.generate(model=model, prompt="a green pear", n=1, size="64x64", extra_body={"seed": s})
+
+    def noise(i):
+        return client.images.generate(model=model, prompt=f"noise {i} " * (i + 1), n=2, size="64x64")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        background = [pool.submit(noise, i) for i in range(4)]
+        batched = pool.submit(
+            client.images.generate, model=model, prompt="a green pear", n=3, size="64x64", extra_body={"seed": seed}
+        )
+        singles = [pool.submit(one, seed + i) for i in range(3)]
+        for future in background:
+            future.result()
+        batched_images = [np.asarray(decode(item), dtype=np.int16) for item in batched.result().data]
+        single_images = [np.asarray(decode(future.result().data[0]), dtype=np.int16) for future in singles]
+    assert [item.model_extra["seed"] for item in batched.result().data] == [seed, seed + 1, seed + 2]
+    for got, want in zip(batched_images, single_images):
+        assert np.abs(got - want).max() <= 1
+    assert np.abs(batched_images[0] - batched_images[1]).max() > 1  # different seeds, different images
+
+
+def test_models_list_and_health(served, client):
+    listed = client.models.list()
+    assert sorted(model.id for model in listed.data) == sorted(MODELS)
+    health = httpx.get(f"{served.base_url}/health")
+    assert health.status_code == 200
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.images.generate(model="dall-e-9", prompt="x")
+    error = caught.value
+    assert error.status_code == 404
+    assert error.code == "model_not_found"
+    assert error.body["param"] == "model"
+    assert error.request_id and error.request_id == error.body["request_id"]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("n", 0), ("size", "65x64"), ("size", "4096x4096"), ("quality", "ultra"), ("style", "vivid"),
+     ("num_inference_steps", 500), ("output_format", "gif"), ("seed", "x"), ("aspect_ratio", "wide"),
+     ("image", "aGk="), ("bogus_field", 1)],
+)
+def test_invalid_fields_are_400_in_the_documented_shape(served, client, field, value):
+    response = httpx.post(
+        f"{served.base_url}/v1/images/generations",
+        json={"model": "tiny-sdxl", "prompt": "x", field: value},
+        headers={"Authorization": f"Bearer {client.api_key}"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_request"
+    assert error["param"] == field and field in error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+
+
+def test_openai_client_raises_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model="tiny-sdxl", prompt="x", size="1x1")
+    assert caught.value.body["param"] == "size"
+
+
+def test_malformed_and_oversized_bodies(served, client):
+    headers = {"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"}
+    url = f"{served.base_url}/v1/images/generations"
+    bad = httpx.post(url, content=b"{not json", headers=headers)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+    huge = httpx.post(url, content=b'{"prompt": "' + b"a" * (served.config.max_body_bytes + 10) + b'"}', headers=headers)
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    missing = httpx.get(f"{served.base_url}/v1/nothing-here", headers=headers)
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_a_model_without_replicas_answers_503_fast(served):
+    """A deployment that asks for a GPU this machine lacks stays pending; requests must not hang."""
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.config import AppConfig
+
+    tiny = served.config.model("tiny-sdxl")
+    gpu_model = tiny.model_copy(
+        update={"id": "needs-gpu", "deployment": tiny.deployment.model_copy(
+            update={"ray_actor_options": {"num_cpus": 0, "num_gpus": 1}, "autoscaling_config": None, "num_replicas": 1})}
+    )
+    config = AppConfig.model_validate({**served.config.model_dump(), "models": [gpu_model.model_dump()]})
+    serve.run_many([serve.RunTarget(build_app(config), name="gpu-app", route_prefix="/gpu")],
+                   wait_for_applications_running=False)
+    try:
+        key = served.create_key("10")
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{served.base_url}/gpu/health").status_code != 200:  # its ingress comes up; its model never will
+            assert time.monotonic() < deadline, "the ingress of gpu-app never came up"
+            time.sleep(0.5)
+        url = f"{served.base_url}/gpu/v1/images/generations"
+        started = time.monotonic()
+        response = httpx.post(url, json={"model": "needs-gpu", "prompt": "x"},
+                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        assert time.monotonic() - started < 5
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "model_unavailable"
+        assert int(response.headers["retry-after"]) >= 1
+    finally:
+        serve.delete("gpu-app", _blocking=False)
