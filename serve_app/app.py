@@ -4,7 +4,6 @@ No ``from __future__ import annotations`` here: Serve reads the builder's annota
 validate ``args:`` into ``AppConfig`` itself, and needs the real class, not a string.
 """
 
-import os
 from pathlib import Path
 from typing import Any
 

@@ -87,7 +87,7 @@ class DeploymentOptions(StrictModel):
     graceful_shutdown_timeout_s: float | None = None
 
     @model_validator(mode="after")
-    def _one_scaling_mode(self) -> "DeploymentOptions":
+    def _one_scaling_mode(self) -> DeploymentOptions:
         if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
@@ -103,7 +103,7 @@ class ModelConfig(StrictModel):
     limits: ModelLimits = Field(default_factory=ModelLimits)
     quality_steps: QualitySteps = Field(default_factory=QualitySteps)
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    price_per_image: Decimal = Field(Decimal("1"), ge=0, decimal_places=6)
+    price_per_image: Decimal = Field(Decimal(1), ge=0, decimal_places=6)
     timeout_s: float = Field(300.0, gt=0, description="deadline for one request's images")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
@@ -117,7 +117,7 @@ class ModelConfig(StrictModel):
         return int(self.price_per_image * CREDIT_UNITS)
 
     @model_validator(mode="after")
-    def _defaults_within_limits(self) -> "ModelConfig":
+    def _defaults_within_limits(self) -> ModelConfig:
         width, height = (int(v) for v in self.defaults.size.split("x"))
         multiple = self.family.size_multiple
         if width % multiple or height % multiple:
@@ -183,7 +183,7 @@ class StorageConfig(StrictModel):
     s3: S3StorageConfig | None = None
 
     @model_validator(mode="after")
-    def _backend_configured(self) -> "StorageConfig":
+    def _backend_configured(self) -> StorageConfig:
         if self.backend == "s3" and self.s3 is None:
             raise ValueError("backend 's3' needs an s3: section with at least a bucket")
         if self.backend == "s3" and self.url_ttl_s > 7 * 24 * 3600:

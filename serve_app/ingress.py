@@ -97,6 +97,14 @@ class ImageGenerationIngress:
             return error_response(exc, request_id)
         return JSONResponse(models.model_dump())
 
+    @api.get("/v1/usage")
+    async def usage(self, request: Request) -> Response:
+        try:
+            usage = await self._service.usage(request.headers.get("authorization"))
+        except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
+            return error_response(exc, request_id_of(request))
+        return JSONResponse(usage)
+
     @api.get("/v1/files/images/{name:path}")
     async def get_image(self, name: str, request: Request) -> Response:
         """A stored image; the URL's signature is the authorization, not an API key."""

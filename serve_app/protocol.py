@@ -57,7 +57,7 @@ class ImageGenerationRequest(BaseModel):
     output_quality: int | None = Field(None, ge=0, le=100)
 
     @model_validator(mode="after")
-    def _honourable(self) -> "ImageGenerationRequest":
+    def _honourable(self) -> ImageGenerationRequest:
         """Reject what no model here can do, rather than silently ignoring it."""
         unsupported = [
             ("stream", self.stream is True, "streaming responses are not supported"),

@@ -92,7 +92,7 @@ class ModelRouter:
             ) from None
         except APIError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any replica failure is the upstream's
+        except Exception as exc:
             logger.warning("model %s failed a request: %s", model_id, _short(exc))
             raise UpstreamError(f"The model '{model_id}' failed to generate the image.") from exc
         finally:

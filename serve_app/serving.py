@@ -14,10 +14,10 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, Protocol
 
-from serve_app.config import CREDIT_UNITS, AppConfig, ModelConfig
+from serve_app.accounts import Settlement
+from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import InvalidRequest, ModelNotFound, UpstreamError
 from serve_app.planning import GenerationPlan, plan_generation
 from serve_app.protocol import ImageData, ImagesResponse, ModelCard, ModelList, parse_generation_request
@@ -38,29 +38,19 @@ class AccountsPort(Protocol):
 
     async def reserve(self, key: Any, request_id: str, model_id: str, images: int, price_units: int) -> Any: ...
 
-    async def settle(self, reservation: Any, delivered: int) -> "Settlement": ...
+    async def settle(self, reservation: Any, delivered: int) -> Settlement: ...
+
+    async def usage(self, key: Any) -> Any: ...
 
 
 class ImageStorePort(Protocol):
     async def put(self, name: str, data: bytes, content_type: str, base_url: str) -> str: ...
 
 
-@dataclass(frozen=True)
-class Settlement:
-    charged_units: int
-    balance_units: int
-
-
 @dataclass
 class ServedResponse:
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
-
-
-def format_credits(units: int) -> str:
-    """Exact decimal credits for headers: 1500000 units -> "1.5"."""
-    value = (Decimal(units) / CREDIT_UNITS).normalize()
-    return f"{value:f}"
 
 
 class ImageGenerationService:
@@ -83,6 +73,11 @@ class ImageGenerationService:
         created = int(self._clock())
         return ModelList(data=[ModelCard(id=model.id, created=created) for model in self._config.models])
 
+    async def usage(self, authorization: str | None) -> dict[str, Any]:
+        """Balance, and images and credits by model, for the calling key."""
+        key = await self._accounts.authenticate(authorization)
+        return (await self._accounts.usage(key)).as_json()
+
     async def generate(
         self, payload: object, *, authorization: str | None, request_id: str, base_url: str
     ) -> ServedResponse:
@@ -104,8 +99,7 @@ class ImageGenerationService:
         finally:
             # Shielded: a client disconnect cancels this coroutine, never the settlement.
             settlement = await asyncio.shield(self._accounts.settle(reservation, len(delivered)))
-        headers["x-credits-charged"] = format_credits(settlement.charged_units)
-        headers["x-credits-remaining"] = format_credits(settlement.balance_units)
+        headers.update(settlement.credit_headers())
         body = ImagesResponse(
             created=int(self._clock()),
             data=delivered,

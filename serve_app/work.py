@@ -44,7 +44,7 @@ class GenerationJob:
     def num_images(self) -> int:
         return len(self.seeds)
 
-    def split(self, max_images: int) -> list["GenerationJob"]:
+    def split(self, max_images: int) -> list[GenerationJob]:
         """Parts of at most ``max_images`` images each, seeds in order."""
         step = max(1, max_images)
         if self.num_images <= step:

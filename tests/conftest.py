@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,40 @@ def served(ray_session, tmp_path_factory):
     serve.delete("imagegen")
 
 
+@pytest.fixture(scope="session")
+def gpu_app(served):
+    """A second application whose model asks for a GPU this machine lacks: it never runs.
+
+    Returns the base URL of its ingress, which does come up.
+    """
+    import httpx
+    from ray import serve
+
+    from serve_app.app import build_app
+    from serve_app.config import AppConfig
+
+    tiny = served.config.model("tiny-sdxl")
+    gpu_model = tiny.model_copy(
+        update={
+            "id": "needs-gpu",
+            "deployment": tiny.deployment.model_copy(
+                update={"ray_actor_options": {"num_cpus": 0, "num_gpus": 1}, "autoscaling_config": None, "num_replicas": 1}
+            ),
+        }
+    )
+    config = AppConfig.model_validate({**served.config.model_dump(), "models": [gpu_model.model_dump()]})
+    serve.run_many(
+        [serve.RunTarget(build_app(config), name="gpu-app", route_prefix="/gpu")], wait_for_applications_running=False
+    )
+    base_url = f"{served.base_url}/gpu"
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base_url}/health").status_code != 200:
+        assert time.monotonic() < deadline, "the ingress of gpu-app never came up"
+        time.sleep(0.5)
+    yield base_url
+    serve.delete("gpu-app", _blocking=False)
+
+
 class Served:
     def __init__(self, config, base_url: str, database_url: str) -> None:
         self.config = config
@@ -69,11 +104,11 @@ class Served:
         self.database_url = database_url
         self._key_count = 0
 
-    def create_key(self, credits: str = "1000", *extra: str) -> str:
+    def create_key(self, credits: str = "1000", *extra: str, name: str | None = None) -> str:
         """A fresh key through the operator CLI, as an operator would make one."""
         self._key_count += 1
-        output = run_cli("keys", "create", "--name", f"key-{self._key_count}-{os.getpid()}", "--credits", credits, *extra,
-                         database_url=self.database_url)
+        name = name or f"key-{self._key_count}"
+        output = run_cli("keys", "create", "--name", name, "--credits", credits, *extra, database_url=self.database_url)
         return output.strip().splitlines()[-1]
 
     def client(self, key: str | None = None, **options):

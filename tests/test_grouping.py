@@ -1,8 +1,7 @@
 """Batch grouping against a fake pipeline: one call per shape, images routed back by seed."""
 
-from serve_app.work import CallShape, GenerationJob
-
 from deployments.grouping import count_images, group_jobs, run_grouped
+from serve_app.work import CallShape, GenerationJob
 
 SMALL = CallShape(width=64, height=64, steps=4, guidance=5.0, with_negative_prompt=False)
 WIDE = CallShape(width=128, height=64, steps=4, guidance=5.0, with_negative_prompt=False)

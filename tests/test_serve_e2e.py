@@ -144,34 +144,13 @@ def test_malformed_and_oversized_bodies(served, client):
     assert missing.status_code == 404 and "error" in missing.json()
 
 
-def test_a_model_without_replicas_answers_503_fast(served):
+def test_a_model_without_replicas_answers_503_fast(served, gpu_app):
     """A deployment that asks for a GPU this machine lacks stays pending; requests must not hang."""
-    from ray import serve
-
-    from serve_app.app import build_app
-    from serve_app.config import AppConfig
-
-    tiny = served.config.model("tiny-sdxl")
-    gpu_model = tiny.model_copy(
-        update={"id": "needs-gpu", "deployment": tiny.deployment.model_copy(
-            update={"ray_actor_options": {"num_cpus": 0, "num_gpus": 1}, "autoscaling_config": None, "num_replicas": 1})}
-    )
-    config = AppConfig.model_validate({**served.config.model_dump(), "models": [gpu_model.model_dump()]})
-    serve.run_many([serve.RunTarget(build_app(config), name="gpu-app", route_prefix="/gpu")],
-                   wait_for_applications_running=False)
-    try:
-        key = served.create_key("10")
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{served.base_url}/gpu/health").status_code != 200:  # its ingress comes up; its model never will
-            assert time.monotonic() < deadline, "the ingress of gpu-app never came up"
-            time.sleep(0.5)
-        url = f"{served.base_url}/gpu/v1/images/generations"
-        started = time.monotonic()
-        response = httpx.post(url, json={"model": "needs-gpu", "prompt": "x"},
-                              headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        assert time.monotonic() - started < 5
-        assert response.status_code == 503
-        assert response.json()["error"]["code"] == "model_unavailable"
-        assert int(response.headers["retry-after"]) >= 1
-    finally:
-        serve.delete("gpu-app", _blocking=False)
+    key = served.create_key("10")
+    started = time.monotonic()
+    response = httpx.post(f"{gpu_app}/v1/images/generations", json={"model": "needs-gpu", "prompt": "x"},
+                          headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert time.monotonic() - started < 5
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "model_unavailable"
+    assert int(response.headers["retry-after"]) >= 1

@@ -1,0 +1,428 @@
+"""Shared pieces of the benchmarks: machine facts, a cheap HTTP load generator, the served
+graph on its own Ray instance and database, and percentile statistics.
+
+The load generator is a hand-written HTTP/1.1 client over asyncio streams with one
+keep-alive connection per simulated client. On a 2-core machine the client shares the CPUs
+with the server it measures, so it must cost as little as possible: per request it formats
+one byte string and parses one status line and a few headers (no httpx, no TLS, no JSON
+unless asked).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MODEL_CACHE = ROOT / ".cache" / "models"  # the tests' cache: built-in models built once per checkout
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# -- machine ---------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for package in ("ray", "torch", "diffusers", "transformers", "fastapi", "uvicorn", "pillow", "pydantic"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+            .stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_commit": commit,
+        "git_dirty": dirty,
+    }
+
+
+class CpuMeter:
+    """System-wide CPU use over an interval (from /proc/stat), to spot a disturbed run."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+        self._load_start = os.getloadavg()[0]
+
+    @staticmethod
+    def _read() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + fields[4]
+        return sum(fields), idle
+
+    def stop(self) -> dict[str, float]:
+        total, idle = self._read()
+        busy = (total - self._start[0]) - (idle - self._start[1])
+        cores = os.cpu_count() or 1
+        elapsed = max(total - self._start[0], 1)
+        return {
+            "busy_cores": round(busy / elapsed * cores, 2),
+            "loadavg_1m_start": round(self._load_start, 2),
+            "loadavg_1m_end": round(os.getloadavg()[0], 2),
+        }
+
+
+# -- statistics ------------------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
+    ms = [v * 1000 for v in latencies_s]
+    return {
+        "count": len(ms),
+        "p50_ms": round(percentile(ms, 50), 2),
+        "p95_ms": round(percentile(ms, 95), 2),
+        "p99_ms": round(percentile(ms, 99), 2),
+        "mean_ms": round(statistics.fmean(ms), 2) if ms else float("nan"),
+        "max_ms": round(max(ms), 2) if ms else float("nan"),
+    }
+
+
+# -- a cheap HTTP/1.1 client -----------------------------------------------------------------
+@dataclass
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class HttpConnection:
+    """One keep-alive HTTP/1.1 connection; reconnects when the server closes it."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def _connect(self) -> None:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            try:
+                await self._writer.wait_closed()
+            except (OSError, ConnectionError):
+                pass
+            self._reader = self._writer = None
+
+    async def request(self, raw: bytes) -> HttpResponse:
+        for attempt in (1, 2):
+            if self._writer is None:
+                await self._connect()
+            try:
+                self._writer.write(raw)
+                return await self._read_response()
+            except (ConnectionError, asyncio.IncompleteReadError) as exc:
+                await self.close()
+                if attempt == 2:
+                    raise ConnectionError(f"request failed twice: {exc!r}") from exc
+        raise AssertionError("unreachable")
+
+    async def _read_response(self) -> HttpResponse:
+        assert self._reader is not None
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            body = await self._reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int((await self._reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                if size == 0:
+                    await self._reader.readuntil(b"\r\n")
+                    break
+                parts.append(await self._reader.readexactly(size))
+                await self._reader.readexactly(2)
+            body = b"".join(parts)
+        else:
+            body = await self._reader.read()
+            await self.close()
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return HttpResponse(status, headers, body)
+
+
+def post_json_bytes(host: str, port: int, path: str, payload: dict[str, Any], api_key: str | None) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    if api_key is not None:
+        lines.append(f"Authorization: Bearer {api_key}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@dataclass
+class RequestRecord:
+    start: float
+    end: float
+    status: int
+    images: int
+
+
+@dataclass
+class LoadResult:
+    """Steady-state numbers of a closed-loop run (warm-up and drain excluded)."""
+
+    clients: int
+    requests: int
+    window_s: float
+    records: list[RequestRecord] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def images(self) -> int:
+        return sum(r.images for r in self.records)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "clients": self.clients,
+            "requests": self.requests,
+            "images": self.images,
+            "window_s": round(self.window_s, 3),
+            "requests_per_s": round(self.requests / self.window_s, 2),
+            "images_per_s": round(self.images / self.window_s, 2),
+            "latency": latency_summary([r.end - r.start for r in self.records]),
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+        }
+
+
+async def closed_loop(
+    clients: int,
+    warmup: int,
+    measure: int,
+    one_request: Callable[[int, int], Awaitable[tuple[int, int]]],
+) -> LoadResult:
+    """``clients`` clients each send a request as soon as their previous one returns.
+
+    ``one_request(client, seq)`` returns (status, images). The first ``warmup`` completions
+    are discarded; the result holds the next ``measure`` completions, and throughput is
+    ``measure`` over the time from the warm-up's last completion to the measured set's last
+    one, so neither ramp-up nor the drain at the end (fewer clients in flight) counts.
+    """
+    done: list[RequestRecord] = []
+    target = warmup + measure
+    issued = 0
+    stop = asyncio.Event()
+
+    async def client(index: int) -> None:
+        nonlocal issued
+        while not stop.is_set():
+            seq = issued
+            issued += 1
+            start = time.perf_counter()
+            status, images = await one_request(index, seq)
+            end = time.perf_counter()
+            if len(done) < target:
+                done.append(RequestRecord(start, end, status, images))
+                if len(done) == target:
+                    stop.set()
+
+    tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+    await stop.wait()
+    # Let in-flight requests finish (they are not counted) so no connection is cut mid-way.
+    await asyncio.gather(*tasks)
+    return steady_state(done, clients, warmup)
+
+
+def steady_state(done: list[RequestRecord], clients: int, warmup: int) -> LoadResult:
+    """Completions in order; drop the first ``warmup``; the window runs from the last
+    dropped completion to the last kept one."""
+    measured = done[warmup:]
+    window_start = done[warmup - 1].end if warmup > 0 else min(r.start for r in measured)
+    window = measured[-1].end - window_start
+    statuses: dict[int, int] = {}
+    for record in measured:
+        statuses[record.status] = statuses.get(record.status, 0) + 1
+    return LoadResult(clients=clients, requests=len(measured), window_s=window, records=measured, statuses=statuses)
+
+
+# -- the served graph ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def ray_instance(num_cpus: int = 2) -> Iterator[None]:
+    """A fresh local Ray instance of our own (never an existing cluster; never `ray stop`)."""
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="imagegen-bench",
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def bench_config(
+    data_dir: Path,
+    *,
+    max_batch_images: int,
+    batch_wait_timeout_s: float,
+    max_ongoing_requests: int = 16,
+    default_rpm: int = 1_000_000,
+    default_ipm: int = 1_000_000,
+):
+    """The embedded default (serve_config.yaml) restricted to tiny-sdxl, one fixed replica,
+    its own database and image folder under ``data_dir``."""
+    from serve_app.config import BatchingConfig, DeploymentOptions, load_app_config
+
+    base = load_app_config(ROOT / "serve_config.yaml")
+    sdxl = next(m for m in base.models if m.id == "tiny-sdxl")
+    deployment = DeploymentOptions(
+        num_replicas=1,
+        autoscaling_config=None,
+        ray_actor_options=dict(sdxl.deployment.ray_actor_options),
+        max_ongoing_requests=max_ongoing_requests,
+    )
+    sdxl = sdxl.model_copy(
+        update={
+            "deployment": deployment,
+            "batching": BatchingConfig(max_batch_images=max_batch_images, batch_wait_timeout_s=batch_wait_timeout_s),
+        }
+    )
+    return base.model_copy(
+        update={
+            "models": [sdxl],
+            "cache_dir": MODEL_CACHE,
+            "accounts": base.accounts.model_copy(
+                update={
+                    "database_url": f"sqlite:///{data_dir}/imagegen.db",
+                    "default_requests_per_minute": default_rpm,
+                    "default_images_per_minute": default_ipm,
+                }
+            ),
+            "storage": base.storage.model_copy(
+                update={"local": base.storage.local.model_copy(update={"root": data_dir / "images"})}
+            ),
+        }
+    )
+
+
+def serve_graph(config, port: int, *, first: bool) -> None:
+    """``serve.run(build_app(config))`` on 127.0.0.1:port; blocks until it is running."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    if first:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config), name="imagegen", route_prefix="/")
+
+
+def create_key(database_url: str, name: str, credits: str, *, rpm: int | None = None, ipm: int | None = None) -> str:
+    """A key made through the accounts store API, as ``imagegen keys create`` makes one."""
+    from serve_app.accounts import issue_key, open_store, parse_credits
+
+    store = open_store(database_url)
+    try:
+        return issue_key(store, name, credits_units=parse_credits(credits), rpm=rpm, ipm=ipm).secret
+    finally:
+        store.close()
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def temp_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=prefix)
+
+
+DOC = ROOT / "docs" / "benchmarks.md"
+DOC_HEADER = """# Benchmarks
+
+Each section is written by its script (`python bench/<name>.py`; `--quick` for a smoke run
+that leaves the committed figures alone). The raw numbers, the machine and the versions are
+in `bench/results/<name>.json`.
+"""
+
+
+def update_doc_section(name: str, markdown: str) -> None:
+    """Replace (or append) the section between this benchmark's markers in docs/benchmarks.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = DOC.read_text() if DOC.exists() else DOC_HEADER
+    block = f"{start}\n{markdown.rstrip()}\n{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        text = before + block + after
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)

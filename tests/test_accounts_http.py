@@ -1,0 +1,129 @@
+"""Keys, credits, permissions and rate limits through HTTP, with the official OpenAI client."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.serve
+
+
+def check_error(error: openai.APIStatusError, status: int, code: str) -> None:
+    assert error.status_code == status
+    assert error.code == code
+    assert error.body["code"] == code
+    assert error.request_id and error.request_id == error.body["request_id"]
+
+
+def test_missing_and_invalid_keys_are_401(served):
+    response = httpx.post(f"{served.base_url}/v1/images/generations", json={"model": "tiny-sdxl", "prompt": "x"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "missing_api_key"
+    assert response.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError) as caught:
+        served.client("qbt_" + "x" * 43).images.generate(model="tiny-sdxl", prompt="x")
+    check_error(caught.value, 401, "invalid_api_key")
+    with pytest.raises(openai.AuthenticationError):
+        served.client("qbt_" + "x" * 43).models.list()  # /v1/models needs a key
+    assert httpx.get(f"{served.base_url}/health").status_code == 200  # /health stays open
+
+
+def test_revoked_key_is_401(served):
+    client = served.client(served.create_key("5", name="soon-revoked"))
+    client.images.generate(model="tiny-sdxl", prompt="x")
+    run_cli("keys", "revoke", "soon-revoked", database_url=served.database_url)
+    time.sleep(1.5)  # the ingress caches a known key for at most a second
+    with pytest.raises(openai.AuthenticationError) as caught:
+        client.images.generate(model="tiny-sdxl", prompt="x")
+    check_error(caught.value, 401, "invalid_api_key")
+
+
+def test_model_not_permitted_is_403(served):
+    client = served.client(served.create_key("5", "--models", "tiny-qwen-image"))
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        client.images.generate(model="tiny-sdxl", prompt="x")
+    check_error(caught.value, 403, "model_not_permitted")
+    assert len(client.images.generate(model="tiny-qwen-image", prompt="x").data) == 1
+
+
+def test_unknown_model_is_404(served):
+    with pytest.raises(openai.NotFoundError) as caught:
+        served.client().images.generate(model="nope", prompt="x")
+    check_error(caught.value, 404, "model_not_found")
+
+
+def test_insufficient_funds_is_402_and_charges_nothing(served):
+    client = served.client(served.create_key("1"))
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.images.generate(model="tiny-sdxl", prompt="x", n=2)
+    check_error(caught.value, 402, "insufficient_funds")
+    assert caught.value.body["type"] == "insufficient_quota"
+    usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {client.api_key}"}).json()
+    assert usage["balance"] == 1
+
+
+def test_rate_limit_is_429_with_retry_after(served):
+    client = served.client(served.create_key("100", "--rpm", "2"))
+    first = client.images.with_raw_response.generate(model="tiny-sdxl", prompt="x")
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert "x-ratelimit-reset-requests" in first.headers and "x-ratelimit-limit-images" in first.headers
+    client.images.generate(model="tiny-sdxl", prompt="x")
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.images.generate(model="tiny-sdxl", prompt="x")
+    check_error(caught.value, 429, "rate_limit_exceeded")
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+def test_credit_headers_and_usage(served):
+    key = served.create_key("10")
+    client = served.client(key)
+    raw = client.images.with_raw_response.generate(model="tiny-qwen-image", prompt="x", n=2)
+    assert raw.headers["x-credits-charged"] == "4"  # 2 images at 2 credits
+    assert raw.headers["x-credits-remaining"] == "6"
+    assert len(raw.parse().data) == 2
+    usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert usage["balance"] == 6
+    assert usage["data"] == [{"object": "usage.model", "model": "tiny-qwen-image", "requests": 1, "images": 2, "credits": 4}]
+
+
+def test_concurrent_requests_never_overdraw(served):
+    """40 concurrent n=2 requests on credits for exactly 30 images: 15 succeed, balance 0."""
+    key = served.create_key("30", "--rpm", "1000", "--ipm", "1000")
+    client = served.client(key, timeout=120)
+
+    def attempt(i):
+        try:
+            return len(client.images.generate(model="tiny-sdxl", prompt=f"apple {i}", n=2).data)
+        except openai.APIStatusError as error:
+            return error.status_code
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        outcomes = list(pool.map(attempt, range(40)))
+    assert outcomes.count(2) == 15
+    assert outcomes.count(402) == 25
+    usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert usage["balance"] == 0 and usage["total_images"] == 30 and usage["reserved"] == 0
+
+    from serve_app.accounts import open_store
+
+    store = open_store(served.database_url)
+    try:
+        assert store.inconsistencies() == []
+    finally:
+        store.close()
+
+
+def test_unavailable_model_refunds(served, gpu_app):
+    key = served.create_key("3")
+    response = httpx.post(f"{gpu_app}/v1/images/generations", json={"model": "needs-gpu", "prompt": "x", "n": 2},
+                          headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 503
+    usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert usage["balance"] == 3

@@ -1,0 +1,173 @@
+"""Serving logic against fakes: real accounts (SQLite), a fake model router and store.
+
+Billing must follow delivery: charge exactly the images delivered, refund the rest on any
+failure, and keep every balance equal to its ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.accounts import Accounts, LocalRateLimiter, issue_key, open_store
+from serve_app.config import CREDIT_UNITS, AppConfig
+from serve_app.errors import GenerationTimeout, InsufficientFunds, UpstreamError
+from serve_app.serving import ImageGenerationService
+from serve_app.work import GeneratedImage, JobResult
+
+CONFIG = AppConfig.model_validate(
+    {
+        "models": [
+            {
+                "id": "m",
+                "family": "sdxl",
+                "weights": "builtin:tiny-sdxl",
+                "defaults": {"size": "64x64", "steps": 2},
+                "limits": {"max_pixels": 65536, "min_side": 32},
+                "batching": {"max_batch_images": 2},
+                "price_per_image": "1.5",
+            }
+        ]
+    }
+)
+
+
+class FakeRouter:
+    """Answers each job with fake encoded images; can fail a given job or hang."""
+
+    def __init__(self, fail_job=None, failure=None, hang=False):
+        self.fail_job = fail_job
+        self.failure = failure or UpstreamError("replica died")
+        self.hang = hang
+        self.calls = []
+
+    async def generate(self, model_id, jobs):
+        self.calls.append(jobs)
+        if self.hang:
+            await asyncio.sleep(3600)
+        results = []
+        for index, job in enumerate(jobs):
+            if index == self.fail_job:
+                raise self.failure
+            results.append(
+                JobResult(
+                    images=tuple(
+                        GeneratedImage(data=b"img%d" % seed, seed=seed, output_format=job.output_format, width=64, height=64)
+                        for seed in job.seeds
+                    )
+                )
+            )
+        return results
+
+
+class FakeStore:
+    def __init__(self, fail_seeds=()):
+        self.fail_seeds = set(fail_seeds)
+        self.stored = {}
+
+    async def put(self, name, data, content_type, base_url):
+        seed = int(data[3:])
+        if seed in self.fail_seeds:
+            raise UpstreamError("disk full")
+        self.stored[name] = (data, content_type)
+        return f"{base_url}/files/{name}"
+
+
+@pytest.fixture
+def accounts(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/ledger.db")
+    accounts = Accounts(store, default_rpm=1000, default_ipm=1000, rate_limiter=LocalRateLimiter())
+    yield accounts
+    accounts.close()
+
+
+def make_key(accounts, credits):
+    return issue_key(accounts.store, "k", credits_units=int(credits * CREDIT_UNITS)).secret
+
+
+def service(accounts, router, store=None):
+    return ImageGenerationService(CONFIG, router, accounts, store=store)
+
+
+async def generate(svc, key, **fields):
+    body = {"model": "m", "prompt": "apple", **fields}
+    return await svc.generate(body, authorization=f"Bearer {key}", request_id="req_test_1", base_url="http://h")
+
+
+async def balance(accounts, key):
+    api_key = await accounts.authenticate(f"Bearer {key}")
+    return (await accounts.usage(api_key)).balance_units / CREDIT_UNITS
+
+
+def test_success_charges_delivered_images(accounts):
+    key = make_key(accounts, 10)
+    router = FakeRouter()
+    served = asyncio.run(generate(service(accounts, router), key, n=3, seed=5))
+    assert [item.seed for item in served.body.data] == [5, 6, 7]
+    assert [len(job.seeds) for job in router.calls[0]] == [2, 1]  # split by max_batch_images
+    assert served.headers["x-credits-charged"] == "4.5"
+    assert served.headers["x-credits-remaining"] == "5.5"
+    assert "x-ratelimit-remaining-requests" in served.headers
+    assert asyncio.run(balance(accounts, key)) == 5.5
+    assert accounts.store.inconsistencies() == []
+
+
+def test_failure_mid_way_refunds_everything(accounts):
+    key = make_key(accounts, 10)
+    with pytest.raises(UpstreamError):
+        asyncio.run(generate(service(accounts, FakeRouter(fail_job=1)), key, n=3))
+    assert asyncio.run(balance(accounts, key)) == 10
+    assert accounts.store.inconsistencies() == []
+
+
+def test_timeout_refunds(accounts):
+    key = make_key(accounts, 3)
+    with pytest.raises(GenerationTimeout):
+        asyncio.run(generate(service(accounts, FakeRouter(fail_job=0, failure=GenerationTimeout("slow"))), key, n=2))
+    assert asyncio.run(balance(accounts, key)) == 3
+
+
+def test_client_disconnect_refunds(accounts):
+    key = make_key(accounts, 3)
+
+    async def disconnect():
+        task = asyncio.create_task(generate(service(accounts, FakeRouter(hang=True)), key, n=2))
+        await asyncio.sleep(0.2)
+        task.cancel()  # what Serve does when the HTTP client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)
+
+    asyncio.run(disconnect())
+    assert asyncio.run(balance(accounts, key)) == 3
+    assert accounts.store.inconsistencies() == []
+
+
+def test_insufficient_funds_starts_nothing(accounts):
+    key = make_key(accounts, 2)
+    router = FakeRouter()
+    with pytest.raises(InsufficientFunds):
+        asyncio.run(generate(service(accounts, router), key, n=2))
+    assert router.calls == []
+    assert asyncio.run(balance(accounts, key)) == 2
+
+
+def test_url_delivery_charges_only_stored_images(accounts):
+    key = make_key(accounts, 10)
+    store = FakeStore(fail_seeds={11})
+    served = asyncio.run(generate(service(accounts, FakeRouter(), store), key, n=3, seed=10, response_format="url"))
+    assert [item.seed for item in served.body.data] == [10, 12]
+    assert all(item.url.startswith("http://h/files/req_test_1/") for item in served.body.data)
+    assert served.headers["x-credits-charged"] == "3"
+    assert asyncio.run(balance(accounts, key)) == 7
+
+
+def test_url_delivery_with_nothing_stored_is_502_and_refunded(accounts):
+    key = make_key(accounts, 10)
+    store = FakeStore(fail_seeds={1, 2})
+    with pytest.raises(UpstreamError) as caught:
+        asyncio.run(generate(service(accounts, FakeRouter(), store), key, n=2, seed=1, response_format="url"))
+    assert caught.value.status_code == 502 and caught.value.code == "upstream_error"
+    assert asyncio.run(balance(accounts, key)) == 10
+    assert accounts.store.inconsistencies() == []
