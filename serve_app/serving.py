@@ -97,8 +97,9 @@ class ImageGenerationService:
         try:
             delivered = await self._generate_and_deliver(plan, model, request_id, base_url)
         finally:
-            # Shielded: a client disconnect cancels this coroutine, never the settlement.
-            settlement = await asyncio.shield(self._accounts.settle(reservation, len(delivered)))
+            # Runs on failure and on client disconnect too; settle() is shielded, so the
+            # cancellation that a disconnect brings cannot stop the refund.
+            settlement = await self._accounts.settle(reservation, len(delivered))
         headers.update(settlement.credit_headers())
         body = ImagesResponse(
             created=int(self._clock()),

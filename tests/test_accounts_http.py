@@ -127,3 +127,20 @@ def test_unavailable_model_refunds(served, gpu_app):
     assert response.status_code == 503
     usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
     assert usage["balance"] == 3
+
+
+def test_client_disconnect_refunds(served):
+    """A client that gives up mid-generation is not charged for the images it never got."""
+    key = served.create_key("10")
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": "tiny-sdxl", "prompt": "a slow one", "n": 2, "size": "128x128", "num_inference_steps": 30}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{served.base_url}/v1/images/generations", json=body, headers=headers, timeout=0.3)
+    deadline = time.monotonic() + 30
+    while True:
+        usage = httpx.get(f"{served.base_url}/v1/usage", headers=headers).json()
+        if usage["reserved"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert usage["reserved"] == 0
+    assert usage["balance"] == 10 and usage["total_images"] == 0

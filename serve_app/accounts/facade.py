@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -73,7 +74,7 @@ class Accounts:
         """From an ``AccountsConfig``. Without ``rate_limiter``: the shared Ray actor when
         running inside Ray (every Serve replica), a local one otherwise."""
         if rate_limiter is None:
-            rate_limiter = _default_rate_limiter()
+            rate_limiter = _default_rate_limiter(config.resolved_database_url())
         return cls(
             open_store(config.resolved_database_url()),
             default_rpm=config.default_requests_per_minute,
@@ -195,18 +196,21 @@ def build_accounts(config: Any, *, rate_limiter: RateLimiter | None = None) -> A
         open_store(accounts.database_url),
         default_rpm=accounts.default_requests_per_minute,
         default_ipm=accounts.default_images_per_minute,
-        rate_limiter=rate_limiter or _default_rate_limiter(),
+        rate_limiter=rate_limiter or _default_rate_limiter(accounts.database_url),
     )
 
 
-def _default_rate_limiter() -> RateLimiter:
+def _default_rate_limiter(database_url: str) -> RateLimiter:
     try:
         import ray
 
         if ray.is_initialized():
-            from serve_app.accounts.limiter_actor import RayRateLimiter
+            from serve_app.accounts.limiter_actor import ACTOR_NAME, RayRateLimiter
 
-            return RayRateLimiter()
+            # Buckets are keyed by key id, which is only unique within one database:
+            # applications on other databases in the same cluster get their own actor.
+            database_tag = hashlib.sha256(database_url.encode()).hexdigest()[:12]
+            return RayRateLimiter(name=f"{ACTOR_NAME}-{database_tag}")
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
     return LocalRateLimiter()
