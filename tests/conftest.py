@@ -64,8 +64,11 @@ def served(ray_session, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gpu_app(served):
-    """A second application whose model asks for a GPU this machine lacks: it never runs.
+def edge_app(served):
+    """A second application for the failure paths, on the same database. Its models:
+
+    - ``needs-gpu`` asks for a GPU this machine lacks, so its replica never runs;
+    - ``tight-deadline`` is the tiny SDXL with a 0.5 s deadline per request.
 
     Returns the base URL of its ingress, which does come up.
     """
@@ -76,7 +79,7 @@ def gpu_app(served):
     from serve_app.config import AppConfig
 
     tiny = served.config.model("tiny-sdxl")
-    gpu_model = tiny.model_copy(
+    needs_gpu = tiny.model_copy(
         update={
             "id": "needs-gpu",
             "deployment": tiny.deployment.model_copy(
@@ -84,17 +87,37 @@ def gpu_app(served):
             ),
         }
     )
-    config = AppConfig.model_validate({**served.config.model_dump(), "models": [gpu_model.model_dump()]})
-    serve.run_many(
-        [serve.RunTarget(build_app(config), name="gpu-app", route_prefix="/gpu")], wait_for_applications_running=False
+    tight_deadline = tiny.model_copy(
+        update={
+            "id": "tight-deadline",
+            "timeout_s": 0.5,
+            "deployment": tiny.deployment.model_copy(update={"autoscaling_config": None, "num_replicas": 1}),
+        }
     )
-    base_url = f"{served.base_url}/gpu"
-    deadline = time.monotonic() + 60
+    models = [needs_gpu.model_dump(), tight_deadline.model_dump()]
+    config = AppConfig.model_validate({**served.config.model_dump(), "models": models})
+    serve.run_many(
+        [serve.RunTarget(build_app(config), name="edge-app", route_prefix="/edge")], wait_for_applications_running=False
+    )
+    base_url = f"{served.base_url}/edge"
+    deadline = time.monotonic() + 90
+    while not _deployment_running("edge-app", tight_deadline.deployment_name):
+        assert time.monotonic() < deadline, "edge-app never came up"
+        time.sleep(0.5)
     while httpx.get(f"{base_url}/health").status_code != 200:
-        assert time.monotonic() < deadline, "the ingress of gpu-app never came up"
+        assert time.monotonic() < deadline, "the ingress of edge-app never came up"
         time.sleep(0.5)
     yield base_url
-    serve.delete("gpu-app", _blocking=False)
+    serve.delete("edge-app", _blocking=False)
+
+
+def _deployment_running(app_name: str, deployment_name: str) -> bool:
+    from ray import serve
+
+    application = serve.status().applications.get(app_name)
+    if application is None or deployment_name not in application.deployments:
+        return False
+    return application.deployments[deployment_name].replica_states.get("RUNNING", 0) > 0
 
 
 class Served:

@@ -120,13 +120,16 @@ def test_concurrent_requests_never_overdraw(served):
         store.close()
 
 
-def test_unavailable_model_refunds(served, gpu_app):
+@pytest.mark.parametrize("model, status, code", [("needs-gpu", 503, "model_unavailable"), ("tight-deadline", 504, "timeout")])
+def test_failed_generation_refunds(served, edge_app, model, status, code):
     key = served.create_key("3")
-    response = httpx.post(f"{gpu_app}/v1/images/generations", json={"model": "needs-gpu", "prompt": "x", "n": 2},
-                          headers={"Authorization": f"Bearer {key}"})
-    assert response.status_code == 503
-    usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
-    assert usage["balance"] == 3
+    headers = {"Authorization": f"Bearer {key}"}
+    body = {"model": model, "prompt": "x", "n": 2, "size": "128x128", "num_inference_steps": 40}
+    response = httpx.post(f"{edge_app}/v1/images/generations", json=body, headers=headers, timeout=30)
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    usage = httpx.get(f"{served.base_url}/v1/usage", headers=headers).json()
+    assert usage["balance"] == 3 and usage["reserved"] == 0
 
 
 def test_client_disconnect_refunds(served):
