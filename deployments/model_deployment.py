@@ -21,7 +21,7 @@ from ray import serve
 
 from deployments.grouping import JobOutcome, PipelineCall, count_images, run_grouped
 from serve_app.config import BatchingConfig, ModelConfig
-from serve_app.work import GeneratedImage, GenerationJob, JobResult
+from serve_app.work import CallShape, GeneratedImage, GenerationJob, JobResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -53,7 +53,18 @@ class ImageModelDeployment:
         self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self._max_batch_images = self.model.batching.max_batch_images
         self._failed_fatally: str | None = None
+        if self.model.warmup:
+            self._warm_up()
         logger.info("model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device)
+
+    def _warm_up(self) -> None:
+        """Run one cheap generation so a replica that cannot generate (out of memory, bad
+        weights) fails its start instead of its first request, and kernels are loaded."""
+        from deployments.pipeline_runner import run_pipeline
+
+        width, height = (int(side) for side in self.model.defaults.size.split("x"))
+        shape = CallShape(width=width, height=height, steps=1, guidance=0.0, with_negative_prompt=False)
+        run_pipeline(self._pipeline, self.model.family.value, shape, ["warm-up"], None, [0], self.model.device)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch limits are changeable at runtime (``user_config`` in serve_config.yaml)."""

@@ -105,6 +105,7 @@ class ModelConfig(StrictModel):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     price_per_image: Decimal = Field(Decimal(1), ge=0, decimal_places=6)
     timeout_s: float = Field(300.0, gt=0, description="deadline for one request's images")
+    warmup: bool = Field(True, description="one 1-step generation at the default size before taking traffic")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 
 import pytest
 
@@ -188,27 +189,22 @@ def test_local_limiter_and_decision_round_trip(clock):
 
 
 # -- the shared actor: one small test ------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_cluster(request):
-    """The suite's shared Ray (tests/conftest.py ``ray_session``) if there is one."""
+async def wait_until_gone(name: str, timeout_s: float = 30.0) -> None:
     import ray
 
-    try:
-        yield request.getfixturevalue("ray_session")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    if ray.is_initialized():
-        yield None
-        return
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        yield None
-    finally:
-        ray.shutdown()
+    from serve_app.accounts.limiter_actor import NAMESPACE
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"actor {name} is still alive")
 
 
-def test_ray_actor_is_shared_between_clients(ray_cluster):
+def test_ray_actor_is_shared_between_clients(ray_session):
     from serve_app.accounts.limiter_actor import RayRateLimiter, kill_rate_limiter_actor
 
     name = "imagegen_rate_limiter_test"
@@ -225,6 +221,7 @@ def test_ray_actor_is_shared_between_clients(ray_cluster):
         assert sum(d.allowed for d in decisions) == 5
         # the actor dies: the client attaches to a fresh one (state lost, requests go on)
         kill_rate_limiter_actor(name)
+        await wait_until_gone(name)  # ray.kill is asynchronous
         again = await b.check(1, rpm=2, ipm=10, images=1)
         assert again.allowed and not again.degraded
 
