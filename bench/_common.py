@@ -78,12 +78,44 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds used so far) for every process we can read."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+def _descendants(table: dict[int, tuple[int, float]], root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    found, stack = set(), [root]
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found.add(pid)
+            stack.extend(children.get(pid, []))
+    return found
+
+
 class CpuMeter:
-    """System-wide CPU use over an interval (from /proc/stat), to spot a disturbed run."""
+    """CPU use over an interval: the whole machine (/proc/stat) and the part of it that
+    processes outside this benchmark's process tree used ("foreign": another test run on a
+    shared machine). A foreign share above ~0.1 core means the figures are disturbed."""
 
     def __init__(self) -> None:
         self._start = self._read()
+        self._table = _process_table()
         self._load_start = os.getloadavg()[0]
+        self._t0 = time.monotonic()
 
     @staticmethod
     def _read() -> tuple[int, int]:
@@ -93,14 +125,40 @@ class CpuMeter:
 
     def stop(self) -> dict[str, float]:
         total, idle = self._read()
+        table = _process_table()
+        elapsed_s = max(time.monotonic() - self._t0, 1e-6)
         busy = (total - self._start[0]) - (idle - self._start[1])
         cores = os.cpu_count() or 1
-        elapsed = max(total - self._start[0], 1)
+        ours = _descendants(table, os.getpid())
+        foreign = sum(
+            max(cpu - self._table.get(pid, (0, 0.0))[1], 0.0)
+            for pid, (_, cpu) in table.items()
+            if pid not in ours
+        )
         return {
-            "busy_cores": round(busy / elapsed * cores, 2),
+            "busy_cores": round(busy / max(total - self._start[0], 1) * cores, 2),
+            "foreign_cores": round(foreign / elapsed_s, 2),
             "loadavg_1m_start": round(self._load_start, 2),
             "loadavg_1m_end": round(os.getloadavg()[0], 2),
         }
+
+
+def wait_for_quiet(max_foreign_cores: float = 0.15, sample_s: float = 3.0, patience_s: float = 600.0) -> dict:
+    """Wait (up to ``patience_s``) until processes outside this benchmark use less than
+    ``max_foreign_cores`` over ``sample_s``; returns the last sample either way."""
+    deadline = time.monotonic() + patience_s
+    announced = False
+    while True:
+        meter = CpuMeter()
+        time.sleep(sample_s)
+        sample = meter.stop()
+        if sample["foreign_cores"] <= max_foreign_cores or time.monotonic() > deadline:
+            sample["quiet"] = sample["foreign_cores"] <= max_foreign_cores
+            return sample
+        if not announced:
+            print(f"  waiting for the machine to go quiet (other processes use {sample['foreign_cores']} cores)",
+                  flush=True)
+            announced = True
 
 
 # -- statistics ------------------------------------------------------------------------------
@@ -334,6 +392,7 @@ def bench_config(
     max_ongoing_requests: int = 16,
     default_rpm: int = 1_000_000,
     default_ipm: int = 1_000_000,
+    ingress_replicas: int = 1,
 ):
     """The embedded default (serve_config.yaml) restricted to tiny-sdxl, one fixed replica,
     its own database and image folder under ``data_dir``."""
@@ -357,6 +416,7 @@ def bench_config(
         update={
             "models": [sdxl],
             "cache_dir": MODEL_CACHE,
+            "ingress": base.ingress.model_copy(update={"num_replicas": ingress_replicas, "autoscaling_config": None}),
             "accounts": base.accounts.model_copy(
                 update={
                     "database_url": f"sqlite:///{data_dir}/imagegen.db",

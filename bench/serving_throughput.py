@@ -50,6 +50,7 @@ from _common import (  # noqa: E402
     steady_state,
     temp_dir,
     update_doc_section,
+    wait_for_quiet,
     write_json,
 )
 
@@ -60,10 +61,14 @@ STEPS = 4
 DIRECT_BATCH_SIZES = (1, 2, 4, 8, 16)
 
 
-def parse_variant(text: str) -> tuple[int, float]:
-    """``16:0.2`` -> (max_batch_images 16, batch_wait_timeout_s 0.2)."""
-    batch, _, wait = text.partition(":")
-    return int(batch), float(wait or 0.05)
+def parse_variant(text: str) -> tuple[int, float, int]:
+    """``16:0.2`` -> (max_batch_images 16, batch_wait_timeout_s 0.2, 1 ingress replica);
+    ``16:0.2:2`` -> the same with 2 ingress replicas."""
+    parts = text.split(":")
+    batch = int(parts[0])
+    wait = float(parts[1]) if len(parts) > 1 and parts[1] else 0.05
+    ingress = int(parts[2]) if len(parts) > 2 and parts[2] else 1
+    return batch, wait, ingress
 
 
 # -- (a) the pipeline in process -------------------------------------------------------------
@@ -101,6 +106,7 @@ def measure_direct(batch_sizes, clients: int, warmup: int, measure: int) -> dict
             queue.append((c, now, seq))
             seq += 1
         done: list[RequestRecord] = []
+        quiet = wait_for_quiet()
         meter = CpuMeter()
         while len(done) < warmup + measure:
             take = [queue.popleft() for _ in range(min(batch, len(queue)))]
@@ -112,9 +118,11 @@ def measure_direct(batch_sizes, clients: int, warmup: int, measure: int) -> dict
                 seq += 1
         result = steady_state(done[: warmup + measure], clients, warmup).summary()
         result["cpu"] = meter.stop()
+        result["quiet_before"] = quiet
         results[str(batch)] = result
         print(f"  direct batch {batch:2d}: {result['images_per_s']:6.1f} images/s  "
-              f"p50 {result['latency']['p50_ms']:7.1f} ms  p95 {result['latency']['p95_ms']:7.1f} ms", flush=True)
+              f"p50 {result['latency']['p50_ms']:7.1f} ms  p95 {result['latency']['p95_ms']:7.1f} ms  "
+              f"cpu {result['cpu']}", flush=True)
     best = max(results, key=lambda b: results[b]["images_per_s"])
     return {"by_batch_size": results, "best_batch_size": int(best), "best": results[best]}
 
@@ -143,8 +151,11 @@ async def measure_served(port: int, key: str, clients: int, warmup: int, measure
         return response.status, images
 
     meter = CpuMeter()
+    client_cpu = time.process_time()
     result = await closed_loop(clients, warmup, measure, one)
+    client_cpu = time.process_time() - client_cpu
     cpu = meter.stop()
+    cpu["client_cpu_ms_per_request"] = round(client_cpu / max(result.requests, 1) * 1000, 3)
     for connection in connections:
         await connection.close()
     summary = result.summary()
@@ -154,7 +165,7 @@ async def measure_served(port: int, key: str, clients: int, warmup: int, measure
     return summary
 
 
-def served_runs(variants: list[tuple[str, int, float]], clients: int, warmup: int, measure: int,
+def served_runs(variants: list[tuple[str, int, float, int]], clients: int, warmup: int, measure: int,
                 max_ongoing: int) -> dict[str, Any]:
     from ray import serve
 
@@ -163,24 +174,26 @@ def served_runs(variants: list[tuple[str, int, float]], clients: int, warmup: in
         data = Path(tmp)
         port = free_port()
         key = None
-        for index, (label, batch, wait) in enumerate(variants):
+        for index, (label, batch, wait, ingress) in enumerate(variants):
             config = bench_config(data, max_batch_images=batch, batch_wait_timeout_s=wait,
-                                  max_ongoing_requests=max_ongoing)
+                                  max_ongoing_requests=max_ongoing, ingress_replicas=ingress)
             started = time.perf_counter()
             serve_graph(config, port, first=index == 0)
             deploy_s = time.perf_counter() - started
             if key is None:
                 key = create_key(config.accounts.database_url, "bench", "100000000")
+            quiet = wait_for_quiet()
             result = asyncio.run(measure_served(port, key, clients, warmup, measure))
-            result["config"] = {"max_batch_images": batch, "batch_wait_timeout_s": wait,
+            result["quiet_before"] = quiet
+            result["config"] = {"max_batch_images": batch, "batch_wait_timeout_s": wait, "ingress_replicas": ingress,
                                 "max_ongoing_requests": max_ongoing, "num_replicas": 1,
                                 "replica_num_cpus": config.models[0].deployment.ray_actor_options.get("num_cpus")}
             result["deploy_s"] = round(deploy_s, 1)
             out[label] = result
             lat = result["latency"]
-            print(f"  served {label} (batch {batch}, wait {wait}s): {result['images_per_s']:6.1f} images/s  "
-                  f"p50 {lat['p50_ms']:7.1f} ms  p95 {lat['p95_ms']:7.1f} ms  statuses {result['statuses']}",
-                  flush=True)
+            print(f"  served {label} (batch {batch}, wait {wait}s, ingress x{ingress}): "
+                  f"{result['images_per_s']:6.1f} images/s  p50 {lat['p50_ms']:7.1f} ms  p95 {lat['p95_ms']:7.1f} ms  "
+                  f"statuses {result['statuses']}  cpu {result['cpu']}", flush=True)
         serve.delete("imagegen")
     return out
 
@@ -235,7 +248,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=320, help="measured requests per configuration")
     parser.add_argument("--warmup", type=int, default=64, help="completions discarded before measuring")
     parser.add_argument("--batched", type=parse_variant, default=parse_variant("16:0.25"),
-                        help="(b) batching as MAX_BATCH_IMAGES:WAIT_S (default 16:0.25)")
+                        help="(b) as MAX_BATCH_IMAGES:WAIT_S[:INGRESS_REPLICAS] (default 16:0.25)")
+    parser.add_argument("--extra", type=parse_variant, action="append", default=[],
+                        help="more served variants to measure, same syntax (repeatable)")
+    parser.add_argument("--skip-direct", action="store_true", help="exploration: no (a) runs")
     parser.add_argument("--no-default-variant", action="store_true",
                         help="skip the extra served run with the shipped batching (8:0.05)")
     parser.add_argument("--max-ongoing", type=int, default=16, help="model deployment max_ongoing_requests")
@@ -245,15 +261,20 @@ def main() -> int:
         args.requests, args.warmup = 48, 16
 
     started = time.time()
-    print(f"(a) pipeline in process, {args.clients} simulated clients", flush=True)
-    direct = measure_direct(DIRECT_BATCH_SIZES, args.clients, args.warmup, args.requests)
+    if not args.skip_direct:
+        print(f"(a) pipeline in process, {args.clients} simulated clients", flush=True)
+        direct = measure_direct(DIRECT_BATCH_SIZES, args.clients, args.warmup, args.requests)
 
     variants = [("(b)", *args.batched)]
-    if not args.no_default_variant and args.batched != (8, 0.05):
-        variants.append(("(b8)", 8, 0.05))
-    variants.append(("(c)", 1, 0.05))
+    if not args.no_default_variant and args.batched != (8, 0.05, 1):
+        variants.append(("(b8)", 8, 0.05, 1))
+    for i, extra in enumerate(args.extra):
+        variants.append((f"(x{i + 1})", *extra))
+    variants.append(("(c)", 1, 0.05, 1))
     print(f"served graph, {args.clients} HTTP clients", flush=True)
     served = served_runs(variants, args.clients, args.warmup, args.requests, args.max_ongoing)
+    if args.skip_direct:
+        return 0
 
     print("(a) again, to check the machine stayed quiet", flush=True)
     best = direct["best_batch_size"]

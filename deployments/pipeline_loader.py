@@ -21,14 +21,6 @@ class PipelineLoadError(RuntimeError):
     """The weights could not be loaded (missing folder, unreachable hub, broken files)."""
 
 
-def _dtype_kwarg() -> str:
-    # diffusers 0.42 renamed from_pretrained's torch_dtype to dtype (the old name warns).
-    import diffusers
-    from packaging.version import Version
-
-    return "dtype" if Version(diffusers.__version__).release >= (0, 42) else "torch_dtype"
-
-
 def _pipeline_class(family: str):
     if family == "sdxl":
         from diffusers import StableDiffusionXLPipeline
@@ -111,7 +103,7 @@ def load_pipeline(family: str, weights: str, device: str, dtype: str, cache_dir:
     disable_progress_bars()
     source = resolve_weights(family, weights, cache_dir)
     try:
-        pipe = pipeline_class.from_pretrained(source, **{_dtype_kwarg(): torch_dtype})
+        pipe = pipeline_class.from_pretrained(source, dtype=torch_dtype)  # diffusers >= 0.42 name
     except (OSError, ValueError) as exc:
         # diffusers raises OSError/ValueError for unknown ids, offline hubs and broken folders;
         # keep its message (it names what is missing) but say which setting caused it.
