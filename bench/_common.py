@@ -112,10 +112,18 @@ class CpuMeter:
     shared machine). A foreign share above ~0.1 core means the figures are disturbed."""
 
     def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
         self._start = self._read()
         self._table = _process_table()
         self._load_start = os.getloadavg()[0]
         self._t0 = time.monotonic()
+        self._end = None
+
+    def snapshot(self) -> None:
+        """Freeze the end of the interval now; ``stop`` reports it later."""
+        self._end = (self._read(), _process_table(), time.monotonic())
 
     @staticmethod
     def _read() -> tuple[int, int]:
@@ -124,9 +132,8 @@ class CpuMeter:
         return sum(fields), idle
 
     def stop(self) -> dict[str, float]:
-        total, idle = self._read()
-        table = _process_table()
-        elapsed_s = max(time.monotonic() - self._t0, 1e-6)
+        (total, idle), table, t1 = self._end or (self._read(), _process_table(), time.monotonic())
+        elapsed_s = max(t1 - self._t0, 1e-6)
         busy = (total - self._start[0]) - (idle - self._start[1])
         cores = os.cpu_count() or 1
         ours = _descendants(table, os.getpid())
@@ -141,6 +148,56 @@ class CpuMeter:
             "loadavg_1m_start": round(self._load_start, 2),
             "loadavg_1m_end": round(os.getloadavg()[0], 2),
         }
+
+
+def _process_names(pids: set[int]) -> dict[int, str]:
+    names = {}
+    for pid in pids:
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode("utf-8", "replace")
+        except OSError:
+            continue
+        names[pid] = raw
+    return names
+
+
+class ServeCpu:
+    """CPU seconds per Serve role (proxy, ingress, model replica, rate limiter, ...) of this
+    benchmark's own Ray instance over an interval, from /proc: where a request's CPU goes."""
+
+    ROLES = (
+        ("ray::ProxyActor", "proxy"),
+        ("ray::ServeReplica:imagegen:ImageGenerationIngress", "ingress"),
+        ("ray::ServeReplica:imagegen:model-", "model_replica"),
+        ("ray::RateLimiterActor", "rate_limiter"),
+        ("ray::ServeController", "serve_controller"),
+    )
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self._table = _process_table()
+        self._t0 = time.process_time()
+        self._end = None
+
+    def snapshot(self) -> None:
+        """Freeze the end of the interval now; ``stop`` reports it later."""
+        self._end = (_process_table(), time.process_time())
+
+    def stop(self, requests: int) -> dict[str, Any]:
+        table, t1 = self._end or (_process_table(), time.process_time())
+        ours = _descendants(table, os.getpid()) - {os.getpid()}
+        names = _process_names(ours)
+        seconds: dict[str, float] = {}
+        for pid in ours:
+            used = table[pid][1] - self._table.get(pid, (0, 0.0))[1]
+            name = names.get(pid, "")
+            role = next((r for prefix, r in self.ROLES if name.startswith(prefix)), "other_ray")
+            seconds[role] = seconds.get(role, 0.0) + max(used, 0.0)
+        seconds["load_generator"] = t1 - self._t0
+        per_request = {role: round(s / max(requests, 1) * 1000, 3) for role, s in sorted(seconds.items())}
+        return {"cpu_ms_per_request": per_request, "cpu_s": {k: round(v, 2) for k, v in sorted(seconds.items())}}
 
 
 def wait_for_quiet(max_foreign_cores: float = 0.15, sample_s: float = 3.0, patience_s: float = 600.0) -> dict:
@@ -315,6 +372,8 @@ async def closed_loop(
     warmup: int,
     measure: int,
     one_request: Callable[[int, int], Awaitable[tuple[int, int]]],
+    on_measure_start: Callable[[], Any] | None = None,
+    on_measure_end: Callable[[], Any] | None = None,
 ) -> LoadResult:
     """``clients`` clients each send a request as soon as their previous one returns.
 
@@ -322,6 +381,7 @@ async def closed_loop(
     are discarded; the result holds the next ``measure`` completions, and throughput is
     ``measure`` over the time from the warm-up's last completion to the measured set's last
     one, so neither ramp-up nor the drain at the end (fewer clients in flight) counts.
+    ``on_measure_start`` / ``on_measure_end`` run at those two instants (CPU meters).
     """
     done: list[RequestRecord] = []
     target = warmup + measure
@@ -338,11 +398,22 @@ async def closed_loop(
             end = time.perf_counter()
             if len(done) < target:
                 done.append(RequestRecord(start, end, status, images))
+                if len(done) == warmup and on_measure_start is not None:
+                    on_measure_start()
                 if len(done) == target:
+                    if on_measure_end is not None:
+                        on_measure_end()
                     stop.set()
 
     tasks = [asyncio.create_task(client(i)) for i in range(clients)]
-    await stop.wait()
+    stopper = asyncio.create_task(stop.wait())
+    finished, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    failed = [t for t in finished if t is not stopper and t.exception() is not None]
+    if failed:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        raise failed[0].exception()
     # Let in-flight requests finish (they are not counted) so no connection is cut mid-way.
     await asyncio.gather(*tasks)
     return steady_state(done, clients, warmup)
@@ -368,7 +439,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def ray_instance(num_cpus: int = 2) -> Iterator[None]:
+def ray_instance(num_cpus: int = 2, serve_shutdown: bool = True) -> Iterator[None]:
     """A fresh local Ray instance of our own (never an existing cluster; never `ray stop`)."""
     import ray
     from ray import serve
@@ -379,7 +450,10 @@ def ray_instance(num_cpus: int = 2) -> Iterator[None]:
         yield
     finally:
         try:
-            serve.shutdown()
+            if serve_shutdown and serve.context._get_global_client(raise_if_no_controller_running=False):
+                serve.shutdown()
+        except Exception as exc:  # noqa: BLE001 - best effort: ray.shutdown() below ends it all anyway
+            print(f"serve.shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)
         finally:
             ray.shutdown()
 
@@ -442,6 +516,56 @@ def serve_graph(config, port: int, *, first: bool) -> None:
     serve.run(build_app(config), name="imagegen", route_prefix="/")
 
 
+SERVE_PROFILES = {
+    # What `serve run serve_config.yaml` gives: clients talk to Serve's HTTP proxy.
+    "default": {},
+    # Ray Serve's throughput-optimized mode (Ray 2.60): direct ingress (the ingress replica
+    # serves HTTP itself on a port from 30000 up, no proxy hop), gRPC between replicas,
+    # user code on the replica's main loop, buffered request logs. Set for the whole Ray
+    # instance, before it starts.
+    "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+}
+
+
+def http_port_of_app(proxy_port: int, app_name: str = "imagegen") -> int:
+    """Where clients should connect: the proxy, or with direct ingress the ingress
+    replica's own port (from the controller's target groups)."""
+    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1" and os.environ.get(
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+    ) != "1":
+        return proxy_port
+    import ray
+    from ray.serve.context import _get_global_client
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+        for group in groups:
+            if str(getattr(group.protocol, "value", group.protocol)).upper() == "HTTP" and group.targets:
+                port = group.targets[0].port
+                if port != proxy_port:
+                    return port
+        time.sleep(0.5)
+    raise RuntimeError("direct ingress is on but the ingress replica's HTTP port did not show up")
+
+
+def run_profile_worker(script: Path, profile: str, argv: list[str], timeout_s: float = 1800) -> dict:
+    """Run ``script --served-worker PROFILE ...`` in a fresh interpreter with the profile's
+    environment (Serve reads these flags at import, in every process of its Ray instance)
+    and return the JSON it writes."""
+    env = {**os.environ, **SERVE_PROFILES[profile]}
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = Path(handle.name)
+    try:
+        subprocess.run(
+            [sys.executable, str(script), "--served-worker", profile, "--worker-output", str(out), *argv],
+            env=env, check=True, timeout=timeout_s,
+        )
+        return json.loads(out.read_text())
+    finally:
+        out.unlink(missing_ok=True)
+
+
 def create_key(database_url: str, name: str, credits: str, *, rpm: int | None = None, ipm: int | None = None) -> str:
     """A key made through the accounts store API, as ``imagegen keys create`` makes one."""
     from serve_app.accounts import issue_key, open_store, parse_credits
@@ -486,3 +610,21 @@ def update_doc_section(name: str, markdown: str) -> None:
         text = text.rstrip() + "\n\n" + block + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+class Meters:
+    """A CpuMeter and a ServeCpu over the same interval, for closed_loop's callbacks."""
+
+    def __init__(self) -> None:
+        self.cpu, self.serve = CpuMeter(), ServeCpu()
+
+    def start(self) -> None:
+        self.cpu.start()
+        self.serve.start()
+
+    def snapshot(self) -> None:
+        self.cpu.snapshot()
+        self.serve.snapshot()
+
+    def report(self, requests: int) -> dict[str, Any]:
+        return {**self.cpu.stop(), **self.serve.stop(requests)}

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import time
 from collections import deque
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     MODEL_CACHE,
     RESULTS,
+    SERVE_PROFILES,
     CpuMeter,
     HttpConnection,
     RequestRecord,
@@ -46,6 +46,9 @@ from _common import (  # noqa: E402
     machine_info,
     post_json_bytes,
     ray_instance,
+    Meters,
+    http_port_of_app,
+    run_profile_worker,
     serve_graph,
     steady_state,
     temp_dir,
@@ -150,12 +153,9 @@ async def measure_served(port: int, key: str, clients: int, warmup: int, measure
             bad.append(response.body[:300])
         return response.status, images
 
-    meter = CpuMeter()
-    client_cpu = time.process_time()
-    result = await closed_loop(clients, warmup, measure, one)
-    client_cpu = time.process_time() - client_cpu
-    cpu = meter.stop()
-    cpu["client_cpu_ms_per_request"] = round(client_cpu / max(result.requests, 1) * 1000, 3)
+    meters = Meters()
+    result = await closed_loop(clients, warmup, measure, one, meters.start, meters.snapshot)
+    cpu = meters.report(result.requests)
     for connection in connections:
         await connection.close()
     summary = result.summary()
@@ -172,14 +172,15 @@ def served_runs(variants: list[tuple[str, int, float, int]], clients: int, warmu
     out: dict[str, Any] = {}
     with temp_dir("imagegen-bench-") as tmp, ray_instance(num_cpus=2):
         data = Path(tmp)
-        port = free_port()
+        proxy_port = free_port()
         key = None
         for index, (label, batch, wait, ingress) in enumerate(variants):
             config = bench_config(data, max_batch_images=batch, batch_wait_timeout_s=wait,
                                   max_ongoing_requests=max_ongoing, ingress_replicas=ingress)
             started = time.perf_counter()
-            serve_graph(config, port, first=index == 0)
+            serve_graph(config, proxy_port, first=index == 0)
             deploy_s = time.perf_counter() - started
+            port = http_port_of_app(proxy_port)
             if key is None:
                 key = create_key(config.accounts.database_url, "bench", "100000000")
             quiet = wait_for_quiet()
@@ -187,58 +188,85 @@ def served_runs(variants: list[tuple[str, int, float, int]], clients: int, warmu
             result["quiet_before"] = quiet
             result["config"] = {"max_batch_images": batch, "batch_wait_timeout_s": wait, "ingress_replicas": ingress,
                                 "max_ongoing_requests": max_ongoing, "num_replicas": 1,
-                                "replica_num_cpus": config.models[0].deployment.ray_actor_options.get("num_cpus")}
+                                "replica_num_cpus": config.models[0].deployment.ray_actor_options.get("num_cpus"),
+                                "http": "proxy" if port == proxy_port else "direct ingress"}
             result["deploy_s"] = round(deploy_s, 1)
             out[label] = result
             lat = result["latency"]
-            print(f"  served {label} (batch {batch}, wait {wait}s, ingress x{ingress}): "
+            print(f"  served {label} (batch {batch}, wait {wait}s, ingress x{ingress}, {result['config']['http']}): "
                   f"{result['images_per_s']:6.1f} images/s  p50 {lat['p50_ms']:7.1f} ms  p95 {lat['p95_ms']:7.1f} ms  "
-                  f"statuses {result['statuses']}  cpu {result['cpu']}", flush=True)
+                  f"statuses {result['statuses']}  foreign cpu {result['cpu']['foreign_cores']}", flush=True)
         serve.delete("imagegen")
     return out
 
 
 # -- report -----------------------------------------------------------------------------------
+PROFILE_TITLES = {
+    "default": "Serve defaults (HTTP proxy), as `serve run serve_config.yaml` runs it",
+    "throughput_optimized": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress, no proxy hop)",
+}
+
+
 def markdown(doc: dict[str, Any]) -> str:
     direct = doc["direct"]
-    served = doc["served"]
-    r = doc["ratios"]
     m = doc["machine"]
+    c = doc["config"]
     lines = [
         "## Serving throughput (issue 2)",
         "",
-        f"`python bench/serving_throughput.py` — tiny SDXL, {SIZE}x{SIZE}, {STEPS} steps, "
-        f"{doc['config']['clients']} closed-loop clients, n=1 per request (prompt and seed vary), "
-        f"{doc['config']['measure']} measured requests after {doc['config']['warmup']} warm-up, "
-        f"PNG output. Machine: {m['nproc']} cores ({m['cpu_model']}), ray {m['versions']['ray']}, "
-        f"torch {m['versions']['torch']}, diffusers {m['versions']['diffusers']}.",
+        f"`python bench/serving_throughput.py` — tiny SDXL, {SIZE}x{SIZE}, {STEPS} steps, PNG, "
+        f"{c['clients']} closed-loop clients (each sends its next request, n=1 with its own prompt and seed, as soon "
+        f"as the previous one returns), {c['measure']} measured requests after {c['warmup']} warm-up per row. "
+        f"One model replica (num_cpus 1, so one torch thread), one ingress replica, no autoscaling. "
+        f"Machine: {m['nproc']} cores ({m['cpu_model']}), ray {m['versions']['ray']}, torch {m['versions']['torch']}, "
+        f"diffusers {m['versions']['diffusers']}.",
         "",
         "| configuration | images/s | p50 ms | p95 ms |",
         "|---|---:|---:|---:|",
     ]
     for batch, res in direct["by_batch_size"].items():
-        best = " (best)" if int(batch) == direct["best_batch_size"] else ""
-        lines.append(f"| (a) pipeline in process, batch {batch}{best} | {res['images_per_s']:.1f} | "
+        best = " **(a)**" if int(batch) == direct["best_batch_size"] else ""
+        lines.append(f"| pipeline in process, batch {batch}{best} | {res['images_per_s']:.1f} | "
                      f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |")
-    if "direct_after" in doc:
-        res = doc["direct_after"]["best"]
-        lines.append(f"| (a) again after the served runs, batch {doc['direct_after']['best_batch_size']} | "
-                     f"{res['images_per_s']:.1f} | {res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |")
-    for label, res in served.items():
-        c = res["config"]
-        lines.append(f"| {label}: served, max_batch_images {c['max_batch_images']}, wait "
-                     f"{c['batch_wait_timeout_s']} s | {res['images_per_s']:.1f} | {res['latency']['p50_ms']:.0f} | "
-                     f"{res['latency']['p95_ms']:.0f} |")
-    lines += [
-        "",
-        f"- (b)/(a) = **{r['b_over_a']:.2f}** (target >= 0.85: {'met' if r['b_over_a'] >= 0.85 else 'MISSED'}); "
-        f"(b)/(c) = **{r['b_over_c']:.2f}** (target >= 1.7: {'met' if r['b_over_c'] >= 1.7 else 'MISSED'}).",
-    ]
-    if "b_default_over_a" in r:
-        lines.append(f"- With the shipped batching (max_batch_images 8, wait 0.05 s): (b8)/(a) = "
-                     f"{r['b_default_over_a']:.2f}, (b8)/(c) = {r['b_default_over_c']:.2f}.")
+    res = doc["direct_after"]["best"]
+    lines.append(f"| pipeline in process, batch {doc['direct_after']['best_batch_size']}, again after the served "
+                 f"runs | {res['images_per_s']:.1f} | {res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |")
+    names = {"(b)": "**(b)**", "(c)": "**(c)**"}
+    for profile, served in doc["served"].items():
+        short = "defaults" if profile == "default" else "throughput-optimized"
+        for label, res in served.items():
+            cfg = res["config"]
+            lines.append(f"| {names.get(label, label)} served ({short}), max_batch_images {cfg['max_batch_images']}, "
+                         f"wait {cfg['batch_wait_timeout_s']} s | {res['images_per_s']:.1f} | "
+                         f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |")
+    lines.append("")
+    for profile, r in doc["ratios"].items():
+        lines.append(
+            f"- {PROFILE_TITLES[profile]}: (b)/(a) = **{r['b_over_a']:.2f}** (target >= 0.85: "
+            f"{'met' if r['b_over_a'] >= 0.85 else 'MISSED'}), (b)/(c) = **{r['b_over_c']:.2f}** (target >= 1.7: "
+            f"{'met' if r['b_over_c'] >= 1.7 else 'MISSED'})."
+        )
+    default = doc["served"].get("default", {})
+    if "(b)" in default:
+        cpu = default["(b)"]["cpu"]["cpu_ms_per_request"]
+        lines.append(
+            f"- CPU per request in (b) with Serve defaults: proxy {cpu.get('proxy', 0):.1f} ms, ingress "
+            f"{cpu.get('ingress', 0):.1f} ms, model replica {cpu.get('model_replica', 0):.1f} ms (pipeline included), "
+            f"rate limiter {cpu.get('rate_limiter', 0):.1f} ms, load generator {cpu.get('load_generator', 0):.2f} ms."
+        )
     lines += [f"- {note}" for note in doc.get("notes", [])]
     return "\n".join(lines)
+
+
+def profile_variants(profile: str, args) -> list[tuple[str, int, float, int]]:
+    variants = [("(b)", *args.batched)]
+    if profile == "default" and not args.no_default_variant and args.batched != (8, 0.05, 1):
+        variants.append(("(b8)", 8, 0.05, 1))
+    for i, extra in enumerate(args.extra):
+        variants.append((f"(x{i + 1})", *extra))
+    if not args.no_c:
+        variants.append(("(c)", 1, 0.05, 1))
+    return variants
 
 
 def main() -> int:
@@ -249,46 +277,59 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=64, help="completions discarded before measuring")
     parser.add_argument("--batched", type=parse_variant, default=parse_variant("16:0.25"),
                         help="(b) as MAX_BATCH_IMAGES:WAIT_S[:INGRESS_REPLICAS] (default 16:0.25)")
-    parser.add_argument("--extra", type=parse_variant, action="append", default=[],
-                        help="more served variants to measure, same syntax (repeatable)")
-    parser.add_argument("--skip-direct", action="store_true", help="exploration: no (a) runs")
     parser.add_argument("--no-default-variant", action="store_true",
                         help="skip the extra served run with the shipped batching (8:0.05)")
+    parser.add_argument("--extra", type=parse_variant, action="append", default=[],
+                        help="more served variants, same syntax; repeatable")
+    parser.add_argument("--served-only", action="store_true",
+                        help="exploration: only the served runs, printed (no (a), nothing written)")
+    parser.add_argument("--no-c", action="store_true", help="exploration: skip the (c) runs")
+    parser.add_argument("--profiles", default="default,throughput_optimized",
+                        help=f"comma-separated Serve profiles to measure: {', '.join(SERVE_PROFILES)}")
     parser.add_argument("--max-ongoing", type=int, default=16, help="model deployment max_ongoing_requests")
     parser.add_argument("--output", type=Path, default=RESULTS / f"{NAME}.json")
+    parser.add_argument("--served-worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-output", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.requests, args.warmup = 48, 16
 
+    if args.served_worker:  # a child process: one Ray instance with this profile's environment
+        served = served_runs(profile_variants(args.served_worker, args), args.clients, args.warmup, args.requests,
+                             args.max_ongoing)
+        args.worker_output.write_text(json.dumps(served))
+        return 0
+
     started = time.time()
-    if not args.skip_direct:
+    if not args.served_only:
         print(f"(a) pipeline in process, {args.clients} simulated clients", flush=True)
         direct = measure_direct(DIRECT_BATCH_SIZES, args.clients, args.warmup, args.requests)
 
-    variants = [("(b)", *args.batched)]
-    if not args.no_default_variant and args.batched != (8, 0.05, 1):
-        variants.append(("(b8)", 8, 0.05, 1))
-    for i, extra in enumerate(args.extra):
-        variants.append((f"(x{i + 1})", *extra))
-    variants.append(("(c)", 1, 0.05, 1))
-    print(f"served graph, {args.clients} HTTP clients", flush=True)
-    served = served_runs(variants, args.clients, args.warmup, args.requests, args.max_ongoing)
-    if args.skip_direct:
+    forward = [a for a in sys.argv[1:] if a not in ("--quick",)]
+    if args.quick:
+        forward += ["--requests", str(args.requests), "--warmup", str(args.warmup)]
+    served: dict[str, Any] = {}
+    for profile in [p.strip() for p in args.profiles.split(",") if p.strip()]:
+        print(f"served graph, {PROFILE_TITLES[profile]}, {args.clients} HTTP clients", flush=True)
+        served[profile] = run_profile_worker(Path(__file__).resolve(), profile, forward)
+    if args.served_only:
         return 0
 
-    print("(a) again, to check the machine stayed quiet", flush=True)
+    print("(a) again, to check the machine stayed comparable", flush=True)
     best = direct["best_batch_size"]
     direct_after = measure_direct((best,), args.clients, args.warmup, args.requests)
 
     a = direct["best"]["images_per_s"]
     ratios = {
-        "b_over_a": round(served["(b)"]["images_per_s"] / a, 3),
-        "b_over_c": round(served["(b)"]["images_per_s"] / served["(c)"]["images_per_s"], 3),
-        "a_after_over_a": round(direct_after["best"]["images_per_s"] / a, 3),
+        profile: {
+            "b_over_a": round(runs["(b)"]["images_per_s"] / a, 3),
+            "b_over_c": round(runs["(b)"]["images_per_s"] / runs["(c)"]["images_per_s"], 3),
+            **({"b8_over_a": round(runs["(b8)"]["images_per_s"] / a, 3),
+                "b8_over_c": round(runs["(b8)"]["images_per_s"] / runs["(c)"]["images_per_s"], 3)}
+               if "(b8)" in runs else {}),
+        }
+        for profile, runs in served.items()
     }
-    if "(b8)" in served:
-        ratios["b_default_over_a"] = round(served["(b8)"]["images_per_s"] / a, 3)
-        ratios["b_default_over_c"] = round(served["(b8)"]["images_per_s"] / served["(c)"]["images_per_s"], 3)
     doc = {
         "benchmark": NAME,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -298,18 +339,23 @@ def main() -> int:
         "config": {
             "model": MODEL, "size": f"{SIZE}x{SIZE}", "steps": STEPS, "n": 1, "output_format": "png",
             "clients": args.clients, "warmup": args.warmup, "measure": args.requests,
-            "direct_torch_threads": 1, "ray_num_cpus": 2,
+            "direct_torch_threads": 1, "ray_num_cpus": 2, "profiles": {p: SERVE_PROFILES[p] for p in served},
         },
         "targets": {"b_over_a": 0.85, "b_over_c": 1.7},
         "direct": direct,
         "direct_after": direct_after,
         "served": served,
         "ratios": ratios,
+        "a_after_over_a": round(direct_after["best"]["images_per_s"] / a, 3),
         "notes": [],
     }
-    if abs(ratios["a_after_over_a"] - 1) > 0.05:
-        doc["notes"].append(f"(a) moved by {100 * (ratios['a_after_over_a'] - 1):+.0f}% between the start and the "
-                            "end of the run: the machine was busy with something else; rerun.")
+    drift = doc["a_after_over_a"] - 1
+    if abs(drift) > 0.05:
+        doc["notes"].append(f"(a) moved by {100 * drift:+.0f}% between the start and the end of the run: the "
+                            "machine was not equally quiet throughout; treat the ratios with care or rerun.")
+    foreign = max((r["cpu"]["foreign_cores"] for runs in served.values() for r in runs.values()), default=0)
+    if foreign > 0.15:
+        doc["notes"].append(f"Other processes used up to {foreign} cores during a served measurement: disturbed.")
     print(json.dumps(ratios))
     print(markdown(doc))
     if not args.quick:
