@@ -84,8 +84,11 @@ class ModelRouter:
         route = self._routes[model_id]
         await self._ensure_available(route)
         responses = [route.handle.generate.remote(job) for job in jobs]
+        finished = False
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*responses), timeout=route.timeout_s))
+            results = list(await asyncio.wait_for(asyncio.gather(*responses), timeout=route.timeout_s))
+            finished = True
+            return results
         except asyncio.TimeoutError:
             raise GenerationTimeout(
                 f"Generation with model '{model_id}' did not finish within {route.timeout_s:g} s."
@@ -96,8 +99,11 @@ class ModelRouter:
             logger.warning("model %s failed a request: %s", model_id, _short(exc))
             raise UpstreamError(f"The model '{model_id}' failed to generate the image.") from exc
         finally:
-            for response in responses:
-                response.cancel()  # no-op for finished ones; frees replicas on timeout/disconnect
+            # Timeout, failure or client disconnect: free the replicas from the other jobs.
+            # Not after success: every response is done, and each cancel is a wasted Ray call.
+            if not finished:
+                for response in responses:
+                    response.cancel()
 
     async def _ensure_available(self, route: ModelRoute) -> None:
         if route.scales_from_zero:
