@@ -2,9 +2,11 @@
 
 A replica loads its pipeline once, then serves ``generate(job)`` calls. ``@serve.batch``
 gathers jobs until ``max_batch_images`` images are waiting (it counts images, not
-requests) or the wait timeout passes; the batch is grouped by call shape and each group is
-one pipeline call. The pipeline runs on a dedicated thread so the event loop keeps
-accepting work and the next batch forms while this one computes; encoding runs on another
+requests) or the wait timeout passes, and hands them to a ``BatchCoalescer``, which merges
+the jobs that queue while the pipeline is busy into the next full batch (see
+``deployments/coalescing.py`` for why Serve's batcher alone gives small batches under
+load). A batch is grouped by call shape and each group is one pipeline call. The pipeline
+runs on a dedicated thread so the event loop keeps accepting work; encoding runs on another
 pool so the pipeline thread goes straight on to the next batch.
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.coalescing import BatchCoalescer
 from deployments.grouping import JobOutcome, PipelineCall, count_images, run_grouped
 from serve_app.config import BatchingConfig, ModelConfig
 from serve_app.work import CallShape, GeneratedImage, GenerationJob, JobResult
@@ -52,6 +55,12 @@ class ImageModelDeployment:
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self._max_batch_images = self.model.batching.max_batch_images
+        self._coalescer: BatchCoalescer[GenerationJob, JobOutcome] = BatchCoalescer(
+            run_batch=self._run_batch,
+            executor=self._pipeline_thread,
+            size_of=lambda job: job.num_images,
+            max_images=lambda: self._max_batch_images,
+        )
         self._failed_fatally: str | None = None
         if self.model.warmup:
             self._warm_up()
@@ -70,12 +79,13 @@ class ImageModelDeployment:
         """Batch limits are changeable at runtime (``user_config`` in serve_config.yaml)."""
         batching = BatchingConfig.model_validate(user_config or {})
         self._max_batch_images = batching.max_batch_images
-        self._generate_batch.set_max_batch_size(batching.max_batch_images)
-        self._generate_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._gather_batch.set_max_batch_size(batching.max_batch_images)
+        self._gather_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     async def generate(self, job: GenerationJob) -> JobResult:
         parts = job.split(self._max_batch_images)
-        outcomes = await asyncio.gather(*(self._generate_batch(part) for part in parts))
+        queued = await asyncio.gather(*(self._gather_batch(part) for part in parts))
+        outcomes = await asyncio.gather(*queued)
         images: list[Any] = []
         for outcome in outcomes:
             if outcome.error is not None:
@@ -95,9 +105,13 @@ class ImageModelDeployment:
         batch_wait_timeout_s=_INITIAL_BATCH.batch_wait_timeout_s,
         batch_size_fn=count_images,
     )
-    async def _generate_batch(self, jobs: list[GenerationJob]) -> list[JobOutcome]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pipeline_thread, run_grouped, jobs, self._run_call)
+    async def _gather_batch(self, jobs: list[GenerationJob]) -> list[asyncio.Future[JobOutcome]]:
+        # Returns at once with one future per job, so Serve goes on gathering the next
+        # batch while the pipeline runs; the coalescer decides what the pipeline runs next.
+        return [self._coalescer.submit(job) for job in jobs]
+
+    def _run_batch(self, jobs: list[GenerationJob]) -> list[JobOutcome]:
+        return run_grouped(jobs, self._run_call)
 
     def _run_call(self, call: PipelineCall) -> list[Any]:
         from deployments.pipeline_runner import run_pipeline
