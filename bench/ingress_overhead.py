@@ -46,6 +46,8 @@ from _common import (  # noqa: E402
     MODEL_CACHE,
     RESULTS,
     SERVE_PROFILES,
+    profile_env,
+    profile_ingress_replicas,
     CpuMeter,
     HttpConnection,
     Meters,
@@ -292,7 +294,18 @@ async def accepted_overhead(config, port: int, key: str, sequential: int, client
 
 
 # -- report -----------------------------------------------------------------------------------
-PROFILE_SHORT = {"default": "defaults (proxy)", "throughput_optimized": "throughput-optimized (direct ingress)"}
+PROFILE_SHORT = {
+    "default": "defaults (proxy)",
+    "throughput_optimized": "throughput-optimized (direct ingress)",
+    "haproxy": "HAProxy",
+    "haproxy_optimized": "HAProxy + throughput-optimized",
+}
+
+
+def short(profile: str) -> str:
+    replicas = profile_ingress_replicas(profile)
+    name = PROFILE_SHORT[profile.partition("@")[0]]
+    return name if replicas == 1 else f"{name}, {replicas} ingress replicas"
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -301,10 +314,12 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "## Ingress overhead (issue 3)",
         "",
-        f"`python bench/ingress_overhead.py` — the served graph (tiny-sdxl only, 1 ingress replica, 1 model "
-        f"replica, SQLite accounts), {c['clients']} clients over keep-alive HTTP/1.1. Serve profiles: *defaults* is "
-        f"what `serve run serve_config.yaml` gives (Serve's HTTP proxy in front); *throughput-optimized* is the same "
-        f"graph under `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (clients talk to the ingress replica's own HTTP port). "
+        f"`python bench/ingress_overhead.py` — the served graph (tiny-sdxl only, 1 ingress replica unless "
+        f"stated, 1 model replica, SQLite accounts), {c['clients']} clients over keep-alive HTTP/1.1. Serve "
+        f"profiles: *defaults* is what `serve run serve_config.yaml` gives (Serve's Python HTTP proxy in front); "
+        f"*throughput-optimized* sets `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (clients talk to the ingress replica's own "
+        f"HTTP port); *HAProxy + throughput-optimized* is the README's throughput mode (HAProxy on the usual port, "
+        f"forwarding to the ingress replicas' own HTTP servers). "
         f"Machine: {m['nproc']} cores ({m['cpu_model']}), ray {m['versions']['ray']}.",
         "",
         "Rejections. *closed*: every client sends again as soon as it has its answer (saturation; p50 is then about "
@@ -320,7 +335,7 @@ def markdown(doc: dict[str, Any]) -> str:
             closed, paced, seq = r["closed_loop"], r["paced_half_saturation"], r["sequential"]
             cpu = r["cpu"]["cpu_ms_per_request"]
             lines.append(
-                f"| {PROFILE_SHORT[profile]} | {label} | {closed['requests_per_s']:.0f} | "
+                f"| {short(profile)} | {label} | {closed['requests_per_s']:.0f} | "
                 f"{closed['latency']['p50_ms']:.1f} | {closed['latency']['p99_ms']:.1f} | "
                 f"{paced['requests_per_s']:.0f} | {paced['latency']['p50_ms']:.1f} | "
                 f"{paced['latency']['p99_ms']:.1f} | "
@@ -331,7 +346,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for profile, res in doc["profiles"].items():
         v = res["verdict"]
         lines.append(
-            f"- Target p99 < {TARGET_P99_MS:.0f} ms, {PROFILE_SHORT[profile]}: closed loop at {c['clients']} clients "
+            f"- Target p99 < {TARGET_P99_MS:.0f} ms, {short(profile)}: closed loop at {c['clients']} clients "
             f"**{'met' if v['closed_loop_met'] else 'MISSED'}** (worst {v['closed_loop_worst_p99_ms']:.0f} ms); "
             f"paced **{'met' if v['paced_met'] else 'MISSED'}** (worst {v['paced_worst_p99_ms']:.0f} ms); "
             f"1 client **{'met' if v['sequential_met'] else 'MISSED'}** (worst {v['sequential_worst_p99_ms']:.0f} ms)."
@@ -350,7 +365,7 @@ def markdown(doc: dict[str, Any]) -> str:
             s = acc["sequential"]
             o = s["overhead_p50_ms"]
             lines.append(
-                f"| {PROFILE_SHORT[profile]} | {acc['batch_wait_timeout_s']} s | "
+                f"| {short(profile)} | {acc['batch_wait_timeout_s']} s | "
                 f"{s['pipeline_in_process']['p50_ms']:.1f} | {s['model_handle_from_driver']['p50_ms']:.1f} | "
                 f"{s['served_http']['p50_ms']:.1f} | {o['served_minus_pipeline']:.1f} | "
                 f"{o['served_minus_handle (proxy + ingress)']:.1f} |"
@@ -363,7 +378,7 @@ def markdown(doc: dict[str, Any]) -> str:
         http, handle = loaded["served_http"], loaded["model_handle_from_driver"]
         cpu = http["cpu"]["cpu_ms_per_request"]
         lines.append(
-            f"- Accepted at {loaded['clients']} concurrent clients, {PROFILE_SHORT[profile]}, batch wait 0.05 s: "
+            f"- Accepted at {loaded['clients']} concurrent clients, {short(profile)}, batch wait 0.05 s: "
             f"over HTTP "
             f"{http['requests_per_s']:.1f} req/s (p50 {http['latency']['p50_ms']:.0f} ms) vs straight to the handle "
             f"{handle['requests_per_s']:.1f} req/s (p50 {handle['latency']['p50_ms']:.0f} ms); CPU per accepted "
@@ -387,7 +402,8 @@ async def _served_worker(args, pipeline: dict[str, Any], data: Path) -> dict[str
     rejections: dict[str, Any] = {}
     accepted: list[dict[str, Any]] = []
     proxy_port = free_port()
-    config = bench_config(data, max_batch_images=8, batch_wait_timeout_s=0.05)
+    replicas = profile_ingress_replicas(args.served_worker)
+    config = bench_config(data, max_batch_images=8, batch_wait_timeout_s=0.05, ingress_replicas=replicas)
     serve_graph(config, proxy_port, first=True)
     port = http_port_of_app(proxy_port)
     url = config.accounts.database_url
@@ -418,7 +434,7 @@ async def _served_worker(args, pipeline: dict[str, Any], data: Path) -> dict[str
         r = conc[kind]
         print(f"    {kind:26s} {r['requests_per_s']:6.1f} req/s  p50 {r['latency']['p50_ms']:6.1f} ms  "
               f"cpu ms/request {r['cpu']['cpu_ms_per_request']}", flush=True)
-    config = bench_config(data, max_batch_images=8, batch_wait_timeout_s=0.0)
+    config = bench_config(data, max_batch_images=8, batch_wait_timeout_s=0.0, ingress_replicas=replicas)
     serve_graph(config, proxy_port, first=False)
     port = http_port_of_app(proxy_port)
     print("  accepted, batch wait 0 s", flush=True)
@@ -477,7 +493,7 @@ def main() -> int:
     forward += ["--pipeline-json", json.dumps(pipeline)]
     profiles: dict[str, Any] = {}
     for profile in [p.strip() for p in args.profiles.split(",") if p.strip()]:
-        print(f"served graph, Serve {PROFILE_SHORT[profile]}", flush=True)
+        print(f"served graph, Serve {short(profile)}", flush=True)
         profiles[profile] = run_profile_worker(Path(__file__).resolve(), profile, forward)
 
     doc = {
@@ -488,8 +504,9 @@ def main() -> int:
         "machine": machine_info(),
         "config": {"model": MODEL, "clients": args.clients, "warmup": args.warmup, "measure": args.requests,
                    "sequential": args.sequential, "accepted_payload": payload(0), "ray_num_cpus": 2,
-                   "ingress_replicas": 1, "model_replicas": 1, "max_batch_images": 8,
-                   "profiles": {p: SERVE_PROFILES[p] for p in profiles}},
+                   "ingress_replicas": {p: profile_ingress_replicas(p) for p in profiles},
+                   "model_replicas": 1, "max_batch_images": 8,
+                   "profiles": {p: profile_env(p) for p in profiles}},
         "target": {"rejection_p99_ms": TARGET_P99_MS},
         "pipeline_in_process": pipeline,
         "profiles": profiles,

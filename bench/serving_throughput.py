@@ -215,6 +215,8 @@ def served_runs(variants: list[tuple[str, int, float, int]], clients: int, warmu
 PROFILE_TITLES = {
     "default": "Serve defaults (HTTP proxy), as `serve run serve_config.yaml` runs it",
     "throughput_optimized": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress, no proxy hop)",
+    "haproxy": "RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy on port 8000 in place of Serve's Python proxy)",
+    "haproxy_optimized": "RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
 }
 
 
@@ -324,7 +326,11 @@ def main() -> int:
     for profile in [p.strip() for p in args.profiles.split(",") if p.strip()]:
         print(f"served graph, {PROFILE_TITLES[profile]}, {args.clients} HTTP clients", flush=True)
         served[profile] = run_profile_worker(Path(__file__).resolve(), profile, forward)
-    if args.served_only:
+    if args.served_only:  # exploration: the served rows and where their CPU went, nothing written
+        for profile, runs in served.items():
+            for label, res in runs.items():
+                print(profile, label, res["images_per_s"], "images/s, busy cores", res["cpu"]["busy_cores"],
+                      "CPU ms/request", res["cpu"]["cpu_ms_per_request"])
         return 0
 
     print("(a) again, to check the machine stayed comparable", flush=True)

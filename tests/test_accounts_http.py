@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,6 +133,12 @@ def test_failed_generation_refunds(served, edge_app, model, status, code):
     assert usage["balance"] == 3 and usage["reserved"] == 0
 
 
+@pytest.mark.xfail(
+    os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1",
+    reason="HAProxy 2.8 does not pass a client's disconnect on to the ingress replica, so the "
+    "request runs to the end and is charged (README, 'Throughput mode')",
+    strict=True,
+)
 def test_client_disconnect_refunds(served):
     """A client that gives up mid-generation is not charged for the images it never got."""
     key = served.create_key("10")

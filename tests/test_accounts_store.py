@@ -432,6 +432,25 @@ def test_authenticate(accounts):
     asyncio.run(main())
 
 
+def test_unknown_keys_are_rejected_from_the_cache(accounts):
+    unknown = "Bearer " + generate_key()
+    lookups = []
+    key_by_hash = accounts.store.key_by_hash
+    accounts.store.key_by_hash = lambda digest: lookups.append(digest) or key_by_hash(digest)
+
+    async def main():
+        for _ in range(3):
+            with pytest.raises(InvalidAPIKey):
+                await accounts.authenticate(unknown)
+        assert len(lookups) == 1
+        accounts.fake_clock.now += 1.01
+        with pytest.raises(InvalidAPIKey):
+            await accounts.authenticate(unknown)
+        assert len(lookups) == 2
+
+    asyncio.run(main())
+
+
 def test_rate_limit_through_the_facade(accounts):
     key = issue_key(accounts.store, "alice", credits_units=PRICE, rpm=2, ipm=3).record
 

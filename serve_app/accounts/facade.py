@@ -65,7 +65,7 @@ class Accounts:
         self.rate_limiter: RateLimiter = rate_limiter or LocalRateLimiter()
         self._ttl = key_cache_ttl_s
         self._clock = clock
-        self._cache: dict[str, tuple[float, ApiKey]] = {}
+        self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._cache_max = 10_000
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="accounts-db")
 
@@ -94,9 +94,11 @@ class Accounts:
     async def authenticate(self, authorization: str | None) -> ApiKey:
         """The key of an ``Authorization: Bearer qbt_...`` header value.
 
-        Raises MissingAPIKey (no bearer token) or InvalidAPIKey (unknown or revoked). A
-        known key is cached for ``key_cache_ttl_s`` (1 s): a revocation takes effect
-        within that, and ``reserve`` checks revocation in its own transaction anyway.
+        Raises MissingAPIKey (no bearer token) or InvalidAPIKey (unknown or revoked). The
+        lookup is cached for ``key_cache_ttl_s`` (1 s): a revocation takes effect within
+        that, and ``reserve`` checks revocation in its own transaction anyway. Unknown keys
+        are cached too, so a client retrying a wrong key costs no database round trip; a
+        new key is random, so nobody can have tried it before it was created.
         """
         token = bearer_token(authorization)
         if token is None:
@@ -110,13 +112,12 @@ class Accounts:
             key = cached[1]
         else:
             key = await self._run(self.store.key_by_hash, digest)
-            if key is not None:
-                self._remember(digest, key, now)
+            self._remember(digest, key, now)
         if key is None or key.revoked:
             raise InvalidAPIKey(INVALID_KEY_MESSAGE)
         return key
 
-    def _remember(self, digest: str, key: ApiKey, now: float) -> None:
+    def _remember(self, digest: str, key: ApiKey | None, now: float) -> None:
         if len(self._cache) >= self._cache_max:
             self._cache = {d: entry for d, entry in self._cache.items() if entry[0] > now}
             if len(self._cache) >= self._cache_max:
