@@ -220,6 +220,14 @@ PROFILE_TITLES = {
 }
 
 
+PROFILE_SHORT = {
+    "default": "defaults",
+    "throughput_optimized": "throughput-optimized",
+    "haproxy": "HAProxy",
+    "haproxy_optimized": "HAProxy + throughput-optimized",
+}
+
+
 def markdown(doc: dict[str, Any]) -> str:
     direct = doc["direct"]
     m = doc["machine"]
@@ -247,7 +255,7 @@ def markdown(doc: dict[str, Any]) -> str:
                  f"{res['latency']['p95_ms']:.0f} |")
     names = {"(b)": "**(b)**", "(c)": "**(c)**"}
     for profile, served in doc["served"].items():
-        short = "defaults" if profile == "default" else "throughput-optimized"
+        short = PROFILE_SHORT.get(profile, profile)
         for label, res in served.items():
             cfg = res["config"]
             lines.append(f"| {names.get(label, label)} served ({short}), max_batch_images {cfg['max_batch_images']}, "

@@ -37,7 +37,8 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
 
     ``run_batch`` is called on the executor with a list of jobs and returns one outcome per
     job, in order. ``size_of`` counts a job's images; ``max_images`` is read at every merge,
-    so a runtime change of the batch limit applies to the next batch.
+    so a runtime change of the batch limit applies to the next batch. ``on_batch`` hears the
+    image count of every batch the pipeline runs (a metric).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         executor: Executor,
         size_of: Callable[[JobT], int],
         max_images: Callable[[], int],
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
@@ -53,7 +55,7 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         self._max_images = max_images
         self._queue: deque[_Pending[JobT, OutcomeT]] = deque()
         self._worker: asyncio.Task[None] | None = None
-        self.batch_sizes: deque[int] = deque(maxlen=1024)  # images per pipeline batch, latest last
+        self._on_batch = on_batch
 
     def submit(self, job: JobT) -> asyncio.Future[OutcomeT]:
         """Queue a job; the future gets its outcome. Call on the event loop.
@@ -90,7 +92,8 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
             taken = self._take_merged()
             if not taken:
                 return
-            self.batch_sizes.append(sum(pending.images for pending in taken))
+            if self._on_batch is not None:
+                self._on_batch(sum(pending.images for pending in taken))
             try:
                 outcomes = list(await loop.run_in_executor(
                     self._executor, self._run_batch, [pending.job for pending in taken]

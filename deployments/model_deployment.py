@@ -60,11 +60,26 @@ class ImageModelDeployment:
             executor=self._pipeline_thread,
             size_of=lambda job: job.num_images,
             max_images=lambda: self._max_batch_images,
+            on_batch=self._batch_images_metric().observe,
         )
         self._failed_fatally: str | None = None
         if self.model.warmup:
             self._warm_up()
         logger.info("model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device)
+
+    def _batch_images_metric(self) -> Any:
+        """Images per pipeline call batch, in Ray's metrics (dashboard / Prometheus): the
+        number that tells whether batches fill."""
+        from ray.serve.metrics import Histogram
+
+        histogram = Histogram(
+            "imagegen_pipeline_batch_images",
+            description="Images in each batch the model's pipeline ran.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+            tag_keys=("model",),
+        )
+        histogram.set_default_tags({"model": self.model.id})
+        return histogram
 
     def _warm_up(self) -> None:
         """Run one cheap generation so a replica that cannot generate (out of memory, bad

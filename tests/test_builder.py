@@ -92,3 +92,25 @@ def test_duplicate_model_ids_are_rejected():
 def test_ingress_package_imports_without_torch():
     code = "import sys, serve_app.app, serve_app.cli; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_throughput_mode_block_in_the_default_config_is_valid_when_uncommented():
+    """The README's throughput mode is the commented ``controller_options`` block in
+    serve_config.yaml; uncommented, it must be a valid Serve config that sets both flags."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    lines = (ROOT / "serve_config.yaml").read_text().splitlines()
+    start = lines.index("# controller_options:")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        block.append(line[2:])
+    document = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    document.update(yaml.safe_load("\n".join(block)))
+    schema = ServeDeploySchema.model_validate(document)
+    assert schema.controller_options.runtime_env["env_vars"] == {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    }

@@ -31,12 +31,15 @@ class FakePipeline:
 
 
 def make(pipeline: FakePipeline, max_images: int = 8) -> BatchCoalescer:
-    return BatchCoalescer(
+    coalescer = BatchCoalescer(
         run_batch=pipeline.run,
         executor=ThreadPoolExecutor(max_workers=1),
         size_of=lambda job: job[1],
         max_images=lambda: max_images,
+        on_batch=lambda images: coalescer.batch_sizes.append(images),
     )
+    coalescer.batch_sizes = []
+    return coalescer
 
 
 def test_an_idle_pipeline_starts_at_once_and_later_arrivals_are_merged():
@@ -53,7 +56,7 @@ def test_an_idle_pipeline_starts_at_once_and_later_arrivals_are_merged():
     results = asyncio.run(scenario())
     assert results == ["done:a", "done:b", "done:c", "done:d", "done:e", "done:f", "done:g"]
     assert pipeline.batches == [["a"], ["b", "c", "d", "e", "f", "g"]]
-    assert list(coalescer.batch_sizes) == [1, 7]
+    assert coalescer.batch_sizes == [1, 7]
 
 
 def test_merging_stops_at_max_images_and_keeps_order():
