@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from serve_app.accounts.keys import bearer_token, hash_key, looks_like_key
-from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter
+from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter, RejectionMemo
 from serve_app.accounts.records import ApiKey, Reservation, Settlement, Usage
 from serve_app.accounts.store import AccountStore, open_store
 from serve_app.errors import InvalidAPIKey, MissingAPIKey, ModelNotPermitted
@@ -62,7 +62,7 @@ class Accounts:
         self.store = store
         self.default_rpm = default_rpm
         self.default_ipm = default_ipm
-        self.rate_limiter: RateLimiter = rate_limiter or LocalRateLimiter()
+        self.rate_limiter: RateLimiter = RejectionMemo(rate_limiter or LocalRateLimiter(), clock=clock)
         self._ttl = key_cache_ttl_s
         self._clock = clock
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
