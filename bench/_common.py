@@ -540,6 +540,13 @@ def profile_ingress_replicas(profile: str) -> int:
     return int(profile.partition("@")[2] or 1)
 
 
+def http_front(port: int, proxy_port: int) -> str:
+    """What the benchmark's clients talk to, for the report."""
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        return "HAProxy"
+    return "proxy" if port == proxy_port else "direct ingress"
+
+
 def http_port_of_app(proxy_port: int, app_name: str = "imagegen") -> int:
     """Where clients should connect: the proxy, or with direct ingress the ingress
     replica's own port (from the controller's target groups)."""

@@ -18,9 +18,9 @@ replica, one ingress replica, its own SQLite database), over HTTP:
               time of the same call (run_pipeline + encode_image, one torch thread, in this
               process), and served latency minus the latency of the same job sent straight
               to the model deployment's handle from this driver (which isolates proxy +
-              ingress: HTTP, auth, rate limit, reservation, settlement, JSON). Both with the
-              shipped batch wait (0.05 s: a lone request waits that long for company) and
-              with batch_wait_timeout_s 0. Then at 32 concurrent clients: HTTP vs handle
+              ingress: HTTP, auth, rate limit, reservation, settlement, JSON). Both with a
+              0.05 s batch wait (a lone request waits that long for company) and with the
+              shipped batch_wait_timeout_s 0. Then at 32 concurrent clients: HTTP vs handle
               throughput, and the CPU each Serve process spends per request.
 
 Target on a 2-core machine: p99 of a rejection under 20 ms.
@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     MODEL_CACHE,
     RESULTS,
     SERVE_PROFILES,
+    http_front,
     profile_env,
     profile_ingress_replicas,
     CpuMeter,
@@ -425,7 +426,7 @@ async def _served_worker(args, pipeline: dict[str, Any], data: Path) -> dict[str
         print(f"    cpu ms/request {res['cpu']['cpu_ms_per_request']}  foreign cores {res['cpu']['foreign_cores']}",
               flush=True)
 
-    print("  accepted, batch wait 0.05 s (shipped)", flush=True)
+    print("  accepted, batch wait 0.05 s", flush=True)
     accepted.append(await accepted_overhead(config, port, ok_key, args.sequential, args.clients,
                                             args.warmup // 4, args.accepted, pipeline))
     print(f"    {json.dumps(accepted[-1]['sequential']['overhead_p50_ms'])}", flush=True)
@@ -437,13 +438,13 @@ async def _served_worker(args, pipeline: dict[str, Any], data: Path) -> dict[str
     config = bench_config(data, max_batch_images=8, batch_wait_timeout_s=0.0, ingress_replicas=replicas)
     serve_graph(config, proxy_port, first=False)
     port = http_port_of_app(proxy_port)
-    print("  accepted, batch wait 0 s", flush=True)
+    print("  accepted, batch wait 0 s (shipped)", flush=True)
     accepted.append(await accepted_overhead(config, port, ok_key, args.sequential, 0, 0, 0, pipeline))
     print(f"    {json.dumps(accepted[-1]['sequential']['overhead_p50_ms'])}", flush=True)
     worst = {mode: max(r[mode]["latency"]["p99_ms"] for r in rejections.values())
              for mode in ("closed_loop", "paced_half_saturation", "sequential")}
     return {
-        "http": "proxy" if port == proxy_port else "direct ingress",
+        "http": http_front(port, proxy_port),
         "rejections": rejections,
         "accepted": accepted,
         "verdict": {

@@ -10,7 +10,7 @@ next request (n=1, its own prompt and seed) the moment the previous one returns:
   (b) served  serve.run(build_app(config)) of the embedded default restricted to
               tiny-sdxl, one fixed model replica and one ingress replica, its own SQLite
               database and API key, over HTTP; max_batch_images 16, batch wait 0.25 s (the
-              best of the settings tried; the shipped 8 / 0.05 s is measured too, as b8).
+              best of the settings tried; the shipped 8 / 0 s is measured too, as b8).
   (c) served  the same graph with max_batch_images 1.
 
 The served rows are measured under two Serve profiles, each in its own Ray instance
@@ -46,6 +46,9 @@ from _common import (  # noqa: E402
     MODEL_CACHE,
     RESULTS,
     SERVE_PROFILES,
+    http_front,
+    profile_env,
+    profile_ingress_replicas,
     CpuMeter,
     HttpConnection,
     Meters,
@@ -200,7 +203,7 @@ def served_runs(variants: list[tuple[str, int, float, int]], clients: int, warmu
             result["config"] = {"max_batch_images": batch, "batch_wait_timeout_s": wait, "ingress_replicas": ingress,
                                 "max_ongoing_requests": max_ongoing, "num_replicas": 1,
                                 "replica_num_cpus": config.models[0].deployment.ray_actor_options.get("num_cpus"),
-                                "http": "proxy" if port == proxy_port else "direct ingress"}
+                                "http": http_front(port, proxy_port)}
             result["deploy_s"] = round(deploy_s, 1)
             out[label] = result
             lat = result["latency"]
@@ -238,7 +241,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"`python bench/serving_throughput.py` — tiny SDXL, {SIZE}x{SIZE}, {STEPS} steps, PNG, "
         f"{c['clients']} closed-loop clients (each sends its next request, n=1 with its own prompt and seed, as soon "
         f"as the previous one returns), {c['measure']} measured requests after {c['warmup']} warm-up per row. "
-        f"One model replica (num_cpus 1, so one torch thread), one ingress replica, no autoscaling. "
+        f"One model replica (num_cpus 1, so one torch thread), one ingress replica unless stated, no autoscaling. "
         f"Machine: {m['nproc']} cores ({m['cpu_model']}), ray {m['versions']['ray']}, torch {m['versions']['torch']}, "
         f"diffusers {m['versions']['diffusers']}.",
         "",
@@ -255,7 +258,9 @@ def markdown(doc: dict[str, Any]) -> str:
                  f"{res['latency']['p95_ms']:.0f} |")
     names = {"(b)": "**(b)**", "(c)": "**(c)**"}
     for profile, served in doc["served"].items():
-        short = PROFILE_SHORT.get(profile, profile)
+        short = PROFILE_SHORT[profile.partition("@")[0]]
+        if profile_ingress_replicas(profile) > 1:
+            short += f", {profile_ingress_replicas(profile)} ingress replicas"
         for label, res in served.items():
             cfg = res["config"]
             lines.append(f"| {names.get(label, label)} served ({short}), max_batch_images {cfg['max_batch_images']}, "
@@ -264,7 +269,7 @@ def markdown(doc: dict[str, Any]) -> str:
     lines.append("")
     for profile, r in doc["ratios"].items():
         lines.append(
-            f"- {PROFILE_TITLES[profile]}: (b)/(a) = **{r['b_over_a']:.2f}** (target >= 0.85: "
+            f"- {profile_title(profile)}: (b)/(a) = **{r['b_over_a']:.2f}** (target >= 0.85: "
             f"{'met' if r['b_over_a'] >= 0.85 else 'MISSED'}), (b)/(c) = **{r['b_over_c']:.2f}** (target >= 1.7: "
             f"{'met' if r['b_over_c'] >= 1.7 else 'MISSED'})."
         )
@@ -282,13 +287,21 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def profile_variants(profile: str, args) -> list[tuple[str, int, float, int]]:
     variants = [("(b)", *args.batched)]
-    if profile == "default" and not args.no_default_variant and args.batched != (8, 0.05, 1):
-        variants.append(("(b8)", 8, 0.05, 1))
+    if profile == "default" and not args.no_default_variant and args.batched != (8, 0.0, 1):
+        variants.append(("(b8)", 8, 0.0, 1))
     for i, extra in enumerate(args.extra):
         variants.append((f"(x{i + 1})", *extra))
     if not args.no_c:
         variants.append(("(c)", 1, 0.05, 1))
-    return variants
+    # PROFILE@N: N ingress replicas in every variant of that profile.
+    replicas = profile_ingress_replicas(profile)
+    return [(label, batch, wait, max(ingress, replicas)) for label, batch, wait, ingress in variants]
+
+
+def profile_title(profile: str) -> str:
+    replicas = profile_ingress_replicas(profile)
+    title = PROFILE_TITLES[profile.partition("@")[0]]
+    return title if replicas == 1 else f"{title}, {replicas} ingress replicas"
 
 
 def main() -> int:
@@ -300,7 +313,7 @@ def main() -> int:
     parser.add_argument("--batched", type=parse_variant, default=parse_variant("16:0.25"),
                         help="(b) as MAX_BATCH_IMAGES:WAIT_S[:INGRESS_REPLICAS] (default 16:0.25)")
     parser.add_argument("--no-default-variant", action="store_true",
-                        help="skip the extra served run with the shipped batching (8:0.05)")
+                        help="skip the extra served run with the shipped batching (8:0)")
     parser.add_argument("--extra", type=parse_variant, action="append", default=[],
                         help="more served variants, same syntax; repeatable")
     parser.add_argument("--served-only", action="store_true",
@@ -332,7 +345,7 @@ def main() -> int:
         forward += ["--requests", str(args.requests), "--warmup", str(args.warmup)]
     served: dict[str, Any] = {}
     for profile in [p.strip() for p in args.profiles.split(",") if p.strip()]:
-        print(f"served graph, {PROFILE_TITLES[profile]}, {args.clients} HTTP clients", flush=True)
+        print(f"served graph, {profile_title(profile)}, {args.clients} HTTP clients", flush=True)
         served[profile] = run_profile_worker(Path(__file__).resolve(), profile, forward)
     if args.served_only:  # exploration: the served rows and where their CPU went, nothing written
         for profile, runs in served.items():
@@ -365,7 +378,7 @@ def main() -> int:
         "config": {
             "model": MODEL, "size": f"{SIZE}x{SIZE}", "steps": STEPS, "n": 1, "output_format": "png",
             "clients": args.clients, "warmup": args.warmup, "measure": args.requests,
-            "direct_torch_threads": 1, "ray_num_cpus": 2, "profiles": {p: SERVE_PROFILES[p] for p in served},
+            "direct_torch_threads": 1, "ray_num_cpus": 2, "profiles": {p: profile_env(p) for p in served},
         },
         "targets": {"b_over_a": 0.85, "b_over_c": 1.7},
         "direct": direct,
