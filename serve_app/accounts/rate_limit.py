@@ -294,10 +294,10 @@ class RejectionMemo:
 
 __all__ = [
     "LocalRateLimiter",
-    "RejectionMemo",
     "RateLimitBook",
     "RateLimitDecision",
     "RateLimiter",
+    "RejectionMemo",
     "TokenBucket",
     "format_duration",
     "rate_limit_headers",
