@@ -15,11 +15,14 @@ of several small ones. Kept free of torch and Serve so it is tested with a fake 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+logger = logging.getLogger("ray.serve")
 
 JobT = TypeVar("JobT")
 OutcomeT = TypeVar("OutcomeT")
@@ -86,14 +89,21 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
             images += pending.images
         return taken
 
+    def _report(self, images: int) -> None:
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(images)
+        except Exception:  # a metric must never stop the pipeline
+            logger.exception("could not report a batch of %d images", images)
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
             taken = self._take_merged()
             if not taken:
                 return
-            if self._on_batch is not None:
-                self._on_batch(sum(pending.images for pending in taken))
+            self._report(sum(pending.images for pending in taken))
             try:
                 outcomes = list(await loop.run_in_executor(
                     self._executor, self._run_batch, [pending.job for pending in taken]

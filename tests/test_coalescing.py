@@ -117,3 +117,23 @@ def test_a_cancelled_job_gets_no_pipeline_time():
 
     asyncio.run(scenario())
     assert pipeline.batches == [["x"], ["kept"]]
+
+
+def test_a_failing_metric_does_not_stop_the_pipeline():
+    pipeline = FakePipeline(seconds_per_batch=0)
+
+    def broken_metric(images):
+        raise RuntimeError("metrics backend is down")
+
+    coalescer = BatchCoalescer(
+        run_batch=pipeline.run,
+        executor=ThreadPoolExecutor(max_workers=1),
+        size_of=lambda job: job[1],
+        max_images=lambda: 8,
+        on_batch=broken_metric,
+    )
+
+    async def scenario():
+        return await asyncio.gather(coalescer.submit(("a", 1)), coalescer.submit(("b", 1)))
+
+    assert asyncio.run(scenario()) == ["done:a", "done:b"]
