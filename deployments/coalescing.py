@@ -6,10 +6,11 @@ concurrency semaphore is taken. Under load the pipeline then meets a queue of sm
 (at 16 clients, max 8 images and a 0.05 s wait they came out at 2 to 8 images) and runs
 each one separately, and a small batch costs nearly as much as a full one.
 
-``BatchCoalescer`` sits between the two: batches go into a FIFO, and whenever the pipeline
-thread becomes free it takes the oldest batch plus every following one that still fits in
-``max_images``. An idle pipeline starts at once; a busy one gets one full batch next instead
-of several small ones. Kept free of torch and Serve so it is tested with a fake pipeline.
+``BatchCoalescer`` sits between the two: the jobs of every gathered batch go into one FIFO,
+and whenever the pipeline thread becomes free it takes the oldest job plus every following
+one that still fits in ``max_images``. An idle pipeline starts at once; a busy one gets one
+full batch next instead of several small ones. Kept free of torch and Serve so it is tested
+with a fake pipeline.
 """
 
 from __future__ import annotations
