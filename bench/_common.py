@@ -531,6 +531,21 @@ SERVE_PROFILES = {
 }
 
 
+PROFILE_LABELS = {
+    "default": "defaults (proxy)",
+    "throughput_optimized": "throughput-optimized (direct ingress)",
+    "haproxy": "HAProxy",
+    "haproxy_optimized": "HAProxy + throughput-optimized",
+}
+
+
+def profile_label(profile: str) -> str:
+    """A profile's short name for tables, with its ingress replica count when not 1."""
+    label = PROFILE_LABELS[profile.partition("@")[0]]
+    replicas = profile_ingress_replicas(profile)
+    return label if replicas == 1 else f"{label}, {replicas} ingress replicas"
+
+
 def profile_env(profile: str) -> dict[str, str]:
     """A profile is a SERVE_PROFILES name, optionally with ``@N``: N ingress replicas."""
     return SERVE_PROFILES[profile.partition("@")[0]]

@@ -49,6 +49,7 @@ from _common import (  # noqa: E402
     http_front,
     profile_env,
     profile_ingress_replicas,
+    profile_label,
     CpuMeter,
     HttpConnection,
     Meters,
@@ -295,20 +296,6 @@ async def accepted_overhead(config, port: int, key: str, sequential: int, client
 
 
 # -- report -----------------------------------------------------------------------------------
-PROFILE_SHORT = {
-    "default": "defaults (proxy)",
-    "throughput_optimized": "throughput-optimized (direct ingress)",
-    "haproxy": "HAProxy",
-    "haproxy_optimized": "HAProxy + throughput-optimized",
-}
-
-
-def short(profile: str) -> str:
-    replicas = profile_ingress_replicas(profile)
-    name = PROFILE_SHORT[profile.partition("@")[0]]
-    return name if replicas == 1 else f"{name}, {replicas} ingress replicas"
-
-
 def markdown(doc: dict[str, Any]) -> str:
     m = doc["machine"]
     c = doc["config"]
@@ -336,7 +323,7 @@ def markdown(doc: dict[str, Any]) -> str:
             closed, paced, seq = r["closed_loop"], r["paced_half_saturation"], r["sequential"]
             cpu = r["cpu"]["cpu_ms_per_request"]
             lines.append(
-                f"| {short(profile)} | {label} | {closed['requests_per_s']:.0f} | "
+                f"| {profile_label(profile)} | {label} | {closed['requests_per_s']:.0f} | "
                 f"{closed['latency']['p50_ms']:.1f} | {closed['latency']['p99_ms']:.1f} | "
                 f"{paced['requests_per_s']:.0f} | {paced['latency']['p50_ms']:.1f} | "
                 f"{paced['latency']['p99_ms']:.1f} | "
@@ -347,7 +334,7 @@ def markdown(doc: dict[str, Any]) -> str:
     for profile, res in doc["profiles"].items():
         v = res["verdict"]
         lines.append(
-            f"- Target p99 < {TARGET_P99_MS:.0f} ms, {short(profile)}: closed loop at {c['clients']} clients "
+            f"- Target p99 < {TARGET_P99_MS:.0f} ms, {profile_label(profile)}: closed loop at {c['clients']} clients "
             f"**{'met' if v['closed_loop_met'] else 'MISSED'}** (worst {v['closed_loop_worst_p99_ms']:.0f} ms); "
             f"paced **{'met' if v['paced_met'] else 'MISSED'}** (worst {v['paced_worst_p99_ms']:.0f} ms); "
             f"1 client **{'met' if v['sequential_met'] else 'MISSED'}** (worst {v['sequential_worst_p99_ms']:.0f} ms)."
@@ -366,7 +353,7 @@ def markdown(doc: dict[str, Any]) -> str:
             s = acc["sequential"]
             o = s["overhead_p50_ms"]
             lines.append(
-                f"| {short(profile)} | {acc['batch_wait_timeout_s']} s | "
+                f"| {profile_label(profile)} | {acc['batch_wait_timeout_s']} s | "
                 f"{s['pipeline_in_process']['p50_ms']:.1f} | {s['model_handle_from_driver']['p50_ms']:.1f} | "
                 f"{s['served_http']['p50_ms']:.1f} | {o['served_minus_pipeline']:.1f} | "
                 f"{o['served_minus_handle (proxy + ingress)']:.1f} |"
@@ -379,7 +366,7 @@ def markdown(doc: dict[str, Any]) -> str:
         http, handle = loaded["served_http"], loaded["model_handle_from_driver"]
         cpu = http["cpu"]["cpu_ms_per_request"]
         lines.append(
-            f"- Accepted at {loaded['clients']} concurrent clients, {short(profile)}, batch wait 0.05 s: "
+            f"- Accepted at {loaded['clients']} concurrent clients, {profile_label(profile)}, batch wait 0.05 s: "
             f"over HTTP "
             f"{http['requests_per_s']:.1f} req/s (p50 {http['latency']['p50_ms']:.0f} ms) vs straight to the handle "
             f"{handle['requests_per_s']:.1f} req/s (p50 {handle['latency']['p50_ms']:.0f} ms); CPU per accepted "
@@ -494,7 +481,7 @@ def main() -> int:
     forward += ["--pipeline-json", json.dumps(pipeline)]
     profiles: dict[str, Any] = {}
     for profile in [p.strip() for p in args.profiles.split(",") if p.strip()]:
-        print(f"served graph, Serve {short(profile)}", flush=True)
+        print(f"served graph, Serve {profile_label(profile)}", flush=True)
         profiles[profile] = run_profile_worker(Path(__file__).resolve(), profile, forward)
 
     doc = {

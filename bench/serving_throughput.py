@@ -49,6 +49,7 @@ from _common import (  # noqa: E402
     http_front,
     profile_env,
     profile_ingress_replicas,
+    profile_label,
     CpuMeter,
     HttpConnection,
     Meters,
@@ -223,14 +224,6 @@ PROFILE_TITLES = {
 }
 
 
-PROFILE_SHORT = {
-    "default": "defaults",
-    "throughput_optimized": "throughput-optimized",
-    "haproxy": "HAProxy",
-    "haproxy_optimized": "HAProxy + throughput-optimized",
-}
-
-
 def markdown(doc: dict[str, Any]) -> str:
     direct = doc["direct"]
     m = doc["machine"]
@@ -258,12 +251,10 @@ def markdown(doc: dict[str, Any]) -> str:
                  f"{res['latency']['p95_ms']:.0f} |")
     names = {"(b)": "**(b)**", "(c)": "**(c)**"}
     for profile, served in doc["served"].items():
-        short = PROFILE_SHORT[profile.partition("@")[0]]
-        if profile_ingress_replicas(profile) > 1:
-            short += f", {profile_ingress_replicas(profile)} ingress replicas"
+        short = profile_label(profile)
         for label, res in served.items():
             cfg = res["config"]
-            lines.append(f"| {names.get(label, label)} served ({short}), max_batch_images {cfg['max_batch_images']}, "
+            lines.append(f"| {names.get(label, label)} served, {short}, max_batch_images {cfg['max_batch_images']}, "
                          f"wait {cfg['batch_wait_timeout_s']} s | {res['images_per_s']:.1f} | "
                          f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |")
     lines.append("")
