@@ -135,7 +135,7 @@ def test_failed_generation_refunds(served, edge_app, model, status, code):
 
 @pytest.mark.skipif(
     os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1",
-    reason="behind Ray Serve's HAProxy (splice-request + http-reuse always) most client "
+    reason="behind Ray Serve's HAProxy (its config turns on option splice-request) most client "
     "disconnects never reach the ingress replica, so the request runs to the end and is "
     "charged: a known limitation of the throughput mode (README, 'Throughput mode')",
 )
