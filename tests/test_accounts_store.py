@@ -537,3 +537,15 @@ def test_facade_usage_and_from_config(tmp_path, monkeypatch):
         assert usage.balance_units == PRICE and usage.by_model == ()
     finally:
         facade.close()
+
+
+def test_bounded_caches_drop_expired_entries_first_then_everything():
+    from serve_app.accounts.expiring import put_bounded
+
+    cache = {"old": (5.0, "a"), "live": (20.0, "b")}
+    put_bounded(cache, "new", (30.0, "c"), now=10.0, max_size=2)
+    assert cache == {"live": (20.0, "b"), "new": (30.0, "c")}
+    put_bounded(cache, "newer", (40.0, "d"), now=10.0, max_size=2)  # nothing expired: start over
+    assert cache == {"newer": (40.0, "d")}
+    put_bounded(cache, "more", (50.0, "e"), now=10.0, max_size=2)  # room left: just added
+    assert len(cache) == 2

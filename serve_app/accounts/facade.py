@@ -30,6 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from serve_app.accounts.expiring import put_bounded
 from serve_app.accounts.keys import bearer_token, hash_key, looks_like_key
 from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter, RejectionMemo
 from serve_app.accounts.records import ApiKey, Reservation, Settlement, Usage
@@ -118,11 +119,7 @@ class Accounts:
         return key
 
     def _remember(self, digest: str, key: ApiKey | None, now: float) -> None:
-        if len(self._cache) >= self._cache_max:
-            self._cache = {d: entry for d, entry in self._cache.items() if entry[0] > now}
-            if len(self._cache) >= self._cache_max:
-                self._cache.clear()
-        self._cache[digest] = (now + self._ttl, key)
+        put_bounded(self._cache, digest, (now + self._ttl, key), now, self._cache_max)
 
     # -- 403 -------------------------------------------------------------------------
     @staticmethod

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol, runtime_checkable
 
+from serve_app.accounts.expiring import put_bounded
 from serve_app.errors import RateLimitExceeded
 
 Clock = Callable[[], float]
@@ -285,11 +286,8 @@ class RejectionMemo:
         )
 
     def _remember(self, key_id: int, decision: RateLimitDecision, asked_at: float) -> None:
-        if len(self._rejected) >= self._max_keys:
-            self._rejected = {k: e for k, e in self._rejected.items() if e[0] > asked_at}
-            if len(self._rejected) >= self._max_keys:
-                self._rejected.clear()
-        self._rejected[key_id] = (asked_at + decision.retry_after_s, decision, asked_at)
+        entry = (asked_at + decision.retry_after_s, decision, asked_at)
+        put_bounded(self._rejected, key_id, entry, asked_at, self._max_keys)
 
 
 __all__ = [
