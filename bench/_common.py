@@ -528,6 +528,9 @@ SERVE_PROFILES = {
     # Serve's Python proxy, forwarding to the ingress replica's own HTTP server.
     "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
     "haproxy_optimized": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # The throughput-optimized flags but Serve's own Python proxy kept in front (gRPC
+    # between proxy and replicas, user code on the replica's loop, frozen GC, buffered logs).
+    "proxy_optimized": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
 }
 
 
@@ -536,6 +539,7 @@ PROFILE_LABELS = {
     "throughput_optimized": "throughput-optimized (direct ingress)",
     "haproxy": "HAProxy",
     "haproxy_optimized": "HAProxy + throughput-optimized",
+    "proxy_optimized": "proxy + throughput-optimized",
 }
 
 
@@ -567,9 +571,8 @@ def http_port_of_app(proxy_port: int, app_name: str = "imagegen") -> int:
     replica's own port (from the controller's target groups)."""
     if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         return proxy_port  # HAProxy listens on the proxy port
-    if os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1" and os.environ.get(
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS"
-    ) != "1":
+    direct_ingress = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS")
+    if direct_ingress == "0" or (os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") != "1" and direct_ingress != "1"):
         return proxy_port
     import ray
     from ray.serve.context import _get_global_client

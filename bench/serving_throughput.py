@@ -221,6 +221,7 @@ PROFILE_TITLES = {
     "throughput_optimized": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (direct ingress, no proxy hop)",
     "haproxy": "RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy on port 8000 in place of Serve's Python proxy)",
     "haproxy_optimized": "RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
+    "proxy_optimized": "RAY_SERVE_THROUGHPUT_OPTIMIZED=1 with RAY_SERVE_ENABLE_DIRECT_INGRESS=0 (Serve's proxy kept)",
 }
 
 
