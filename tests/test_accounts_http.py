@@ -60,11 +60,15 @@ def test_unknown_model_is_404(served):
 
 
 def test_insufficient_funds_is_402_and_charges_nothing(served):
-    client = served.client(served.create_key("1"))
+    client = served.client(served.create_key("1", "--rpm", "1"))
     with pytest.raises(openai.APIStatusError) as caught:
         client.images.generate(model="tiny-sdxl", prompt="x", n=2)
     check_error(caught.value, 402, "insufficient_funds")
     assert caught.value.body["type"] == "insufficient_quota"
+    # Retrying cannot help an exhausted key, and it is told so rather than "retry in a minute".
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.images.generate(model="tiny-sdxl", prompt="x", n=2)
+    check_error(caught.value, 402, "insufficient_funds")
     usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {client.api_key}"}).json()
     assert usage["balance"] == 1
 

@@ -4,6 +4,7 @@ Per request, in this order::
 
     key = await accounts.authenticate(request.headers.get("authorization"))  # 401
     accounts.check_model(key, model_id)                                        # 403
+    accounts.refuse_if_short(key, model_id, n, price)                          # 402, no I/O
     limits = await accounts.check_rate_limit(key, images=n)                    # 429
     #   (or: headers = await accounts.admit(key, n), the x-ratelimit-* headers only)
     reservation = await accounts.reserve(key, request_id, model_id, n, price)  # 402
@@ -17,6 +18,11 @@ Per request, in this order::
 Blocking database work runs on a small private thread pool, never on the event loop.
 ``settle`` is shielded from cancellation (a client disconnect cannot stop a refund), and a
 ``reserve`` cancelled while its transaction commits is refunded as soon as it lands.
+
+What this process remembers for ``key_cache_ttl_s`` (1 s), so that a client hammering with
+a bad key costs no I/O: key records (a revocation takes effect within it), unknown keys,
+a key's last 429 while it must hold (``RejectionMemo``) and a key's last 402 while no
+credit came back in this process (``ShortfallMemo``: a top-up is seen within it).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from serve_app.accounts.expiring import put_bounded
 from serve_app.accounts.keys import bearer_token, hash_key, looks_like_key
 from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter, RejectionMemo
 from serve_app.accounts.records import ApiKey, Reservation, Settlement, Usage
+from serve_app.accounts.shortfall import CreditShortfall, ShortfallMemo
 from serve_app.accounts.store import AccountStore, open_store
 from serve_app.errors import InvalidAPIKey, MissingAPIKey, ModelNotPermitted
 
@@ -68,6 +75,7 @@ class Accounts:
         self._clock = clock
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._cache_max = 10_000
+        self._shortfalls = ShortfallMemo(key_cache_ttl_s, clock=clock)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="accounts-db")
 
     @classmethod
@@ -146,15 +154,25 @@ class Accounts:
         return (await self.check_rate_limit(key, images)).headers()
 
     # -- 402 and billing -------------------------------------------------------------
+    def refuse_if_short(self, key: ApiKey, model_id: str, images: int, price_units: int) -> None:
+        """Raise InsufficientFunds at once if this key's balance was seen unable to cover
+        this much in the last ``key_cache_ttl_s``; otherwise ``reserve`` decides. No I/O:
+        call it before the rate limit, so an exhausted key's retries cost nothing."""
+        self._shortfalls.refuse_if_short(key.id, model_id, images, price_units)
+
     async def reserve(self, key: ApiKey, request_id: str, model_id: str, images: int, price_units: int) -> Reservation:
         """Hold ``images x price_units`` or raise InsufficientFunds (InvalidAPIKey if the key
         was revoked since it authenticated); nothing is held when it raises."""
         loop = asyncio.get_running_loop()
+        epoch = self._shortfalls.epoch()
         future = loop.run_in_executor(
             self._executor, functools.partial(self.store.reserve, key.id, request_id, model_id, images, price_units)
         )
         try:
             return await asyncio.shield(future)
+        except CreditShortfall as shortfall:
+            self._shortfalls.remember(key.id, shortfall, epoch)
+            raise
         except asyncio.CancelledError:
             future.add_done_callback(self._refund_orphan)
             raise
@@ -164,6 +182,7 @@ class Accounts:
             return
         reservation = future.result()
         logger.info("request %s cancelled while reserving: refunding", reservation.request_id)
+        self._shortfalls.credited(reservation.key_id)
         try:
             self._executor.submit(self.store.settle, reservation.id, 0)
         except RuntimeError:  # shutting down: settle here rather than leave credits held
@@ -174,7 +193,13 @@ class Accounts:
         even if the calling task is cancelled meanwhile."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self.store.settle, reservation.id, delivered)
-        return await asyncio.shield(future)
+        try:
+            return await asyncio.shield(future)
+        finally:
+            if delivered < reservation.images:
+                # Credits came back (or may have, if this task was cancelled first): the
+                # key's remembered shortfall, if any, is out of date.
+                future.add_done_callback(lambda _: self._shortfalls.credited(reservation.key_id))
 
     async def usage(self, key: ApiKey) -> Usage:
         return await self._run(self.store.usage, key.id)

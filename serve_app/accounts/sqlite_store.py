@@ -32,14 +32,14 @@ from serve_app.accounts.records import (
     Usage,
 )
 from serve_app.accounts.schema import migrate
+from serve_app.accounts.shortfall import CreditShortfall
 from serve_app.accounts.store import (
     AccountsError,
     DuplicateKeyName,
     KeyNotFound,
     KeyRevoked,
 )
-from serve_app.accounts.units import format_credits
-from serve_app.errors import InsufficientFunds, InvalidAPIKey
+from serve_app.errors import InvalidAPIKey
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _KEY_COLUMNS = "id, name, created, revoked_at, balance_units, allowed_models, rpm, ipm"
@@ -278,10 +278,7 @@ class SQLiteAccountStore:
     def _refuse(row: tuple | None, images: int, model: str, amount: int) -> NoReturn:
         if row is None or row[1] is not None:
             raise InvalidAPIKey("The API key provided has been revoked.")
-        raise InsufficientFunds(
-            f"Insufficient credits: {images} image(s) of model '{model}' cost "
-            f"{format_credits(amount)} credits; the balance is {format_credits(row[0])}."
-        )
+        raise CreditShortfall(images=images, model=model, amount_units=amount, balance_units=row[0])
 
     def settle(self, reservation_id: int, delivered: int) -> Settlement:
         now = time.time()

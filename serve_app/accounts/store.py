@@ -69,8 +69,8 @@ class AccountStore(Protocol):
 
     # -- billing ---------------------------------------------------------------------
     def reserve(self, key_id: int, request_id: str, model: str, images: int, price_units: int) -> Reservation:
-        """Hold images x price atomically, or raise InsufficientFunds / InvalidAPIKey
-        (revoked meanwhile) with nothing written."""
+        """Hold images x price atomically, or raise CreditShortfall (the 402, carrying the
+        balance it saw) / InvalidAPIKey (revoked meanwhile) with nothing written."""
 
     def settle(self, reservation_id: int, delivered: int) -> Settlement:
         """Charge delivered x price, refund the rest. Idempotent: a second call changes
