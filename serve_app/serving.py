@@ -1,11 +1,10 @@
 """The image generation use case, free of HTTP: testable against fakes.
 
 Order matters and is the contract with billing: authenticate, validate, authorize, rate
-limit, reserve credits, generate, deliver, then settle exactly what was delivered. (A key
-seen short of credits a moment ago gets its 402 before the rate limit: retrying later will
-not help it, and it costs no I/O.) The
+limit, reserve credits, generate, deliver, then settle exactly what was delivered. The
 settlement runs even when the client disconnects or generation fails, so a reservation
-is never left hanging and nothing undelivered is charged.
+is never left hanging and nothing undelivered is charged. (A key seen short of credits in
+the last second gets its 402 before the rate limit, from memory: no I/O, no token spent.)
 """
 
 from __future__ import annotations

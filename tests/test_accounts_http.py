@@ -65,7 +65,8 @@ def test_insufficient_funds_is_402_and_charges_nothing(served):
         client.images.generate(model="tiny-sdxl", prompt="x", n=2)
     check_error(caught.value, 402, "insufficient_funds")
     assert caught.value.body["type"] == "insufficient_quota"
-    # Retrying cannot help an exhausted key, and it is told so rather than "retry in a minute".
+    # The retry comes within the second the ingress remembers the shortfall: 402 again from
+    # memory, before the rate limit (the key's one request a minute went on the first try).
     with pytest.raises(openai.APIStatusError) as caught:
         client.images.generate(model="tiny-sdxl", prompt="x", n=2)
     check_error(caught.value, 402, "insufficient_funds")
