@@ -453,7 +453,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--sequential", type=int, default=100, help="one-at-a-time requests per measurement")
     parser.add_argument("--accepted", type=int, default=320, help="accepted requests at full concurrency")
-    parser.add_argument("--profiles", default="default,throughput_optimized",
+    parser.add_argument("--profiles", default="default,haproxy_optimized@2",
                         help=f"comma-separated Serve profiles to measure: {', '.join(SERVE_PROFILES)}")
     parser.add_argument("--output", type=Path, default=RESULTS / f"{NAME}.json")
     parser.add_argument("--served-worker", default=None, help=argparse.SUPPRESS)

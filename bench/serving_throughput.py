@@ -13,13 +13,14 @@ next request (n=1, its own prompt and seed) the moment the previous one returns:
               best of the settings tried; the shipped 8 / 0 s is measured too, as b8).
   (c) served  the same graph with max_batch_images 1.
 
-The served rows are measured under two Serve profiles, each in its own Ray instance
-started by a child process of this script (the flags are read when Serve starts):
+The served rows are measured under two Serve profiles by default, each in its own Ray
+instance started by a child process of this script (the flags are read when Serve starts):
 "default" (what `serve run serve_config.yaml` gives: Serve's HTTP proxy in front of the
-ingress) and "throughput_optimized" (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the ingress replica
-serves HTTP itself; the client connects to its port). Before each measurement the script
-waits for other processes on the machine to go quiet, and it records how much CPU they
-used meanwhile ("foreign_cores") and where the served path's CPU went per request.
+ingress) and "haproxy_optimized@2" (the README's throughput mode, HAProxy in front of two
+ingress replicas that serve HTTP themselves; --profiles lists the others). Before each
+measurement the script waits for other processes on the machine to go quiet, and it
+records how much CPU they used meanwhile ("foreign_cores") and where the served path's
+CPU went per request.
 
 Targets on a 2-core machine: (b)/(a) >= 0.85 and (b)/(c) >= 1.7. All figures of one run
 come from one machine in one session, so the ratios are what matters; a second run of
@@ -312,7 +313,7 @@ def main() -> int:
     parser.add_argument("--served-only", action="store_true",
                         help="exploration: only the served runs, printed (no (a), nothing written)")
     parser.add_argument("--no-c", action="store_true", help="exploration: skip the (c) runs")
-    parser.add_argument("--profiles", default="default,throughput_optimized",
+    parser.add_argument("--profiles", default="default,haproxy_optimized@2",
                         help=f"comma-separated Serve profiles to measure: {', '.join(SERVE_PROFILES)}")
     parser.add_argument("--max-ongoing", type=int, default=16, help="model deployment max_ongoing_requests")
     parser.add_argument("--output", type=Path, default=RESULTS / f"{NAME}.json")
