@@ -87,7 +87,8 @@ class ImageModelDeployment:
         from deployments.pipeline_runner import run_pipeline
 
         width, height = (int(side) for side in self.model.defaults.size.split("x"))
-        shape = CallShape(width=width, height=height, steps=1, guidance=0.0, with_negative_prompt=False)
+        steps = self.model.min_steps
+        shape = CallShape(width=width, height=height, steps=steps, guidance=0.0, with_negative_prompt=False)
         run_pipeline(self._pipeline, self.model.family.value, shape, ["warm-up"], None, [0], self.model.device)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

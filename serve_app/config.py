@@ -36,6 +36,13 @@ class ModelFamily(str, Enum):
         # The SDXL VAE downsamples by 8; Qwen-Image also packs 2x2 latent patches.
         return 8 if self is ModelFamily.SDXL else 16
 
+    @property
+    def min_steps(self) -> int:
+        # Qwen-Image's flow-match scheduler stretches its sigmas to a terminal value,
+        # dividing by the last sigma's distance from 1: with one step that is 0, and the
+        # image comes out all NaN (black). SDXL's schedulers are fine with one step.
+        return 1 if self is ModelFamily.SDXL else 2
+
 
 class ModelDefaults(StrictModel):
     size: str = "1024x1024"
@@ -105,7 +112,7 @@ class ModelConfig(StrictModel):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     price_per_image: Decimal = Field(Decimal(1), ge=0, decimal_places=6)
     timeout_s: float = Field(300.0, gt=0, description="deadline for one request's images")
-    warmup: bool = Field(True, description="one 1-step generation at the default size before taking traffic")
+    warmup: bool = Field(True, description="one generation of the fewest steps at the default size before traffic")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @property
@@ -127,15 +134,26 @@ class ModelConfig(StrictModel):
             raise ValueError(f"defaults.size {self.defaults.size} exceeds limits.max_pixels")
         if self.defaults.steps > self.limits.max_steps:
             raise ValueError("defaults.steps exceeds limits.max_steps")
+        for name, steps in [("defaults.steps", self.defaults.steps), *self._quality_steps_set()]:
+            if steps < self.min_steps:
+                raise ValueError(f"{name} is {steps}: a {self.family.value} model needs at least {self.min_steps}")
         if self.batching.max_batch_images > self.deployment.max_ongoing_requests * self.limits.max_n:
             raise ValueError("batching.max_batch_images can never fill: raise deployment.max_ongoing_requests")
         return self
+
+    @property
+    def min_steps(self) -> int:
+        """The fewest denoising steps this model's pipeline produces an image with."""
+        return self.family.min_steps
+
+    def _quality_steps_set(self) -> list[tuple[str, int]]:
+        return [(f"quality_steps.{name}", steps) for name, steps in self.quality_steps if steps is not None]
 
     def steps_for_quality(self, quality: str) -> int:
         """``auto``/``standard`` give the default; ``hd`` is ``high``."""
         default = self.defaults.steps
         table = {
-            "low": self.quality_steps.low or max(1, default // 2),
+            "low": self.quality_steps.low or max(self.min_steps, default // 2),
             "medium": self.quality_steps.medium or default,
             "high": self.quality_steps.high or min(self.limits.max_steps, default * 2),
         }

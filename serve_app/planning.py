@@ -112,6 +112,11 @@ def resolve_steps(request: ImageGenerationRequest, model: ModelConfig) -> int:
                 f"Invalid 'num_inference_steps': model '{model.id}' allows at most {model.limits.max_steps}.",
                 param="num_inference_steps",
             )
+        if request.num_inference_steps < model.min_steps:
+            raise InvalidRequest(
+                f"Invalid 'num_inference_steps': model '{model.id}' needs at least {model.min_steps}.",
+                param="num_inference_steps",
+            )
         return request.num_inference_steps
     return model.steps_for_quality(request.quality or "auto")
 

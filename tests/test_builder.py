@@ -74,6 +74,8 @@ def test_deployment_names_are_derived_from_model_ids():
         ({"defaults": {"size": "big"}}, "size"),
         ({"batching": {"max_batch_images": 0}}, "max_batch_images"),
         ({"surprise": True}, "surprise"),
+        ({"family": "qwen-image", "defaults": {"size": "64x64", "steps": 1}}, "defaults.steps"),
+        ({"family": "qwen-image", "quality_steps": {"low": 1}}, "quality_steps.low"),
     ],
 )
 def test_bad_config_names_the_field(model, field):

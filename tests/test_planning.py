@@ -93,6 +93,17 @@ def test_num_inference_steps_and_its_limit():
         plan(num_inference_steps=7, quality="low")
 
 
+def test_a_qwen_image_model_needs_two_steps():
+    # One flow-match step with Qwen-Image's terminal shift gives an all-NaN (black) image.
+    assert plan(num_inference_steps=1).shape.steps == 1
+    with pytest.raises(InvalidRequest) as caught:
+        plan(QWEN, num_inference_steps=1)
+    assert caught.value.param == "num_inference_steps" and "at least 2" in caught.value.message
+    assert plan(QWEN, num_inference_steps=2).shape.steps == 2
+    assert plan(QWEN.model_copy(update={"defaults": QWEN.defaults.model_copy(update={"steps": 3})}),
+                quality="low").shape.steps == 2
+
+
 def test_guidance_negative_prompt_and_output():
     result = plan(guidance=2.5, negative_prompt="blurry", output_format="webp", output_quality=60)
     assert result.shape.guidance == 2.5

@@ -133,6 +133,15 @@ def test_openai_client_raises_bad_request(client):
     assert caught.value.body["param"] == "size"
 
 
+def test_one_step_is_refused_where_the_model_cannot_make_an_image_with_it(client):
+    """A one-step Qwen-Image generation is all NaN (a black image): refused, not sold."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.images.generate(model="tiny-qwen-image", prompt="x", extra_body={"num_inference_steps": 1})
+    assert caught.value.body["param"] == "num_inference_steps"
+    one_step = client.images.generate(model="tiny-sdxl", prompt="x", extra_body={"num_inference_steps": 1})
+    assert decode(one_step.data[0]).getextrema() != ((0, 0), (0, 0), (0, 0))
+
+
 def test_malformed_and_oversized_bodies(served, client):
     headers = {"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json"}
     url = f"{served.base_url}/v1/images/generations"
