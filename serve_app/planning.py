@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from serve_app.config import SIZE_PATTERN, ModelConfig
@@ -151,15 +152,34 @@ def resolve_size(request: ImageGenerationRequest, model: ModelConfig) -> tuple[i
         ratio = int(match[1]) / int(match[2])
         param = "aspect_ratio"
 
-    pixels = default_w * default_h * pixel_share
-    multiple = model.family.size_multiple
-    width, height = _fit_aspect(pixels, ratio, multiple)
+    # A derived size is ours to choose: keep its pixels within what the model's limits allow
+    # at this ratio (a quarter of SDXL's 1024x1024 at 16:9 is 680x384, under a 512 minimum
+    # side: 912x512 instead). Only a ratio that no allowed size can hold is a 400.
+    elongation = max(ratio, 1 / ratio)
+    limits = model.limits
+    fewest = limits.min_side**2 * elongation
+    most = min(limits.max_pixels, limits.max_side**2 / elongation)
+    if fewest > most:
+        raise InvalidRequest(
+            f"Invalid '{param}': no size of model '{model.id}' has that shape (each side must be between "
+            f"{limits.min_side} and {limits.max_side}, at most {limits.max_pixels} pixels).",
+            param=param,
+        )
+    pixels = min(max(default_w * default_h * pixel_share, fewest), most)
+
+    def fits(size: tuple[int, int]) -> bool:
+        return not _size_problems(*size, model)
+
+    width, height = _fit_aspect(pixels, ratio, model.family.size_multiple, fits=fits)
     _check_size(width, height, model, param=param)
     return width, height
 
 
-def _fit_aspect(pixels: float, ratio: float, multiple: int) -> tuple[int, int]:
-    """Sides on the size grid near ``pixels`` whose ratio is closest to ``ratio``.
+def _fit_aspect(
+    pixels: float, ratio: float, multiple: int, fits: Callable[[tuple[int, int]], bool] = lambda _: True
+) -> tuple[int, int]:
+    """Sides on the size grid near ``pixels`` whose ratio is closest to ``ratio``, preferring
+    sides that ``fits``.
 
     Rounding both sides independently skews the ratio (2:1 at 4096 px gives 88x48), so
     round one side, derive the other from it, and keep the better of the two ways round.
@@ -168,14 +188,15 @@ def _fit_aspect(pixels: float, ratio: float, multiple: int) -> tuple[int, int]:
     by_height = (_round_to(by_height_h * ratio, multiple), by_height_h)
     by_width_w = _round_to(math.sqrt(pixels * ratio), multiple)
     by_width = (by_width_w, _round_to(by_width_w / ratio, multiple))
-    return min(by_height, by_width, key=lambda wh: (abs(wh[0] / wh[1] - ratio), abs(wh[0] * wh[1] - pixels)))
+    options = [wh for wh in (by_height, by_width) if fits(wh)] or [by_height, by_width]
+    return min(options, key=lambda wh: (abs(wh[0] / wh[1] - ratio), abs(wh[0] * wh[1] - pixels)))
 
 
 def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
-def _check_size(width: int, height: int, model: ModelConfig, *, param: str) -> None:
+def _size_problems(width: int, height: int, model: ModelConfig) -> list[str]:
     limits = model.limits
     multiple = model.family.size_multiple
     problems = []
@@ -185,6 +206,11 @@ def _check_size(width: int, height: int, model: ModelConfig, *, param: str) -> N
         problems.append(f"each side must be between {limits.min_side} and {limits.max_side}")
     if width * height > limits.max_pixels:
         problems.append(f"at most {limits.max_pixels} pixels")
+    return problems
+
+
+def _check_size(width: int, height: int, model: ModelConfig, *, param: str) -> None:
+    problems = _size_problems(width, height, model)
     if problems:
         raise InvalidRequest(
             f"Invalid '{param}': {width}x{height} is not supported by model '{model.id}' "

@@ -76,6 +76,23 @@ def test_aspect_ratio_and_image_size():
     assert caught.value.param == "image_size"
 
 
+def test_a_derived_size_moves_within_the_limits_rather_than_failing():
+    # Production SDXL: a quarter of 1024x1024 at 16:9 would be 680x384, under its 512 side.
+    sdxl = SDXL.model_copy(update={
+        "defaults": SDXL.defaults.model_copy(update={"size": "1024x1024"}),
+        "limits": SDXL.limits.model_copy(update={"min_side": 512, "max_side": 2048, "max_pixels": 1572864}),
+    })
+    assert plan(sdxl, aspect_ratio="16:9", image_size="optimize_for_speed").size == "912x512"
+    assert plan(sdxl, aspect_ratio="9:16", image_size="optimize_for_speed").size == "512x912"
+    assert plan(sdxl, aspect_ratio="16:9", image_size="optimize_for_quality").size == "1368x768"  # unchanged
+    assert plan(sdxl, aspect_ratio="4:1").size == "2048x512"  # the only 4:1 within 512..2048
+    with pytest.raises(InvalidRequest) as caught:
+        plan(sdxl, aspect_ratio="5:1")  # 512 high would need 2560 wide
+    assert caught.value.param == "aspect_ratio" and "between 512 and 2048" in caught.value.message
+    with pytest.raises(InvalidRequest):
+        plan(sdxl, size="1024x384")  # a size the client spelled out is not moved
+
+
 def test_quality_maps_to_steps():
     assert plan(quality="low").shape.steps == 2
     assert plan(quality="medium").shape.steps == 4

@@ -53,6 +53,14 @@ def test_output_formats_and_sizes(client, model, fmt, pil_format):
     assert result.output_format == fmt
 
 
+def test_a_fast_wide_image_is_fitted_to_the_model_not_refused(client):
+    # A quarter of 64x64 at 16:9 would be 40x24, under tiny-sdxl's 32-pixel minimum side.
+    result = client.images.generate(
+        model="tiny-sdxl", prompt="a wide field", extra_body={"aspect_ratio": "16:9", "image_size": "optimize_for_speed"}
+    )
+    assert decode(result.data[0]).size == (56, 32) and result.size == "56x32"
+
+
 def test_qubrid_fields_are_honoured(client):
     body = {"num_inference_steps": 2, "guidance": 3.0, "negative_prompt": "blurry", "seed": 7,
             "aspect_ratio": "2:1", "image_size": "optimize_for_quality"}
