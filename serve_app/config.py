@@ -169,6 +169,13 @@ class AccountsConfig(StrictModel):
     )
     default_requests_per_minute: int = Field(60, ge=1)
     default_images_per_minute: int = Field(120, ge=1)
+    release_stale_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="refund reservations left open this long (a replica died mid-request); "
+        "default: twice the longest model timeout_s plus 300 s",
+    )
+    release_stale_every_s: float = Field(60.0, gt=0)
 
     def resolved_database_url(self) -> str:
         return os.environ.get("IMAGEGEN_DATABASE_URL") or self.database_url
@@ -237,6 +244,21 @@ class AppConfig(StrictModel):
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    @property
+    def stale_reservation_after_s(self) -> float:
+        """How long a reservation may stay open before it is refunded: well past any request
+        that is still running (its images are due within its model's ``timeout_s``; delivery
+        and settlement follow at once)."""
+        configured = self.accounts.release_stale_after_s
+        return configured if configured is not None else 2 * max(m.timeout_s for m in self.models) + 300
+
+    @model_validator(mode="after")
+    def _stale_after_outlasts_requests(self) -> AppConfig:
+        longest = max(m.timeout_s for m in self.models)
+        if self.stale_reservation_after_s <= longest:
+            raise ValueError(f"accounts.release_stale_after_s must exceed the longest model timeout_s ({longest:g})")
+        return self
 
 
 def load_app_config(path: str | Path) -> AppConfig:

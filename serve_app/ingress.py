@@ -77,12 +77,20 @@ class ImageGenerationIngress:
             for model in self._config.models
         }
         self._store = build_image_store(self._config.storage)
+        self._accounts = build_accounts(self._config)
         self._service = ImageGenerationService(
             config=self._config,
             router=ModelRouter(routes, replicas),
-            accounts=build_accounts(self._config),
+            accounts=self._accounts,
             store=self._store,
         )
+
+    def _start_background_work(self) -> None:
+        """Retention sweeps, started once on the replica's event loop by the first request
+        that needs them (the constructor may not run on that loop)."""
+        self._store.start_sweeper()
+        accounts = self._config.accounts
+        self._accounts.start_stale_sweeper(self._config.stale_reservation_after_s, accounts.release_stale_every_s)
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -99,6 +107,7 @@ class ImageGenerationIngress:
 
     @api.get("/v1/usage")
     async def usage(self, request: Request) -> Response:
+        self._start_background_work()
         try:
             usage = await self._service.usage(request.headers.get("authorization"))
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
@@ -126,7 +135,7 @@ class ImageGenerationIngress:
     @api.post("/v1/images/generations")
     async def generate_images(self, request: Request) -> Response:
         request_id = request_id_of(request)
-        self._store.start_sweeper()
+        self._start_background_work()
         try:
             payload = await self._read_json(request)
             served = await self._service.generate(

@@ -159,3 +159,30 @@ def test_client_disconnect_refunds(served):
         time.sleep(0.2)
     assert usage["reserved"] == 0
     assert usage["balance"] == 10 and usage["total_images"] == 0
+
+
+def test_credits_held_by_a_request_that_died_come_back_by_themselves(served):
+    """A replica that dies mid-request leaves its reservation open; the ingress refunds it
+    once it is older than any live request can be (2 x the longest timeout_s + 300 s)."""
+    import sqlite3
+
+    from serve_app.accounts.sqlite_store import SQLiteAccountStore, sqlite_path_from_url
+
+    key = served.create_key("5")
+    path = sqlite_path_from_url(served.database_url)
+    store = SQLiteAccountStore(path)
+    record = store.key_by_name(f"key-{served._key_count}")
+    held = store.reserve(record.id, "req-died", "tiny-sdxl", 3, record.balance_units // 5)  # as a replica would
+    with sqlite3.connect(path) as conn:  # ... one that died this long ago
+        age = served.config.stale_reservation_after_s + 60
+        conn.execute("UPDATE reservations SET created = created - ? WHERE id = ?", (age, held.id))
+
+    deadline = time.monotonic() + 15
+    while True:
+        usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+        if usage["balance"] == 5 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert usage["balance"] == 5 and usage["reserved"] == 0
+    assert [e.kind for e in store.ledger(record.id) if e.request_id == "req-died"] == ["reserve", "charge", "refund"]
+    store.close()

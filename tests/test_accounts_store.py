@@ -494,6 +494,35 @@ def test_an_exhausted_key_is_refused_from_memory_until_credits_come_back(account
     assert_sound(store)
 
 
+def test_stale_reservations_are_released_by_the_sweeper_and_clear_remembered_shortfalls(accounts):
+    store = accounts.store
+    key = issue_key(store, "alice", credits_units=2 * PRICE).record
+
+    async def main():
+        held = await accounts.reserve(key, "died", "m1", 2, PRICE)
+        with pytest.raises(InsufficientFunds):
+            await accounts.reserve(key, "r2", "m1", 1, PRICE)
+        assert await accounts.release_stale(3600) == []  # young: a request may still be running
+        sweeper = accounts.start_stale_sweeper(0, 0.01)
+        assert accounts.start_stale_sweeper(0, 0.01) is sweeper  # once
+        for _ in range(200):  # the fake clock stands still: only the refund can clear the 402
+            await asyncio.sleep(0.005)
+            try:
+                accounts.refuse_if_short(key, "m1", 1, PRICE)
+                break
+            except InsufficientFunds:
+                continue
+        assert store.usage(key.id).reserved_units == 0
+        accounts.refuse_if_short(key, "m1", 1, PRICE)
+        settlement = await accounts.settle(held, 2)  # the request turns up after all: nothing changes
+        assert settlement.already_settled and settlement.charged_units == 0
+        sweeper.cancel()
+
+    asyncio.run(main())
+    assert store.key_by_id(key.id).balance_units == 2 * PRICE
+    assert_sound(store)
+
+
 def test_a_shortfall_read_before_a_refund_is_not_remembered():
     clock = FakeClock()
     memo = ShortfallMemo(1.0, clock=clock)

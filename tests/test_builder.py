@@ -85,6 +85,15 @@ def test_bad_config_names_the_field(model, field):
     assert field in str(caught.value)
 
 
+def test_stale_reservations_wait_past_the_longest_timeout():
+    base = {"id": "m", "family": "sdxl", "weights": "builtin:tiny-sdxl", "timeout_s": 100}
+    assert AppConfig.model_validate({"models": [base]}).stale_reservation_after_s == 500
+    custom = AppConfig.model_validate({"models": [base], "accounts": {"release_stale_after_s": 150}})
+    assert custom.stale_reservation_after_s == 150
+    with pytest.raises(ValidationError, match="release_stale_after_s"):
+        AppConfig.model_validate({"models": [base], "accounts": {"release_stale_after_s": 100}})
+
+
 def test_duplicate_model_ids_are_rejected():
     model = {"id": "m", "family": "sdxl", "weights": "builtin:tiny-sdxl"}
     with pytest.raises(ValidationError, match="duplicate model id"):

@@ -76,6 +76,7 @@ class Accounts:
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._cache_max = 10_000
         self._shortfalls = ShortfallMemo(key_cache_ttl_s, clock=clock)
+        self._stale_sweeper: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="accounts-db")
 
     @classmethod
@@ -201,10 +202,38 @@ class Accounts:
                 # key's remembered shortfall, if any, is out of date.
                 future.add_done_callback(lambda _: self._shortfalls.credited(reservation.key_id))
 
+    async def release_stale(self, older_than_s: float) -> list[Settlement]:
+        """Refund every reservation open longer than ``older_than_s``: one whose request
+        died with its replica. Safe from several replicas at once (settling is idempotent)."""
+        released = await self._run(self.store.release_stale, older_than_s)
+        if released:
+            self._shortfalls.credited()
+            logger.warning("refunded %d reservation(s) left open over %g s", len(released), older_than_s)
+        return released
+
+    def start_stale_sweeper(self, older_than_s: float, every_s: float) -> asyncio.Task[None]:
+        """Run ``release_stale`` now and every ``every_s`` as a task of the running loop,
+        once; ``close()`` stops it."""
+        if self._stale_sweeper is None or self._stale_sweeper.done():
+            self._stale_sweeper = asyncio.get_running_loop().create_task(
+                self._sweep_stale(older_than_s, every_s), name="Accounts.stale_sweeper"
+            )
+        return self._stale_sweeper
+
+    async def _sweep_stale(self, older_than_s: float, every_s: float) -> None:
+        while True:
+            try:
+                await self.release_stale(older_than_s)
+            except Exception:
+                logger.exception("releasing stale reservations failed")
+            await asyncio.sleep(every_s)
+
     async def usage(self, key: ApiKey) -> Usage:
         return await self._run(self.store.usage, key.id)
 
     def close(self) -> None:
+        if self._stale_sweeper is not None:
+            self._stale_sweeper.cancel()
         self._executor.shutdown(wait=True)
         self.store.close()
 

@@ -69,10 +69,13 @@ class ShortfallMemo:
         if amount_units > balance_units:
             raise CreditShortfall(images=images, model=model, amount_units=amount_units, balance_units=balance_units)
 
-    def credited(self, key_id: int) -> None:
-        """Credits came back to ``key_id`` in this process (a settlement)."""
+    def credited(self, key_id: int | None = None) -> None:
+        """Credits came back to ``key_id`` (None: to keys not known here) in this process."""
         self._epoch += 1
-        self._short.pop(key_id, None)
+        if key_id is None:
+            self._short.clear()
+        else:
+            self._short.pop(key_id, None)
 
 
 __all__ = ["CreditShortfall", "ShortfallMemo"]
