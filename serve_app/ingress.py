@@ -105,6 +105,14 @@ class ImageGenerationIngress:
             return error_response(exc, request_id)
         return JSONResponse(models.model_dump())
 
+    @api.get("/v1/models/{model_id:path}")
+    async def retrieve_model(self, model_id: str, request: Request) -> Response:
+        try:
+            model = await self._service.retrieve_model(request.headers.get("authorization"), model_id)
+        except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
+            return error_response(exc, request_id_of(request))
+        return JSONResponse(model.model_dump())
+
     @api.get("/v1/usage")
     async def usage(self, request: Request) -> Response:
         self._start_background_work()

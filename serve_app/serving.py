@@ -72,9 +72,20 @@ class ImageGenerationService:
         self._clock = clock
 
     async def list_models(self, authorization: str | None) -> ModelList:
-        await self._accounts.authenticate(authorization)
+        """The models this key may use."""
+        key = await self._accounts.authenticate(authorization)
         created = int(self._clock())
-        return ModelList(data=[ModelCard(id=model.id, created=created) for model in self._config.models])
+        return ModelList(
+            data=[ModelCard(id=model.id, created=created) for model in self._config.models if key.may_use(model.id)]
+        )
+
+    async def retrieve_model(self, authorization: str | None, model_id: str) -> ModelCard:
+        key = await self._accounts.authenticate(authorization)
+        model = self._config.model(model_id)
+        if model is None:
+            raise ModelNotFound(model_id)
+        self._accounts.check_model(key, model.id)
+        return ModelCard(id=model.id, created=int(self._clock()))
 
     async def usage(self, authorization: str | None) -> dict[str, Any]:
         """Balance, and images and credits by model, for the calling key."""

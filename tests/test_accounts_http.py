@@ -51,6 +51,11 @@ def test_model_not_permitted_is_403(served):
         client.images.generate(model="tiny-sdxl", prompt="x")
     check_error(caught.value, 403, "model_not_permitted")
     assert len(client.images.generate(model="tiny-qwen-image", prompt="x").data) == 1
+    # The key sees only what it may use.
+    assert [model.id for model in client.models.list().data] == ["tiny-qwen-image"]
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        client.models.retrieve("tiny-sdxl")
+    check_error(caught.value, 403, "model_not_permitted")
 
 
 def test_unknown_model_is_404(served):

@@ -102,6 +102,11 @@ def test_seeded_batch_equals_single_requests_under_load(client, model):
 def test_models_list_and_health(served, client):
     listed = client.models.list()
     assert sorted(model.id for model in listed.data) == sorted(MODELS)
+    one = client.models.retrieve("tiny-sdxl")
+    assert (one.id, one.object, one.owned_by) == ("tiny-sdxl", "model", "imagegen")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("dall-e-9")
+    assert caught.value.code == "model_not_found"
     health = httpx.get(f"{served.base_url}/health")
     assert health.status_code == 200
 
