@@ -175,9 +175,7 @@ def resolve_size(request: ImageGenerationRequest, model: ModelConfig) -> tuple[i
     return width, height
 
 
-def _fit_aspect(
-    pixels: float, ratio: float, multiple: int, fits: Callable[[tuple[int, int]], bool] = lambda _: True
-) -> tuple[int, int]:
+def _fit_aspect(pixels: float, ratio: float, multiple: int, fits: Callable[[tuple[int, int]], bool]) -> tuple[int, int]:
     """Sides on the size grid near ``pixels`` whose ratio is closest to ``ratio``, preferring
     sides that ``fits``.
 
