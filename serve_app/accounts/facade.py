@@ -43,6 +43,7 @@ from serve_app.accounts.records import ApiKey, Reservation, Settlement, Usage
 from serve_app.accounts.shortfall import CreditShortfall, ShortfallMemo
 from serve_app.accounts.store import AccountStore, open_store
 from serve_app.errors import InvalidAPIKey, MissingAPIKey, ModelNotPermitted
+from serve_app.periodic import run_periodically
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -215,18 +216,11 @@ class Accounts:
         """Run ``release_stale`` now and every ``every_s`` as a task of the running loop,
         once; ``close()`` stops it."""
         if self._stale_sweeper is None or self._stale_sweeper.done():
+            work = functools.partial(self.release_stale, older_than_s)
             self._stale_sweeper = asyncio.get_running_loop().create_task(
-                self._sweep_stale(older_than_s, every_s), name="Accounts.stale_sweeper"
+                run_periodically(work, every_s, "releasing stale reservations"), name="Accounts.stale_sweeper"
             )
         return self._stale_sweeper
-
-    async def _sweep_stale(self, older_than_s: float, every_s: float) -> None:
-        while True:
-            try:
-                await self.release_stale(older_than_s)
-            except Exception:
-                logger.exception("releasing stale reservations failed")
-            await asyncio.sleep(every_s)
 
     async def usage(self, key: ApiKey) -> Usage:
         return await self._run(self.store.usage, key.id)

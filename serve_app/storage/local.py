@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from serve_app.config import LocalStorageConfig
 from serve_app.errors import NotFound
+from serve_app.periodic import run_periodically
 
 from .base import ImageStore, StorageError, content_type_for, is_valid_name, unguessable_name
 from .signing import SIGNING_KEY_FILE, UrlSigner, load_or_create_secret
@@ -136,11 +137,9 @@ class LocalImageStore(ImageStore):
 
     async def run_sweeper(self) -> None:
         """Sweep now and then every ``sweep_interval_s`` until cancelled."""
-        while True:
-            try:
-                deleted = await asyncio.to_thread(self.sweep)
-                if deleted:
-                    logger.info("image store sweep deleted %d expired file(s)", deleted)
-            except Exception:
-                logger.exception("image store sweep failed")
-            await asyncio.sleep(self.sweep_interval_s)
+        await run_periodically(self._sweep_once, self.sweep_interval_s, "image store sweep")
+
+    async def _sweep_once(self) -> None:
+        deleted = await asyncio.to_thread(self.sweep)
+        if deleted:
+            logger.info("image store sweep deleted %d expired file(s)", deleted)
