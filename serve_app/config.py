@@ -261,12 +261,22 @@ class AppConfig(StrictModel):
         return self
 
 
-def load_app_config(path: str | Path) -> AppConfig:
-    """Read the ``args:`` of the first application in a Serve config file."""
+def _read_serve_config(path: str | Path) -> dict[str, Any]:
     import yaml
 
     with open(path, encoding="utf-8") as handle:
-        document = yaml.safe_load(handle) or {}
+        return yaml.safe_load(handle) or {}
+
+
+def load_controller_options(path: str | Path) -> dict[str, Any] | None:
+    """The ``controller_options:`` of a Serve config file, for ``serve.start`` to start Serve
+    as ``serve run`` would (they install the proxy's middleware, ``serve_app.edge``)."""
+    return _read_serve_config(path).get("controller_options")
+
+
+def load_app_config(path: str | Path) -> AppConfig:
+    """Read the ``args:`` of the first application in a Serve config file."""
+    document = _read_serve_config(path)
     applications = document.get("applications") or []
     if not applications:
         raise ValueError(f"{path}: no applications: section")
@@ -286,4 +296,5 @@ __all__ = [
     "S3StorageConfig",
     "StorageConfig",
     "load_app_config",
+    "load_controller_options",
 ]

@@ -7,6 +7,7 @@ import math
 
 from fastapi.responses import JSONResponse
 
+from serve_app.edge import HOLD_HEADER, hold_for
 from serve_app.errors import APIError, InternalError
 from serve_app.protocol import ErrorBody, ErrorResponse
 
@@ -15,11 +16,13 @@ logger = logging.getLogger("ray.serve")
 REQUEST_ID_HEADER = "x-request-id"
 
 
-def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+def error_response(exc: BaseException, request_id: str, *, behind_edge: bool = False) -> JSONResponse:
     """Render any exception in the documented error shape.
 
     An ``APIError`` is the client's to see; anything else is a bug, logged with the
-    request id and shown as a bare 500 so no internals leak.
+    request id and shown as a bare 500 so no internals leak. ``behind_edge``: the request
+    came through ``serve_app.edge.EdgeRejections``, which may repeat this rejection for a
+    while if it is told how long it holds.
     """
     if not isinstance(exc, APIError):
         logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
@@ -33,4 +36,7 @@ def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
+    hold = hold_for(exc) if behind_edge else None
+    if hold is not None:
+        headers[HOLD_HEADER] = hold.header()
     return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=headers)

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
+from serve_app.edge import EDGE_HEADER
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge
 from serve_app.http_errors import REQUEST_ID_HEADER, error_response
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter
@@ -40,6 +41,11 @@ def _new_request_id(request: Request) -> str:
     return request_id
 
 
+def error_for(exc: BaseException, request: Request) -> JSONResponse:
+    """``exc`` on the wire, for this request."""
+    return error_response(exc, request_id_of(request), behind_edge=EDGE_HEADER in request.headers)
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 404:
@@ -47,12 +53,12 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     else:
         error = InvalidRequest(str(exc.detail))
         error.status_code = exc.status_code
-    return error_response(error, request_id_of(request))
+    return error_for(error, request)
 
 
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(exc, request_id_of(request))
+    return error_for(exc, request)
 
 
 # Defined before the class: Serve pickles the deployment class when it is decorated.
@@ -98,11 +104,10 @@ class ImageGenerationIngress:
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
-        request_id = request_id_of(request)
         try:
             models = await self._service.list_models(request.headers.get("authorization"))
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
-            return error_response(exc, request_id)
+            return error_for(exc, request)
         return JSONResponse(models.model_dump())
 
     @api.get("/v1/models/{model_id:path}")
@@ -110,7 +115,7 @@ class ImageGenerationIngress:
         try:
             model = await self._service.retrieve_model(request.headers.get("authorization"), model_id)
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
-            return error_response(exc, request_id_of(request))
+            return error_for(exc, request)
         return JSONResponse(model.model_dump())
 
     @api.get("/v1/usage")
@@ -119,20 +124,19 @@ class ImageGenerationIngress:
         try:
             usage = await self._service.usage(request.headers.get("authorization"))
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
-            return error_response(exc, request_id_of(request))
+            return error_for(exc, request)
         return JSONResponse(usage)
 
     @api.get("/v1/files/images/{name:path}")
     async def get_image(self, name: str, request: Request) -> Response:
         """A stored image; the URL's signature is the authorization, not an API key."""
-        request_id = request_id_of(request)
         expires = request.query_params.get("expires")
         try:
             if not isinstance(self._store, LocalImageStore):
                 raise NotFound("Images are served by the configured object store, not here.")
             path, content_type = self._store.resolve(name, expires, request.query_params.get("signature"))
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
-            return error_response(exc, request_id)
+            return error_for(exc, request)
         max_age = max(0, int(expires or 0) - int(time.time()))
         return FileResponse(
             path,
@@ -153,7 +157,7 @@ class ImageGenerationIngress:
                 base_url=str(request.base_url).rstrip("/"),
             )
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
-            return error_response(exc, request_id)
+            return error_for(exc, request)
         return JSONResponse(served.body.model_dump(exclude_none=True), headers=served.headers)
 
     async def _read_json(self, request: Request) -> object:

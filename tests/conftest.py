@@ -43,7 +43,7 @@ def served(ray_session, tmp_path_factory):
     from ray import serve
 
     from serve_app.app import build_app
-    from serve_app.config import load_app_config
+    from serve_app.config import load_app_config, load_controller_options
 
     data = tmp_path_factory.mktemp("served")
     base = load_app_config(ROOT / "serve_config.yaml")
@@ -60,14 +60,17 @@ def served(ray_session, tmp_path_factory):
         }
     )
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # As `serve run serve_config.yaml` starts Serve: its controller_options install the
+    # proxy's middleware (serve_app.edge).
+    controller_options = load_controller_options(ROOT / "serve_config.yaml")
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options)
     serve.run(build_app(config), name="imagegen", route_prefix="/")
     yield Served(config=config, base_url=f"http://127.0.0.1:{port}", database_url=config.accounts.database_url)
     serve.delete("imagegen")
 
 
 @pytest.fixture(scope="session")
-def edge_app(served):
+def failure_app(served):
     """A second application for the failure paths, on the same database. Its models:
 
     - ``needs-gpu`` asks for a GPU this machine lacks, so its replica never runs;
@@ -100,18 +103,19 @@ def edge_app(served):
     models = [needs_gpu.model_dump(), tight_deadline.model_dump()]
     config = AppConfig.model_validate({**served.config.model_dump(), "models": models})
     serve.run_many(
-        [serve.RunTarget(build_app(config), name="edge-app", route_prefix="/edge")], wait_for_applications_running=False
+        [serve.RunTarget(build_app(config), name="failure-app", route_prefix="/failures")],
+        wait_for_applications_running=False,
     )
-    base_url = f"{served.base_url}/edge"
+    base_url = f"{served.base_url}/failures"
     deadline = time.monotonic() + 90
-    while not _deployment_running("edge-app", tight_deadline.deployment_name):
-        assert time.monotonic() < deadline, "edge-app never came up"
+    while not _deployment_running("failure-app", tight_deadline.deployment_name):
+        assert time.monotonic() < deadline, "failure-app never came up"
         time.sleep(0.5)
     while httpx.get(f"{base_url}/health").status_code != 200:
-        assert time.monotonic() < deadline, "the ingress of edge-app never came up"
+        assert time.monotonic() < deadline, "the ingress of failure-app never came up"
         time.sleep(0.5)
     yield base_url
-    serve.delete("edge-app", _blocking=False)
+    serve.delete("failure-app", _blocking=False)
 
 
 def _deployment_running(app_name: str, deployment_name: str) -> bool:

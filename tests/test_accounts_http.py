@@ -70,8 +70,9 @@ def test_insufficient_funds_is_402_and_charges_nothing(served):
         client.images.generate(model="tiny-sdxl", prompt="x", n=2)
     check_error(caught.value, 402, "insufficient_funds")
     assert caught.value.body["type"] == "insufficient_quota"
-    # The retry comes within the second the ingress remembers the shortfall: 402 again from
-    # memory, before the rate limit (the key's one request a minute went on the first try).
+    # The retry comes within the second the shortfall is remembered (by Serve's proxy, or by
+    # the ingress in throughput mode): 402 again, before the rate limit (the key's one
+    # request a minute went on the first try).
     with pytest.raises(openai.APIStatusError) as caught:
         client.images.generate(model="tiny-sdxl", prompt="x", n=2)
     check_error(caught.value, 402, "insufficient_funds")
@@ -90,6 +91,49 @@ def test_rate_limit_is_429_with_retry_after(served):
         client.images.generate(model="tiny-sdxl", prompt="x")
     check_error(caught.value, 429, "rate_limit_exceeded")
     assert int(caught.value.response.headers["retry-after"]) >= 1
+
+
+THROUGHPUT_MODE = os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1"
+
+
+@pytest.mark.skipif(THROUGHPUT_MODE, reason="throughput mode has no Serve proxy: the ingress answers every request")
+def test_the_proxy_repeats_a_fresh_rejection_for_at_most_a_second(served):
+    name = "broke-then-topped-up"
+    client = served.client(served.create_key("0", name=name))
+    with pytest.raises(openai.APIStatusError) as first:
+        client.images.generate(model="tiny-sdxl", prompt="first")
+    check_error(first.value, 402, "insufficient_funds")
+    assert "x-imagegen-edge" not in first.value.response.headers  # the ingress answered
+    with pytest.raises(openai.APIStatusError) as again:
+        client.images.generate(model="tiny-sdxl", prompt="another prompt")
+    check_error(again.value, 402, "insufficient_funds")
+    assert again.value.response.headers["x-imagegen-edge"] == "hit"  # Serve's proxy answered
+    assert again.value.request_id != first.value.request_id
+    assert again.value.body["message"] == first.value.body["message"]
+    # A top-up is seen within a second, by the proxy as by the ingress.
+    run_cli("credits", "add", name, "1", database_url=served.database_url)
+    time.sleep(1.1)
+    assert len(client.images.generate(model="tiny-sdxl", prompt="paid").data) == 1
+
+    bad = served.client("qbt_" + "r" * 43)
+    for _ in range(2):
+        with pytest.raises(openai.AuthenticationError) as caught:
+            bad.images.generate(model="tiny-sdxl", prompt="x")
+        check_error(caught.value, 401, "invalid_api_key")
+    assert caught.value.response.headers["x-imagegen-edge"] == "hit"
+
+
+def test_the_proxy_internal_hold_header_never_reaches_a_client(served):
+    url = f"{served.base_url}/v1/images/generations"
+    body = {"model": "tiny-sdxl", "prompt": "x"}
+    response = httpx.post(url, json=body, headers={"authorization": "Bearer qbt_" + "h" * 43})
+    assert response.status_code == 401 and "x-imagegen-edge-hold" not in response.headers
+    if not THROUGHPUT_MODE:
+        # A client's forged mark is dropped by the proxy. (Without the proxy, the ingress
+        # believes it and says how long its answer holds: information, not a privilege.)
+        forged = {"authorization": "Bearer qbt_" + "f" * 43, "x-imagegen-edge": "1"}
+        response = httpx.post(url, json=body, headers=forged)
+        assert response.status_code == 401 and "x-imagegen-edge-hold" not in response.headers
 
 
 def test_credit_headers_and_usage(served):
@@ -132,11 +176,11 @@ def test_concurrent_requests_never_overdraw(served):
 
 
 @pytest.mark.parametrize("model, status, code", [("needs-gpu", 503, "model_unavailable"), ("tight-deadline", 504, "timeout")])
-def test_failed_generation_refunds(served, edge_app, model, status, code):
+def test_failed_generation_refunds(served, failure_app, model, status, code):
     key = served.create_key("3")
     headers = {"Authorization": f"Bearer {key}"}
     body = {"model": model, "prompt": "x", "n": 2, "size": "128x128", "num_inference_steps": 40}
-    response = httpx.post(f"{edge_app}/v1/images/generations", json=body, headers=headers, timeout=30)
+    response = httpx.post(f"{failure_app}/v1/images/generations", json=body, headers=headers, timeout=30)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
     usage = httpx.get(f"{served.base_url}/v1/usage", headers=headers).json()

@@ -166,11 +166,11 @@ def test_malformed_and_oversized_bodies(served, client):
     assert missing.status_code == 404 and "error" in missing.json()
 
 
-def test_a_model_without_replicas_answers_503_fast(served, edge_app):
+def test_a_model_without_replicas_answers_503_fast(served, failure_app):
     """A deployment that asks for a GPU this machine lacks stays pending; requests must not hang."""
     key = served.create_key("10")
     started = time.monotonic()
-    response = httpx.post(f"{edge_app}/v1/images/generations", json={"model": "needs-gpu", "prompt": "x"},
+    response = httpx.post(f"{failure_app}/v1/images/generations", json={"model": "needs-gpu", "prompt": "x"},
                           headers={"Authorization": f"Bearer {key}"}, timeout=30)
     assert time.monotonic() - started < 5
     assert response.status_code == 503
