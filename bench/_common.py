@@ -349,10 +349,18 @@ class LoadResult:
     window_s: float
     records: list[RequestRecord] = field(default_factory=list)
     statuses: dict[int, int] = field(default_factory=dict)
+    window_start: float = 0.0
 
     @property
     def images(self) -> int:
         return sum(r.images for r in self.records)
+
+    @property
+    def sent_in_window(self) -> list[RequestRecord]:
+        """The completions that were also sent within the window: what latency is read from.
+        (A request sent during the warm-up, say into a cold cache, ends in the window but
+        measures the warm-up.)"""
+        return [r for r in self.records if r.start >= self.window_start]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -362,7 +370,7 @@ class LoadResult:
             "window_s": round(self.window_s, 3),
             "requests_per_s": round(self.requests / self.window_s, 2),
             "images_per_s": round(self.images / self.window_s, 2),
-            "latency": latency_summary([r.end - r.start for r in self.records]),
+            "latency": latency_summary([r.end - r.start for r in self.sent_in_window]),
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
         }
 
@@ -421,14 +429,22 @@ async def closed_loop(
 
 def steady_state(done: list[RequestRecord], clients: int, warmup: int) -> LoadResult:
     """Completions in order; drop the first ``warmup``; the window runs from the last
-    dropped completion to the last kept one."""
+    dropped completion to the last kept one. Throughput counts every completion in the
+    window; latency only those also sent in it."""
     measured = done[warmup:]
     window_start = done[warmup - 1].end if warmup > 0 else min(r.start for r in measured)
     window = measured[-1].end - window_start
     statuses: dict[int, int] = {}
     for record in measured:
         statuses[record.status] = statuses.get(record.status, 0) + 1
-    return LoadResult(clients=clients, requests=len(measured), window_s=window, records=measured, statuses=statuses)
+    return LoadResult(
+        clients=clients,
+        requests=len(measured),
+        window_s=window,
+        records=measured,
+        statuses=statuses,
+        window_start=window_start,
+    )
 
 
 # -- the served graph ------------------------------------------------------------------------

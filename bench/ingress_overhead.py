@@ -154,7 +154,7 @@ async def rejection_scenario(port: int, key: str | None, expected: int, clients:
     # Throughput counts every answer; latency only the expected rejections (a 429 key's
     # first request, say, is admitted and generates).
     out["closed_loop"] = {**closed.summary(), "latency": latency_summary(
-        [r.end - r.start for r in closed.records if r.status == expected])}
+        [r.end - r.start for r in closed.sent_in_window if r.status == expected])}
     saturation = closed.requests / closed.window_s
 
     rate = saturation / 2
@@ -310,9 +310,12 @@ def markdown(doc: dict[str, Any]) -> str:
         f"forwarding to the ingress replicas' own HTTP servers). "
         f"Machine: {m['nproc']} cores ({m['cpu_model']}), ray {m['versions']['ray']}.",
         "",
-        "Rejections. *closed*: every client sends again as soon as it has its answer (saturation; p50 is then about "
-        f"{c['clients']} / throughput); *paced*: the same clients offering half the closed-loop throughput; "
-        "*1 client*: one request at a time.",
+        "Rejections. Each kind uses one key, so after its first answers the proxy middleware (`serve_app/edge.py`; "
+        "in throughput mode the same middleware in the ingress replicas' HTTP servers) repeats the ingress's "
+        "rejection, renewing it from the ingress about every 0.75 s. *closed*: every client sends again as soon "
+        f"as it has its answer (saturation; p50 is then about {c['clients']} / throughput; latency counts the "
+        f"requests sent after the first {c['warmup']} answers); *paced*: the same clients offering half the "
+        "closed-loop throughput; *1 client*: one request at a time.",
         "",
         "| Serve | rejection | closed req/s | closed p50 | closed p99 | paced req/s | paced p50 | paced p99 | "
         "1 client p50 | 1 client p99 | CPU ms/req proxy + ingress + limiter |",

@@ -13,13 +13,15 @@ it holds, and which body fields it depended on besides the method, path and Auth
 header. ``EdgeRejections``, an ASGI middleware that Serve runs inside its HTTP proxy
 (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``, set in serve_config.yaml), strips that
 header, and answers the same question with the same rejection until then: a fresh request
-id, and ``x-imagegen-edge: hit`` so that an operator can tell.
+id, and ``x-imagegen-edge: hit`` so that an operator can tell. Late in a hold, one request
+goes through to renew the answer while the others are still answered here, so an answer
+that lapses never sends a burst of identical questions to the ingress at once.
 
 What it never does: decide anything itself, hold an answer longer than ``HOLD_MAX_S``, admit
 a request, or keep a key in clear (Authorization values are hashed). A replayed 429's
 ``Retry-After`` and ``x-ratelimit-*`` headers are the ingress's, up to ``HOLD_MAX_S`` old.
-Without Serve's proxy (throughput mode: HAProxy in front) nothing here runs, requests carry
-no ``EDGE_HEADER``, and the ingress answers every request itself.
+In throughput mode (HAProxy in front, no Serve proxy) Serve applies the same hook to each
+ingress replica's own HTTP server, so this runs there, in front of Serve's request handling.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 EDGE_HEADER = "x-imagegen-edge"  # request: came through EdgeRejections; response: "hit" on a replay
 HOLD_HEADER = "x-imagegen-edge-hold"  # response: "<seconds>; fields=<a,b>", proxy-internal
 HOLD_MAX_S = 1.0  # the ingress's own key cache and 402 memo: never staler than those
+RENEW_AFTER = 0.75  # share of a hold after which one request renews the answer
 PROXY_CALLBACK = "serve_app.edge:proxy_middlewares"  # RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
 
 _EDGE = EDGE_HEADER.encode()
@@ -130,10 +133,12 @@ class EdgeRejections:
         self._max_entries = max_entries
         self._max_body_bytes = max_body_bytes
         self._report_every_s = report_every_s
-        # (asker, fields, values) -> (until, replay); asker = method, path, query, key digest
-        self._answers: dict[tuple, tuple[float, _Replay]] = {}
+        # (asker, fields, values) -> (until, renew from, replay); asker = method, path, query,
+        # key digest
+        self._answers: dict[tuple, tuple[float, float, _Replay]] = {}
         # asker -> (until, {fields: until}): which body fields to read for this asker
         self._field_sets: dict[tuple, tuple[float, dict[tuple[str, ...], float]]] = {}
+        self._renewing: set[tuple] = set()  # answers whose renewal is in flight
         self._repeated: Counter[int] = Counter()
         self._reported_at = clock()
 
@@ -156,84 +161,107 @@ class EdgeRejections:
         asker = (scope["method"], scope["path"], scope.get("query_string", b""), _digest(authorization))
         now = self._clock()
 
-        replay = self._answer(asker, (), (), now)
+        question, replay = self._lookup((asker, (), ()), now)
         body = _Body(self._max_body_bytes)
-        if replay is None and self._wants_body(asker, now):
+        if question is None and self._wants_body(asker, now):
             receive = await body.read_ahead(receive)  # seen now: no tee below
-            replay = self._answer_by_fields(asker, body.json(), now)
+            question, replay = self._lookup_by_fields(asker, body.json(), now)
         else:
             receive = body.tee(receive)
         if replay is not None:
             await self._send_replay(replay, request_id, send)
             return
-        await self.app(scope, receive, self._capturing(send, asker, body, now))
+        try:
+            await self.app(scope, receive, self._capturing(send, asker, body, now, question))
+        finally:
+            self._renewing.discard(question)
 
     # -- lookups -------------------------------------------------------------------------------
-    def _answer(self, asker: tuple, fields: tuple[str, ...], values: tuple, now: float) -> _Replay | None:
-        entry = self._answers.get((asker, fields, values))
+    def _lookup(self, question: tuple, now: float) -> tuple[tuple | None, _Replay | None]:
+        """(question, replay): a replay to send; or the question alone when this request is to
+        renew its answer (see ``_capturing``); or (None, None) when nothing is known."""
+        entry = self._answers.get(question)
         if entry is None:
-            return None
-        if entry[0] <= now:
-            del self._answers[(asker, fields, values)]
-            return None
-        return entry[1]
+            return None, None
+        until, renew_from, replay = entry
+        if now >= until:
+            del self._answers[question]
+            return None, None
+        if now >= renew_from and question not in self._renewing:
+            # Late in the hold, one request goes to the ingress while the others are still
+            # answered here: the answer is renewed before it lapses, so the proxy never sends
+            # a whole burst of identical questions to the ingress at once.
+            self._renewing.add(question)
+            return question, None
+        return question, replay
 
     def _wants_body(self, asker: tuple, now: float) -> bool:
         entry = self._field_sets.get(asker)
         return entry is not None and entry[0] > now
 
-    def _answer_by_fields(self, asker: tuple, payload: Any, now: float) -> _Replay | None:
+    def _lookup_by_fields(self, asker: tuple, payload: Any, now: float) -> tuple[tuple | None, _Replay | None]:
         if not isinstance(payload, dict):
-            return None
+            return None, None
         for fields, until in self._field_sets[asker][1].items():
             if until > now:
-                replay = self._answer(asker, fields, _values(payload, fields), now)
-                if replay is not None:
-                    return replay
-        return None
+                question, replay = self._lookup((asker, fields, _values(payload, fields)), now)
+                if question is not None:
+                    return question, replay
+        return None, None
 
     # -- learning from the ingress's answers ---------------------------------------------------
-    def _capturing(self, send: Send, asker: tuple, body: _Body, asked_at: float) -> Send:
+    def _capturing(self, send: Send, asker: tuple, body: _Body, asked_at: float, renewing: tuple | None) -> Send:
+        """``send``, learning from a rejection that says how long it holds. ``renewing``: the
+        question whose answer this request renews; an answer that does not hold any more
+        (a 200 after a top-up, say) is forgotten at once."""
         captured: dict[str, Any] = {}
 
         async def send_and_learn(message: Message) -> None:
             kind = message["type"]
-            if kind == "http.response.start" and message["status"] >= 400:
-                hold = _take_hold(message)
+            if kind == "http.response.start":
+                hold = _take_hold(message) if message["status"] >= 400 else None
                 if hold is not None:
                     captured.update(hold=hold, start=message, chunks=[])
+                elif renewing is not None:
+                    self._answers.pop(renewing, None)
             elif kind == "http.response.body" and captured:
                 captured["chunks"].append(message.get("body", b""))
                 if not message.get("more_body", False):
-                    self._learn(asker, body, asked_at, captured)
+                    learned = self._learn(asker, body, asked_at, captured)
+                    if renewing is not None and learned != renewing:
+                        self._answers.pop(renewing, None)
                     captured.clear()
             await send(message)
 
         return send_and_learn
 
-    def _learn(self, asker: tuple, body: _Body, asked_at: float, captured: dict[str, Any]) -> None:
+    def _learn(self, asker: tuple, body: _Body, asked_at: float, captured: dict[str, Any]) -> tuple | None:
+        """Remember a rejection that holds; return its question (None if it cannot be kept)."""
         hold: Hold = captured["hold"]
         try:
             error = json.loads(b"".join(captured["chunks"]))["error"]
         except (ValueError, KeyError, TypeError):
-            return
+            return None
         if not isinstance(error, dict):
-            return
+            return None
         values: tuple = ()
         if hold.fields:
             payload = body.json()
             if not isinstance(payload, dict):
-                return  # the body was not seen whole: the question cannot be told apart
+                return None  # the body was not seen whole: the question cannot be told apart
             values = _values(payload, hold.fields)
         start = captured["start"]
         headers = tuple((name, value) for name, value in start["headers"] if name.lower() not in _DROPPED_ON_REPLAY)
         until = asked_at + hold.seconds  # counted from before the ingress was asked
+        renew_from = asked_at + hold.seconds * RENEW_AFTER
+        question = (asker, hold.fields, values)
         replay = _Replay(start["status"], headers, error)
-        put_bounded(self._answers, (asker, hold.fields, values), (until, replay), asked_at, self._max_entries)
+        put_bounded(self._answers, question, (until, renew_from, replay), asked_at, self._max_entries)
         if hold.fields:
             old_until, field_sets = self._field_sets.get(asker, (0.0, {}))
             field_sets = {**field_sets, hold.fields: max(until, field_sets.get(hold.fields, 0.0))}
             put_bounded(self._field_sets, asker, (max(until, old_until), field_sets), asked_at, self._max_entries)
+        return question
 
     # -- answering -----------------------------------------------------------------------------
     async def _send_replay(self, replay: _Replay, client_request_id: bytes | None, send: Send) -> None:

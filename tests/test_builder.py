@@ -105,23 +105,36 @@ def test_ingress_package_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_throughput_mode_block_in_the_default_config_is_valid_when_uncommented():
-    """The README's throughput mode is the commented ``controller_options`` block in
-    serve_config.yaml; uncommented, it must be a valid Serve config that sets both flags."""
+def test_the_default_config_installs_the_proxy_middleware_and_can_switch_to_throughput_mode():
+    """serve_config.yaml is a valid Serve config whose controller_options install
+    serve_app.edge in Serve's proxy; the README's throughput mode is its two commented
+    env_vars lines, which uncommented keep it valid and set both flags."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    lines = (ROOT / "serve_config.yaml").read_text().splitlines()
-    start = lines.index("# controller_options:")
-    block = []
-    for line in lines[start:]:
-        if not line.startswith("# "):
-            break
-        block.append(line[2:])
-    document = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    document.update(yaml.safe_load("\n".join(block)))
-    schema = ServeDeploySchema.model_validate(document)
+    from serve_app.edge import PROXY_CALLBACK
+
+    text = (ROOT / "serve_config.yaml").read_text()
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
+    assert schema.controller_options.runtime_env["env_vars"] == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
+
+    uncommented = "\n".join(
+        line.replace("# ", "", 1) if line.lstrip().startswith("# RAY_SERVE_") else line for line in text.splitlines()
+    )
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(uncommented))
     assert schema.controller_options.runtime_env["env_vars"] == {
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     }
+
+
+def test_the_proxy_callback_gives_serve_a_valid_middleware_list():
+    """What Serve's proxy does with RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH at startup."""
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+    from ray.serve._private.utils import call_function_from_import_path
+
+    from serve_app.edge import PROXY_CALLBACK, EdgeRejections
+
+    middlewares = validate_http_proxy_callback_return(call_function_from_import_path(PROXY_CALLBACK))
+    assert [middleware.cls for middleware in middlewares] == [EdgeRejections]

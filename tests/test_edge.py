@@ -48,6 +48,7 @@ class FakeIngress:
     def __init__(self, errors: dict[str | None, Exception]) -> None:
         self.errors = errors
         self.calls: list[dict] = []
+        self.gate: asyncio.Event | None = None  # when set: answer only once it opens
 
     async def __call__(self, scope, receive, send) -> None:
         headers = {name.decode(): value.decode() for name, value in scope["headers"]}
@@ -58,6 +59,8 @@ class FakeIngress:
             if not message.get("more_body"):
                 break
         self.calls.append({"headers": headers, "raw_headers": list(scope["headers"]), "body": body})
+        if self.gate is not None:
+            await self.gate.wait()
         error = self.errors.get(headers.get("authorization"))
         request_id = headers.get("x-request-id", f"req-{len(self.calls)}")
         if error is None:
@@ -115,7 +118,7 @@ async def test_a_bad_key_is_answered_at_the_proxy_until_its_hold_ends(setup):
         assert HOLD_HEADER not in first.headers  # proxy-internal: never reaches the client
         assert first.headers.get(EDGE_HEADER) is None
 
-        clock.now += HOLD_MAX_S - 0.01
+        clock.now += HOLD_MAX_S / 2
         again = await post(client, BAD, generation("another prompt, same key"))
         assert len(ingress.calls) == 1  # not forwarded
         assert again.status_code == 401 and again.headers[EDGE_HEADER] == "hit"
@@ -128,9 +131,41 @@ async def test_a_bad_key_is_answered_at_the_proxy_until_its_hold_ends(setup):
         mine = await post(client, BAD, generation(), **{"x-request-id": "client-chosen"})
         assert mine.json()["error"]["request_id"] == mine.headers["x-request-id"] == "client-chosen"
 
-        clock.now += 0.02  # past the hold: the ingress is asked again
+        clock.now += HOLD_MAX_S / 2 + 0.01  # past the hold: the ingress is asked again
         assert (await post(client, BAD, generation())).status_code == 401
         assert len(ingress.calls) == 2
+
+
+@run_async
+async def test_an_answer_is_renewed_late_in_its_hold_by_one_request(setup):
+    clock, ingress, edge = setup
+    async with client_for(edge) as client:
+        await post(client, BAD, generation())
+        clock.now += HOLD_MAX_S * 0.8  # late in the hold: this one renews the answer
+        renewal = await post(client, BAD, generation())
+        assert len(ingress.calls) == 2 and EDGE_HEADER not in renewal.headers
+        clock.now += HOLD_MAX_S * 0.5  # past the first answer's end, within the renewed one's
+        assert (await post(client, BAD, generation())).headers[EDGE_HEADER] == "hit"
+        assert len(ingress.calls) == 2
+
+        # While a renewal is in flight, the same question is still answered here.
+        clock.now += HOLD_MAX_S * 0.3
+        ingress.gate = asyncio.Event()
+        renewing = asyncio.create_task(post(client, BAD, generation()))
+        while len(ingress.calls) < 3:
+            await asyncio.sleep(0.001)
+        meanwhile = await asyncio.gather(*(post(client, BAD, generation()) for _ in range(5)))
+        assert [response.headers.get(EDGE_HEADER) for response in meanwhile] == ["hit"] * 5
+        ingress.gate.set()
+        assert (await renewing).status_code == 401 and len(ingress.calls) == 3
+        ingress.gate = None
+
+        # A renewal that finds the answer changed (the key is good now) forgets it at once.
+        clock.now += HOLD_MAX_S * 0.8
+        del ingress.errors[BAD]
+        assert (await post(client, BAD, generation())).status_code == 200
+        assert (await post(client, BAD, generation())).status_code == 200
+        assert len(ingress.calls) == 5
 
 
 @run_async
@@ -186,11 +221,11 @@ async def test_a_429_holds_no_longer_than_its_retry_time():
     async with client_for(edge) as client:
         first = await post(client, GOOD, generation())
         assert first.status_code == 429 and first.headers["retry-after"] == "1"
-        clock.now += 0.2
+        clock.now += 0.1
         repeated = await post(client, GOOD, generation("again"))
         assert repeated.headers[EDGE_HEADER] == "hit"
         assert repeated.headers["retry-after"] == "1" and repeated.headers["x-ratelimit-limit-requests"] == "1"
-        clock.now += 0.06  # 0.26 s after the first was asked: the bucket may have a token now
+        clock.now += 0.16  # 0.26 s after the first was asked: the bucket may have a token now
         await post(client, GOOD, generation("and again"))
         assert len(ingress.calls) == 2
 
