@@ -418,7 +418,7 @@ async def _served_worker(args, pipeline: dict[str, Any], data: Path) -> dict[str
 
     print("  accepted, batch wait 0.05 s", flush=True)
     accepted.append(await accepted_overhead(config, port, ok_key, args.sequential, args.clients,
-                                            args.warmup // 4, args.accepted, pipeline))
+                                            max(16, args.accepted // 6), args.accepted, pipeline))
     print(f"    {json.dumps(accepted[-1]['sequential']['overhead_p50_ms'])}", flush=True)
     conc = accepted[-1]["concurrent"]
     for kind in ("served_http", "model_handle_from_driver"):
@@ -452,8 +452,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run; writes no results")
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=2000, help="measured rejections per kind (closed loop)")
-    parser.add_argument("--warmup", type=int, default=200)
+    # Rejections run at thousands per second, so these are a few seconds each: long enough
+    # that one host hiccup does not make the p99, and the warm-up outlasts the first burst
+    # of a new key (its first answers all come from the ingress).
+    parser.add_argument("--requests", type=int, default=10000, help="measured rejections per kind (closed loop)")
+    parser.add_argument("--warmup", type=int, default=2000, help="rejections discarded first (closed loop)")
     parser.add_argument("--sequential", type=int, default=100, help="one-at-a-time requests per measurement")
     parser.add_argument("--accepted", type=int, default=320, help="accepted requests at full concurrency")
     parser.add_argument("--profiles", default="default,haproxy_optimized@2",
