@@ -267,7 +267,9 @@ class EdgeRejections:
     async def _send_replay(self, replay: _Replay, client_request_id: bytes | None, send: Send) -> None:
         # Serve's proxy honours a client's x-request-id or makes one; so does a replay.
         request_id = client_request_id.decode("latin-1") if client_request_id else _new_request_id()
-        body = json.dumps({"error": {**replay.error, "request_id": request_id}}).encode()
+        # Compact, as the ingress's JSONResponse writes it.
+        error = {**replay.error, "request_id": request_id}
+        body = json.dumps({"error": error}, ensure_ascii=False, separators=(",", ":")).encode()
         headers = [
             *replay.headers,
             (b"content-length", str(len(body)).encode()),

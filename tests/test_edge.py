@@ -127,6 +127,9 @@ async def test_a_bad_key_is_answered_at_the_proxy_until_its_hold_ends(setup):
         # A fresh request id, the same in body and header, and the body's length is right.
         assert error["request_id"] == again.headers["x-request-id"] != first.json()["error"]["request_id"]
         assert int(again.headers["content-length"]) == len(again.content)
+        # Byte for byte what the ingress wrote, but for the request id.
+        first_id = first.json()["error"]["request_id"]
+        assert again.content == first.content.replace(first_id.encode(), error["request_id"].encode())
         # The client's own request id is honoured, as Serve's proxy does.
         mine = await post(client, BAD, generation(), **{"x-request-id": "client-chosen"})
         assert mine.json()["error"]["request_id"] == mine.headers["x-request-id"] == "client-chosen"
