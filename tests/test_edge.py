@@ -261,6 +261,35 @@ async def test_a_body_sent_in_chunks_reaches_the_ingress_whole_when_read_ahead(s
     assert sent[0]["status"] == 402
 
 
+@run_async
+async def test_a_client_disconnect_still_reaches_the_ingress_after_a_read_ahead(setup):
+    """The ingress refunds a request whose client left: it must see ``http.disconnect``."""
+    clock, ingress, edge = setup
+    async with client_for(edge) as client:
+        await post(client, BROKE, generation(n=3))  # this key's bodies are now read first
+    body = json.dumps(generation(n=1)).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+    seen: list[dict] = []
+
+    async def receive():
+        return messages.pop(0)
+
+    async def ingress_that_waits_for_its_client(scope, receive, send):
+        seen.append(await receive())
+        seen.append(await receive())  # what Serve's ingress watches while it generates
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/images/generations",
+        "query_string": b"",
+        "headers": [(b"authorization", BROKE.encode())],
+    }
+    edge.app = ingress_that_waits_for_its_client
+    await edge(scope, receive, lambda message: None)
+    assert seen == [{"type": "http.request", "body": body, "more_body": False}, {"type": "http.disconnect"}]
+
+
 def test_which_rejections_hold_and_for_what():
     assert hold_for(MissingAPIKey("x")) == Hold(HOLD_MAX_S)
     assert hold_for(InvalidAPIKey("x")) == Hold(HOLD_MAX_S)
