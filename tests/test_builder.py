@@ -46,6 +46,17 @@ def test_gpu_config_asks_for_one_gpu_per_replica():
     assert config.model("stable-diffusion-xl-base-v10").dtype == "float16"
 
 
+def test_gpu_config_is_a_valid_serve_config_with_the_proxy_middleware():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.edge import PROXY_CALLBACK
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text()))
+    env_vars = schema.controller_options.runtime_env["env_vars"]
+    assert env_vars == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
+
+
 def test_relative_paths_are_anchored_for_replicas(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("IMAGEGEN_DATABASE_URL", raising=False)
@@ -116,7 +127,8 @@ def test_the_default_config_installs_the_proxy_middleware_and_can_switch_to_thro
 
     text = (ROOT / "serve_config.yaml").read_text()
     schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
-    assert schema.controller_options.runtime_env["env_vars"] == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
+    env_vars = schema.controller_options.runtime_env["env_vars"]
+    assert env_vars == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
 
     uncommented = "\n".join(
         line.replace("# ", "", 1) if line.lstrip().startswith("# RAY_SERVE_") else line for line in text.splitlines()
