@@ -46,14 +46,19 @@ def test_gpu_config_asks_for_one_gpu_per_replica():
     assert config.model("stable-diffusion-xl-base-v10").dtype == "float16"
 
 
-def test_gpu_config_is_a_valid_serve_config_with_the_proxy_middleware():
+def controller_env_vars(serve_config_text: str) -> dict[str, str]:
+    """The env vars a Serve config gives its controller, once Serve's own schema accepts it."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(serve_config_text))
+    return schema.controller_options.runtime_env["env_vars"]
+
+
+def test_gpu_config_is_a_valid_serve_config_with_the_proxy_middleware():
     from serve_app.edge import PROXY_CALLBACK
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text()))
-    env_vars = schema.controller_options.runtime_env["env_vars"]
+    env_vars = controller_env_vars((ROOT / "serve_config.gpu.yaml").read_text())
     assert env_vars == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
 
 
@@ -120,21 +125,15 @@ def test_the_default_config_installs_the_proxy_middleware_and_can_switch_to_thro
     """serve_config.yaml is a valid Serve config whose controller_options install
     serve_app.edge in Serve's proxy; the README's throughput mode is its two commented
     env_vars lines, which uncommented keep it valid and set both flags."""
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
-
     from serve_app.edge import PROXY_CALLBACK
 
     text = (ROOT / "serve_config.yaml").read_text()
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(text))
-    env_vars = schema.controller_options.runtime_env["env_vars"]
-    assert env_vars == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
+    assert controller_env_vars(text) == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
 
     uncommented = "\n".join(
         line.replace("# ", "", 1) if line.lstrip().startswith("# RAY_SERVE_") else line for line in text.splitlines()
     )
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(uncommented))
-    assert schema.controller_options.runtime_env["env_vars"] == {
+    assert controller_env_vars(uncommented) == {
         "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
