@@ -28,6 +28,7 @@ come from one machine in one session, so the ratios are what matters; a second r
 
     python bench/serving_throughput.py            # full run: JSON + docs/benchmarks.md
     python bench/serving_throughput.py --quick    # smoke run (prints, writes nothing)
+    python bench/serving_throughput.py --steps 30 # the same at 30 steps: its own JSON and docs section
 """
 
 from __future__ import annotations
