@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from serve_app.work import CallShape, GenerationJob
+from serve_app.work import CallShape, GenerationJob, InputImage, Mode
 
 ImageT = TypeVar("ImageT")
 
@@ -23,6 +23,8 @@ class PipelineCall:
     prompts: list[str] = field(default_factory=list)
     negative_prompts: list[str] | None = None
     seeds: list[int] = field(default_factory=list)
+    images: list[InputImage] | None = None  # image-to-image and inpainting
+    masks: list[InputImage] | None = None  # inpainting
     # (job index, image index within the job) for each entry, to route results back.
     owners: list[tuple[int, int]] = field(default_factory=list)
 
@@ -33,15 +35,30 @@ def group_jobs(jobs: Sequence[GenerationJob]) -> list[PipelineCall]:
     for job_index, job in enumerate(jobs):
         call = calls.get(job.shape)
         if call is None:
-            call = PipelineCall(shape=job.shape, negative_prompts=[] if job.shape.with_negative_prompt else None)
+            call = PipelineCall(
+                shape=job.shape,
+                negative_prompts=[] if job.shape.with_negative_prompt else None,
+                images=None if job.shape.mode is Mode.TEXT_TO_IMAGE else [],
+                masks=[] if job.shape.mode is Mode.INPAINT else None,
+            )
             calls[job.shape] = call
         for image_index, seed in enumerate(job.seeds):
             call.prompts.append(job.prompt)
             if call.negative_prompts is not None:
                 call.negative_prompts.append(job.negative_prompt or "")
+            if call.images is not None:
+                call.images.append(_required(job.image, "input image", job))
+            if call.masks is not None:
+                call.masks.append(_required(job.mask, "mask", job))
             call.seeds.append(seed)
             call.owners.append((job_index, image_index))
     return list(calls.values())
+
+
+def _required(value: InputImage | None, what: str, job: GenerationJob) -> InputImage:
+    if value is None:
+        raise ValueError(f"a {job.shape.mode.value} job of request {job.request_id} has no {what}")
+    return value
 
 
 def count_images(jobs: Sequence[GenerationJob]) -> int:

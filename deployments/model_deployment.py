@@ -37,7 +37,7 @@ class ImageModelDeployment:
     def __init__(self, model: ModelConfig | dict[str, Any], cache_dir: str) -> None:
         import torch
 
-        from deployments.pipeline_loader import load_pipeline
+        from deployments.pipeline_loader import load_pipelines
 
         self.model = ModelConfig.model_validate(model)
         # Ray sets OMP_NUM_THREADS from num_cpus; make torch honour it even if it was
@@ -45,12 +45,13 @@ class ImageModelDeployment:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        self._pipeline = load_pipeline(
-            family=self.model.family.value,
+        self._pipelines = load_pipelines(
+            family=self.model.family,
             weights=self.model.weights,
             device=self.model.device,
             dtype=self.model.dtype,
             cache_dir=Path(cache_dir),
+            model=self.model,
         )
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
@@ -89,7 +90,7 @@ class ImageModelDeployment:
         width, height = (int(side) for side in self.model.defaults.size.split("x"))
         steps = self.model.min_steps
         shape = CallShape(width=width, height=height, steps=steps, guidance=0.0, with_negative_prompt=False)
-        run_pipeline(self._pipeline, self.model.family.value, shape, ["warm-up"], None, [0], self.model.device)
+        run_pipeline(self._pipelines, shape, ["warm-up"], None, [0], self.model.device)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch limits are changeable at runtime (``user_config`` in serve_config.yaml)."""
@@ -134,13 +135,14 @@ class ImageModelDeployment:
 
         try:
             return run_pipeline(
-                self._pipeline,
-                self.model.family.value,
+                self._pipelines,
                 call.shape,
                 call.prompts,
                 call.negative_prompts,
                 call.seeds,
                 self.model.device,
+                images=call.images,
+                masks=call.masks,
             )
         except RuntimeError as exc:
             # A CUDA device error leaves the replica unusable; let the health check

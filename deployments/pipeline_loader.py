@@ -1,19 +1,20 @@
-"""Load a diffusers pipeline for a model family from built-in, local or hub weights."""
+"""Load a model family's diffusers pipelines from built-in, local or hub weights."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from deployments.tiny_models import BUILTIN_MODELS, ensure_builtin_model
+from serve_app.families import Family, get_family
+from serve_app.work import Mode
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
-FAMILIES = ("sdxl", "qwen-image")
-# model_index.json "_class_name" prefixes each family's loader accepts (base, img2img, ...).
-_FAMILY_CLASS_PREFIXES = {"sdxl": "StableDiffusionXL", "qwen-image": "QwenImage"}
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -21,16 +22,21 @@ class PipelineLoadError(RuntimeError):
     """The weights could not be loaded (missing folder, unreachable hub, broken files)."""
 
 
-def _pipeline_class(family: str):
-    if family == "sdxl":
-        from diffusers import StableDiffusionXLPipeline
+@dataclass
+class PipelineSet:
+    """A family's pipelines, one per mode, all on the same loaded components: the image
+    modes are made with ``from_pipe``, which shares the text-to-image pipeline's modules, so
+    image-to-image and inpainting cost no second copy of the weights."""
 
-        return StableDiffusionXLPipeline
-    if family == "qwen-image":
-        from diffusers import QwenImagePipeline
+    family: Family
+    pipelines: dict[Mode, Any]
 
-        return QwenImagePipeline
-    raise ValueError(f"unknown model family {family!r}; expected one of {list(FAMILIES)}")
+    def __getitem__(self, mode: Mode) -> Any:
+        return self.pipelines[mode]
+
+    @property
+    def text_to_image(self) -> Any:
+        return self.pipelines[Mode.TEXT_TO_IMAGE]
 
 
 def _torch_dtype(dtype: str):
@@ -41,7 +47,7 @@ def _torch_dtype(dtype: str):
     return getattr(torch, dtype)
 
 
-def resolve_weights(family: str, weights: str, cache_dir: Path) -> str:
+def resolve_weights(family: Family, weights: str, cache_dir: Path) -> str:
     """Turn a ``weights`` setting into what ``from_pretrained`` takes: a folder or a hub id."""
     if weights.startswith(BUILTIN_PREFIX):
         name = weights[len(BUILTIN_PREFIX) :]
@@ -49,8 +55,8 @@ def resolve_weights(family: str, weights: str, cache_dir: Path) -> str:
             known = [BUILTIN_PREFIX + n for n in BUILTIN_MODELS]
             raise ValueError(f"unknown built-in model {weights!r}; known: {known}")
         builtin_family = BUILTIN_MODELS[name].family
-        if builtin_family != family:
-            raise ValueError(f"built-in model {weights!r} is a {builtin_family!r} model, not {family!r}")
+        if builtin_family != family.name:
+            raise ValueError(f"built-in model {weights!r} is a {builtin_family!r} model, not {family.name!r}")
         return str(ensure_builtin_model(name, Path(cache_dir)))
     path = Path(weights).expanduser()
     if path.exists():
@@ -61,8 +67,8 @@ def resolve_weights(family: str, weights: str, cache_dir: Path) -> str:
             class_name = json.loads(index.read_text()).get("_class_name", "")
         except (OSError, ValueError) as exc:
             raise PipelineLoadError(f"cannot read {str(index)!r}: {exc}") from exc
-        if not str(class_name).startswith(_FAMILY_CLASS_PREFIXES[family]):
-            raise ValueError(f"weights folder {str(path)!r} holds a {class_name!r}, not a {family!r} pipeline")
+        if not str(class_name).startswith(family.class_name_prefix):
+            raise ValueError(f"weights folder {str(path)!r} holds a {class_name!r}, not a {family.name!r} pipeline")
         return str(path)
     if weights.startswith(("/", "./", "../", "~")) or weights.count("/") > 1:
         raise PipelineLoadError(f"weights folder {weights!r} does not exist")
@@ -78,30 +84,24 @@ def disable_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def prompt_template_prefix_length(tokenizer, template: str) -> int:
-    """How many tokens the part of ``template`` before ``{}`` encodes to.
-
-    QwenImagePipeline drops that many leading hidden states (the system prompt and chat
-    scaffolding) from the text encoder's output. The pipeline hard-codes 34, which is right
-    for the real Qwen tokenizer only; computing it from the tokenizer in hand is right for any.
-    """
-    prefix = template.split("{}", 1)[0]
-    return len(tokenizer(prefix, add_special_tokens=False).input_ids)
-
-
-def load_pipeline(family: str, weights: str, device: str, dtype: str, cache_dir: Path):
-    """Load the pipeline of ``family`` ("sdxl" | "qwen-image") from ``weights``.
+def load_pipelines(
+    family: str, weights: str, device: str, dtype: str, cache_dir: Path, model: Any = None
+) -> PipelineSet:
+    """Load the pipelines of ``family`` from ``weights``.
 
     ``weights`` is ``builtin:<name>`` (a tiny model built on first use under ``cache_dir``),
-    a local folder in diffusers layout, or a hub id. The pipeline is moved to ``device``
-    in ``dtype`` ("float32" | "float16" | "bfloat16") with progress bars off.
+    a local folder in diffusers layout, or a hub id. The pipelines are moved to ``device``
+    in ``dtype`` ("float32" | "float16" | "bfloat16") with progress bars off; ``model`` (the
+    served ``ModelConfig``, if any) is checked against the loaded weights by the family.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {list(FAMILIES)}")
-    pipeline_class = _pipeline_class(family)
+    rules = get_family(family)
+    pipeline_class = rules.pipeline_class(Mode.TEXT_TO_IMAGE)
     torch_dtype = _torch_dtype(dtype)
     disable_progress_bars()
-    source = resolve_weights(family, weights, cache_dir)
+    # "modules that should be kept in float32: []", on load and again on every image-to-image
+    # call that upcasts the VAE: noise in the replica's log, never actionable there.
+    logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
+    source = resolve_weights(rules, weights, cache_dir)
     try:
         pipe = pipeline_class.from_pretrained(source, dtype=torch_dtype)  # diffusers >= 0.42 name
     except (OSError, ValueError) as exc:
@@ -110,21 +110,16 @@ def load_pipeline(family: str, weights: str, device: str, dtype: str, cache_dir:
         raise PipelineLoadError(f"cannot load {family} weights {weights!r}: {exc}") from exc
     if type(pipe) is not pipeline_class:
         raise ValueError(f"weights {weights!r} hold a {type(pipe).__name__}, not a {pipeline_class.__name__}")
-
-    if family == "qwen-image":
-        start_idx = prompt_template_prefix_length(pipe.tokenizer, pipe.prompt_template_encode)
-        if start_idx != pipe.prompt_template_encode_start_idx:
-            logger.info(
-                "prompt_template_encode_start_idx %d -> %d for this tokenizer",
-                pipe.prompt_template_encode_start_idx,
-                start_idx,
-            )
-        pipe.prompt_template_encode_start_idx = start_idx
-
-    # SDXL warns on every call whose prompt CLIP truncates, echoing the cut-off prompt text
-    # (and, in a batch, pages of padding tokens). User prompts do not belong in replica logs.
-    logging.getLogger(type(pipe).__module__).setLevel(logging.ERROR)
-
     pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+
+    pipelines = {Mode.TEXT_TO_IMAGE: pipe}
+    for mode in rules.pipeline_classes:
+        if mode is not Mode.TEXT_TO_IMAGE:
+            pipelines[mode] = rules.pipeline_class(mode).from_pipe(pipe)
+    for each in pipelines.values():
+        rules.after_load(each, model)
+        each.set_progress_bar_config(disable=True)
+        # SDXL warns on every call whose prompt CLIP truncates, echoing the cut-off prompt text
+        # (and, in a batch, pages of padding tokens). User prompts do not belong in replica logs.
+        logging.getLogger(type(each).__module__).setLevel(logging.ERROR)
+    return PipelineSet(family=rules, pipelines=pipelines)

@@ -2,33 +2,79 @@
 
 from __future__ import annotations
 
-from serve_app.work import CallShape
+import inspect
+from collections.abc import Sequence
 
-# Qwen-Image runs classifier-free guidance only when a negative prompt is given; the official
-# example passes a blank one. Used whenever guidance > 1 and the job has no negative prompt.
-QWEN_BLANK_NEGATIVE_PROMPT = " "
+from deployments.pipeline_loader import PipelineSet
+from serve_app.work import CallShape, InputImage, Mode
 
 
 def run_pipeline(
-    pipe,
-    family: str,
+    pipelines: PipelineSet,
     shape: CallShape,
     prompts: list[str],
     negative_prompts: list[str] | None,
     seeds: list[int],
     device: str,
+    images: Sequence[InputImage] | None = None,
+    masks: Sequence[InputImage] | None = None,
 ) -> list:
-    """Generate ``len(prompts)`` images in one pipeline call; image i uses ``seeds[i]``.
+    """Generate ``len(prompts)`` images in one pipeline call; image i uses ``seeds[i]``
+    (and ``images[i]`` / ``masks[i]`` in the image modes).
 
     Every image gets its own ``torch.Generator`` seeded with its seed, so image i equals the
     image a call with only ``prompts[i]`` and ``seeds[i]`` gives (the batch-vs-single
-    identity the service promises). Returns PIL images.
+    identity the service promises). Inpainted images keep the input's pixels outside the
+    mask exactly, as OpenAI's edits do (the pipelines blend in latent space, which blurs
+    them). Returns PIL images.
     """
     import torch
 
     n = len(prompts)
     if n == 0:
         return []
+    _check_lengths(shape, n, negative_prompts, seeds, images, masks)
+
+    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+    kwargs = dict(
+        pipelines.family.call_arguments(shape, prompts, negative_prompts),
+        height=shape.height,
+        width=shape.width,
+        num_inference_steps=shape.steps,
+        num_images_per_prompt=1,
+        generator=generators,
+        output_type="pil",
+    )
+    inputs = None if images is None else [image.to_pil() for image in images]
+    keep_masks = None if masks is None else [mask.to_pil() for mask in masks]
+    pipe = pipelines[shape.mode]
+    if shape.mode is not Mode.TEXT_TO_IMAGE:
+        kwargs.update(image=inputs, strength=shape.strength)
+        if "height" not in inspect.signature(pipe.__call__).parameters:
+            # SDXL's image-to-image takes its size from the input, already fitted to it.
+            del kwargs["height"], kwargs["width"]
+    if shape.mode is Mode.INPAINT:
+        kwargs.update(mask_image=keep_masks)
+
+    with torch.inference_mode():
+        outputs = list(pipe(**kwargs).images)
+    if len(outputs) != n:
+        raise RuntimeError(f"pipeline returned {len(outputs)} images for {n} prompts")
+    if shape.mode is Mode.INPAINT:
+        from PIL import Image
+
+        outputs = [Image.composite(out, source, mask) for out, source, mask in zip(outputs, inputs, keep_masks)]
+    return outputs
+
+
+def _check_lengths(
+    shape: CallShape,
+    n: int,
+    negative_prompts: list[str] | None,
+    seeds: list[int],
+    images: Sequence[InputImage] | None,
+    masks: Sequence[InputImage] | None,
+) -> None:
     if len(seeds) != n:
         raise ValueError(f"got {n} prompts but {len(seeds)} seeds")
     if negative_prompts is not None and len(negative_prompts) != n:
@@ -38,35 +84,9 @@ def run_pipeline(
             f"shape.with_negative_prompt is {shape.with_negative_prompt} but negative_prompts "
             f"{'is None' if negative_prompts is None else 'is given'}"
         )
-
-    generators = [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
-    kwargs = dict(
-        prompt=list(prompts),
-        height=shape.height,
-        width=shape.width,
-        num_inference_steps=shape.steps,
-        num_images_per_prompt=1,
-        generator=generators,
-        output_type="pil",
-    )
-    if family == "sdxl":
-        kwargs.update(guidance_scale=shape.guidance, negative_prompt=_list_or_none(negative_prompts))
-    elif family == "qwen-image":
-        # True CFG runs only when guidance > 1 *and* a negative prompt is given; below that the
-        # pipeline ignores (and warns about) a negative prompt, so none is passed.
-        negative = None
-        if shape.guidance > 1:
-            negative = _list_or_none(negative_prompts) or [QWEN_BLANK_NEGATIVE_PROMPT] * n
-        kwargs.update(true_cfg_scale=shape.guidance, negative_prompt=negative)
-    else:
-        raise ValueError(f"unknown model family {family!r}")
-
-    with torch.inference_mode():
-        images = pipe(**kwargs).images
-    if len(images) != n:
-        raise RuntimeError(f"pipeline returned {len(images)} images for {n} prompts")
-    return list(images)
-
-
-def _list_or_none(values: list[str] | None) -> list[str] | None:
-    return None if values is None else list(values)
+    wants_images = shape.mode is not Mode.TEXT_TO_IMAGE
+    if wants_images != (images is not None) or (images is not None and len(images) != n):
+        raise ValueError(f"a {shape.mode.value} call of {n} prompts needs {n if wants_images else 0} input images")
+    wants_masks = shape.mode is Mode.INPAINT
+    if wants_masks != (masks is not None) or (masks is not None and len(masks) != n):
+        raise ValueError(f"a {shape.mode.value} call of {n} prompts needs {n if wants_masks else 0} masks")

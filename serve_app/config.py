@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import re
 from decimal import Decimal
-from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.families import FAMILIES, Family, get_family
 from serve_app.work import OUTPUT_FORMATS
 
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
@@ -27,29 +27,15 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelFamily(str, Enum):
-    SDXL = "sdxl"
-    QWEN_IMAGE = "qwen-image"
-
-    @property
-    def size_multiple(self) -> int:
-        # The SDXL VAE downsamples by 8; Qwen-Image also packs 2x2 latent patches.
-        return 8 if self is ModelFamily.SDXL else 16
-
-    @property
-    def min_steps(self) -> int:
-        # Qwen-Image's flow-match scheduler stretches its sigmas to a terminal value,
-        # dividing by the last sigma's distance from 1: with one step that is 0, and the
-        # image comes out all NaN (black). SDXL's schedulers are fine with one step.
-        return 1 if self is ModelFamily.SDXL else 2
-
-
 class ModelDefaults(StrictModel):
     size: str = "1024x1024"
     steps: int = Field(30, ge=1)
     guidance: float = Field(5.0, ge=0)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_quality: int = Field(80, ge=0, le=100)
+    strength: float = Field(
+        0.8, gt=0, le=1, description="image-to-image strength when a request sends an image without one"
+    )
 
     @field_validator("size")
     @classmethod
@@ -66,6 +52,8 @@ class ModelLimits(StrictModel):
     max_steps: int = Field(100, ge=1)
     max_n: int = Field(10, ge=1, le=10)
     max_prompt_chars: int = Field(4000, ge=1)
+    max_input_image_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="encoded size of an input image or mask")
+    max_input_image_pixels: int = Field(4096 * 4096, ge=64, description="decoded width x height of an input image")
 
 
 class BatchingConfig(StrictModel):
@@ -102,7 +90,7 @@ class DeploymentOptions(StrictModel):
 
 class ModelConfig(StrictModel):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
-    family: ModelFamily
+    family: str = Field(description="a model family: " + ", ".join(sorted(FAMILIES)))
     weights: str = Field(min_length=1, description="hub id, local folder, or builtin:<name>")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -114,6 +102,17 @@ class ModelConfig(StrictModel):
     timeout_s: float = Field(300.0, gt=0, description="deadline for one request's images")
     warmup: bool = Field(True, description="one generation of the fewest steps at the default size before traffic")
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        get_family(value)
+        return value
+
+    @property
+    def rules(self) -> Family:
+        """This model's family: its size multiple, guidance, pipelines (``serve_app.families``)."""
+        return get_family(self.family)
 
     @property
     def deployment_name(self) -> str:
@@ -127,16 +126,14 @@ class ModelConfig(StrictModel):
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> ModelConfig:
         width, height = (int(v) for v in self.defaults.size.split("x"))
-        multiple = self.family.size_multiple
+        multiple = self.rules.size_multiple
         if width % multiple or height % multiple:
             raise ValueError(f"defaults.size {self.defaults.size} must be a multiple of {multiple}")
         if width * height > self.limits.max_pixels:
             raise ValueError(f"defaults.size {self.defaults.size} exceeds limits.max_pixels")
         if self.defaults.steps > self.limits.max_steps:
             raise ValueError("defaults.steps exceeds limits.max_steps")
-        for name, steps in [("defaults.steps", self.defaults.steps), *self._quality_steps_set()]:
-            if steps < self.min_steps:
-                raise ValueError(f"{name} is {steps}: a {self.family.value} model needs at least {self.min_steps}")
+        self.rules.check_model(self)
         if self.batching.max_batch_images > self.deployment.max_ongoing_requests * self.limits.max_n:
             raise ValueError("batching.max_batch_images can never fill: raise deployment.max_ongoing_requests")
         return self
@@ -144,9 +141,9 @@ class ModelConfig(StrictModel):
     @property
     def min_steps(self) -> int:
         """The fewest denoising steps this model's pipeline produces an image with."""
-        return self.family.min_steps
+        return self.rules.min_steps
 
-    def _quality_steps_set(self) -> list[tuple[str, int]]:
+    def quality_steps_set(self) -> list[tuple[str, int]]:
         return [(f"quality_steps.{name}", steps) for name, steps in self.quality_steps if steps is not None]
 
     def steps_for_quality(self, quality: str) -> int:
@@ -224,6 +221,23 @@ class IngressOptions(StrictModel):
     max_ongoing_requests: int = Field(256, ge=1)
 
 
+class ImageInputConfig(StrictModel):
+    """Where input images (``image`` as an http(s) URL) may come from."""
+
+    allowed_url_hosts: list[str] = Field(
+        default_factory=list, max_length=256, description="exact host names an image URL may name; empty: no URLs"
+    )
+    allow_private_addresses: bool = Field(
+        False, description="let listed hosts resolve to loopback / private / link-local addresses (internal stores)"
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, le=120)
+
+    @field_validator("allowed_url_hosts")
+    @classmethod
+    def _lowercase_hosts(cls, hosts: list[str]) -> list[str]:
+        return [host.strip().lower() for host in hosts]
+
+
 class AppConfig(StrictModel):
     models: list[ModelConfig] = Field(min_length=1)
     cache_dir: Path = Field(Path("data/models"), description="where built-in models are built")
@@ -231,6 +245,7 @@ class AppConfig(StrictModel):
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     accounts: AccountsConfig = Field(default_factory=AccountsConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    image_input: ImageInputConfig = Field(default_factory=ImageInputConfig)
 
     @field_validator("models")
     @classmethod
@@ -290,9 +305,9 @@ __all__ = [
     "AppConfig",
     "BatchingConfig",
     "DeploymentOptions",
+    "ImageInputConfig",
     "LocalStorageConfig",
     "ModelConfig",
-    "ModelFamily",
     "S3StorageConfig",
     "StorageConfig",
     "load_app_config",

@@ -21,10 +21,14 @@ from serve_app.edge import EDGE_HEADER
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge
 from serve_app.http_errors import REQUEST_ID_HEADER, error_response
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter
-from serve_app.serving import ImageGenerationService
+from serve_app.serving import EditUpload, ImageGenerationService
 from serve_app.storage import LocalImageStore, build_image_store
 
 logger = logging.getLogger("ray.serve")
+
+# Bounds of an edits form: OpenAI's image[] takes up to 16 files, plus the mask.
+EDIT_MAX_FILES = 17
+EDIT_MAX_FIELDS = 64
 
 api = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", docs_url="/docs")
 
@@ -160,7 +164,23 @@ class ImageGenerationIngress:
             return error_for(exc, request)
         return JSONResponse(served.body.model_dump(exclude_none=True), headers=served.headers)
 
-    async def _read_json(self, request: Request) -> object:
+    @api.post("/v1/images/edits")
+    async def edit_images(self, request: Request) -> Response:
+        request_id = request_id_of(request)
+        self._start_background_work()
+        try:
+            upload = await self._read_edit_form(request)
+            served = await self._service.edit(
+                upload,
+                authorization=request.headers.get("authorization"),
+                request_id=request_id,
+                base_url=str(request.base_url).rstrip("/"),
+            )
+        except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
+            return error_for(exc, request)
+        return JSONResponse(served.body.model_dump(exclude_none=True), headers=served.headers)
+
+    async def _read_body(self, request: Request) -> bytes:
         limit = self._config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -170,7 +190,40 @@ class ImageGenerationIngress:
             body.extend(chunk)
             if len(body) > limit:
                 raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
+        return bytes(body)
+
+    async def _read_json(self, request: Request) -> object:
+        body = await self._read_body(request)
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise InvalidRequest("The request body is not valid JSON.") from None
+
+    async def _read_edit_form(self, request: Request) -> EditUpload:
+        """OpenAI's edits form: text fields once each, ``image`` / ``image[]`` files, a ``mask`` file."""
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise InvalidRequest("The request body must be multipart/form-data (OpenAI's images.edit).")
+        body = await self._read_body(request)  # bounded before the parser sees it
+
+        async def replay() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=EDIT_MAX_FILES, max_fields=EDIT_MAX_FIELDS)
+        except StarletteHTTPException as exc:  # too many parts, malformed multipart
+            raise InvalidRequest(f"The multipart form could not be read: {exc.detail}") from None
+        fields: dict[str, str] = {}
+        images: list[bytes] = []
+        mask: bytes | None = None
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                if name in fields:
+                    raise InvalidRequest(f"Invalid '{name}': send it once.", param=name)
+                fields[name] = value
+            elif name in ("image", "image[]"):
+                images.append(await value.read())
+            elif name == "mask" and mask is None:
+                mask = await value.read()
+            else:
+                raise InvalidRequest(f"Invalid '{name}': unexpected file part.", param=name)
+        return EditUpload(fields=fields, images=images, mask=mask)

@@ -1,8 +1,10 @@
 """Turn a validated request into concrete work for one model.
 
-Everything that depends on the model's config is decided here: the pixel size, the step
-count, guidance, seeds, output encoding. Anything the model cannot honour is a 400 that
-names the field. Pure functions: no I/O, no Ray.
+Everything that depends on the model's config is decided here: the mode (text-to-image,
+image-to-image, inpainting), the pixel size, the step count, guidance, strength, seeds,
+output encoding, and the input image fitted to the output size. What depends on the model's
+family is asked of its family module (``model.rules``). Anything the model cannot honour is
+a 400 that names the field. Pure functions: no I/O, no Ray (input images arrive decoded).
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from serve_app.config import SIZE_PATTERN, ModelConfig
 from serve_app.errors import InvalidRequest
 from serve_app.protocol import MAX_SEED, ImageGenerationRequest
-from serve_app.work import CallShape, GenerationJob
+from serve_app.work import CallShape, GenerationJob, InputImage, Mode
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 ASPECT_PATTERN = re.compile(r"^(\d{1,3}):(\d{1,3})$")
 # image_size modes from the qubrid document, as a share of the model's default pixel count.
@@ -35,6 +41,8 @@ class GenerationPlan:
     output_quality: int
     response_format: str
     quality_label: str | None
+    image: InputImage | None = None
+    mask: InputImage | None = None
 
     @property
     def size(self) -> str:
@@ -50,11 +58,17 @@ class GenerationPlan:
             seeds=self.seeds,
             output_format=self.output_format,
             output_quality=self.output_quality,
+            image=self.image,
+            mask=self.mask,
         )
         return job.split(max_images_per_job)
 
 
-def plan_generation(request: ImageGenerationRequest, model: ModelConfig) -> GenerationPlan:
+def plan_generation(
+    request: ImageGenerationRequest, model: ModelConfig, image: Image | None = None, mask: Image | None = None
+) -> GenerationPlan:
+    """The work ``request`` asks of ``model``; ``image`` and ``mask`` are its decoded inputs
+    (a mask is a grey image of the input's size, 255 where to repaint)."""
     limits = model.limits
     if len(request.prompt) > limits.max_prompt_chars:
         raise InvalidRequest(
@@ -63,16 +77,18 @@ def plan_generation(request: ImageGenerationRequest, model: ModelConfig) -> Gene
     if request.n > limits.max_n:
         raise InvalidRequest(f"Invalid 'n': model '{model.id}' returns at most {limits.max_n} images.", param="n")
 
-    width, height = resolve_size(request, model)
+    mode, strength = resolve_mode(request, model, image, mask)
+    width, height = resolve_size(request, model, input_size=None if image is None else image.size)
     steps = resolve_steps(request, model)
+    if strength is not None and model.rules.denoising_steps(steps, strength) < 1:
+        raise InvalidRequest(
+            f"Invalid 'strength': {strength:g} of {steps} steps is no denoising step at all; raise strength or "
+            "num_inference_steps.",
+            param="strength",
+        )
     guidance = model.defaults.guidance if request.guidance is None else request.guidance
     negative_prompt = request.negative_prompt or None
-    if negative_prompt is not None and guidance <= 1:
-        # Both pipelines skip the unconditional pass at guidance <= 1: the negative
-        # prompt would be silently ignored.
-        raise InvalidRequest(
-            "Invalid 'negative_prompt': it only has an effect with guidance above 1.", param="negative_prompt"
-        )
+    model.rules.check_guidance(model, guidance, request.guidance is not None, negative_prompt)
 
     first_seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
     if first_seed + request.n - 1 > MAX_SEED:
@@ -90,6 +106,8 @@ def plan_generation(request: ImageGenerationRequest, model: ModelConfig) -> Gene
             steps=steps,
             guidance=float(guidance),
             with_negative_prompt=negative_prompt is not None,
+            mode=mode,
+            strength=strength,
         ),
         seeds=tuple(range(first_seed, first_seed + request.n)),
         output_format=output_format,
@@ -98,7 +116,42 @@ def plan_generation(request: ImageGenerationRequest, model: ModelConfig) -> Gene
         quality_label=None if request.num_inference_steps is not None else QUALITY_LABELS.get(
             request.quality or "medium", "medium"
         ),
+        image=None if image is None else _fitted(image, width, height, "RGB"),
+        mask=None if mask is None else _fitted(mask, width, height, "L"),
     )
+
+
+def resolve_mode(
+    request: ImageGenerationRequest, model: ModelConfig, image: Image | None, mask: Image | None
+) -> tuple[Mode, float | None]:
+    """Text-to-image without an image; image-to-image with one; inpainting with a mask too.
+
+    ``strength`` 0 is the qubrid document's default and means "no input image"; with an
+    image, an unsent strength is the model's default (1 for inpainting: the masked area is
+    painted anew) and 0 is refused, since it would return the input unchanged.
+    """
+    if image is None:
+        if request.strength not in (None, 0):
+            raise InvalidRequest("Invalid 'strength': it needs an input image.", param="strength")
+        return Mode.TEXT_TO_IMAGE, None
+    mode = Mode.IMAGE_TO_IMAGE if mask is None else Mode.INPAINT
+    if request.strength is None:
+        return mode, (model.defaults.strength if mask is None else 1.0)
+    if not 0 < request.strength <= 1:
+        raise InvalidRequest("Invalid 'strength': with an input image it must be above 0 and at most 1.", param="strength")
+    return mode, float(request.strength)
+
+
+def _fitted(image: Image, width: int, height: int, pil_mode: str) -> InputImage:
+    """The input scaled to the output size (stretched, as diffusers' image processor does),
+    as raw pixels. An alpha channel is dropped: the pipelines take RGB."""
+    from PIL import Image as PILImage
+
+    converted = image.convert(pil_mode)
+    if converted.size != (width, height):
+        resample = PILImage.Resampling.NEAREST if pil_mode == "L" else PILImage.Resampling.BICUBIC
+        converted = converted.resize((width, height), resample)
+    return InputImage.from_pil(converted)
 
 
 def resolve_steps(request: ImageGenerationRequest, model: ModelConfig) -> int:
@@ -122,8 +175,11 @@ def resolve_steps(request: ImageGenerationRequest, model: ModelConfig) -> int:
     return model.steps_for_quality(request.quality or "auto")
 
 
-def resolve_size(request: ImageGenerationRequest, model: ModelConfig) -> tuple[int, int]:
-    """``size``, else ``aspect_ratio`` + ``image_size``, else the model default."""
+def resolve_size(
+    request: ImageGenerationRequest, model: ModelConfig, input_size: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """``size``, else ``aspect_ratio`` + ``image_size``, else the input image's size fitted to
+    the model, else the model default."""
     if request.size is not None and request.size != "auto":
         match = SIZE_PATTERN.match(request.size)
         if not match:
@@ -134,6 +190,8 @@ def resolve_size(request: ImageGenerationRequest, model: ModelConfig) -> tuple[i
 
     default_w, default_h = (int(v) for v in model.defaults.size.split("x"))
     if request.aspect_ratio is None and request.image_size is None:
+        if input_size is not None:
+            return _fit_input_size(*input_size, model)
         return default_w, default_h
 
     pixel_share = 1.0
@@ -155,24 +213,36 @@ def resolve_size(request: ImageGenerationRequest, model: ModelConfig) -> tuple[i
     # A derived size is ours to choose: keep its pixels within what the model's limits allow
     # at this ratio (a quarter of SDXL's 1024x1024 at 16:9 is 680x384, under a 512 minimum
     # side: 912x512 instead). Only a ratio that no allowed size can hold is a 400.
+    message = f"Invalid '{param}': no size of model '{model.id}' has that shape"
+    return _size_near(default_w * default_h * pixel_share, ratio, model, param=param, no_fit_message=message)
+
+
+def _fit_input_size(width: int, height: int, model: ModelConfig) -> tuple[int, int]:
+    """The input image's shape at about its own pixel count, moved within the model's limits."""
+    message = f"Invalid 'image': its shape ({width}x{height}) fits no size of model '{model.id}'; send a size"
+    return _size_near(width * height, width / height, model, param="image", no_fit_message=message)
+
+
+def _size_near(pixels: float, ratio: float, model: ModelConfig, *, param: str, no_fit_message: str) -> tuple[int, int]:
+    """A size on the model's grid near ``pixels`` at ``ratio``, within the model's limits."""
     elongation = max(ratio, 1 / ratio)
     limits = model.limits
     fewest = limits.min_side**2 * elongation
     most = min(limits.max_pixels, limits.max_side**2 / elongation)
     if fewest > most:
         raise InvalidRequest(
-            f"Invalid '{param}': no size of model '{model.id}' has that shape (each side must be between "
-            f"{limits.min_side} and {limits.max_side}, at most {limits.max_pixels} pixels).",
+            f"{no_fit_message} (each side must be between {limits.min_side} and {limits.max_side}, "
+            f"at most {limits.max_pixels} pixels).",
             param=param,
         )
-    pixels = min(max(default_w * default_h * pixel_share, fewest), most)
-
-    def fits(size: tuple[int, int]) -> bool:
-        return not _size_problems(*size, model)
-
-    width, height = _fit_aspect(pixels, ratio, model.family.size_multiple, fits=fits)
+    pixels = min(max(pixels, fewest), most)
+    width, height = _fit_aspect(pixels, ratio, model.rules.size_multiple, fits=lambda size: _fits(size, model))
     _check_size(width, height, model, param=param)
     return width, height
+
+
+def _fits(size: tuple[int, int], model: ModelConfig) -> bool:
+    return not _size_problems(*size, model)
 
 
 def _fit_aspect(pixels: float, ratio: float, multiple: int, fits: Callable[[tuple[int, int]], bool]) -> tuple[int, int]:
@@ -196,7 +266,7 @@ def _round_to(value: float, multiple: int) -> int:
 
 def _size_problems(width: int, height: int, model: ModelConfig) -> list[str]:
     limits = model.limits
-    multiple = model.family.size_multiple
+    multiple = model.rules.size_multiple
     problems = []
     if width % multiple or height % multiple:
         problems.append(f"both sides must be multiples of {multiple}")

@@ -46,8 +46,10 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     disable_safety_checker: bool = False
-    image: str | None = None
-    strength: float = Field(0, ge=0, le=1)
+    # base64, a data URI, or an http(s) URL of an operator-listed host (serve_app.image_input).
+    image: str | None = Field(None, min_length=1)
+    # 0 (the qubrid default) with no image; with an image, None means the model's default.
+    strength: float | None = Field(None, ge=0, le=1)
     lora_weights: str | None = None
     lora_scale: float = 1
     extra_lora_weights: list[str] = Field(default_factory=list)
@@ -65,8 +67,6 @@ class ImageGenerationRequest(BaseModel):
             ("background", self.background == "transparent", "transparent backgrounds are not supported"),
             ("style", self.style is not None, "style presets are not supported; describe the style in the prompt"),
             ("enhance_prompt", self.enhance_prompt, "prompt enhancement is not supported"),
-            ("image", self.image is not None, "image-to-image generation is not supported yet"),
-            ("strength", self.image is None and self.strength != 0, "strength needs an input image"),
             ("lora_weights", self.lora_weights is not None, "LoRA weights are not supported yet"),
             ("extra_lora_weights", bool(self.extra_lora_weights), "LoRA weights are not supported yet"),
         ]
@@ -91,6 +91,25 @@ class ImageGenerationRequest(BaseModel):
         return self.output_compression if self.output_compression is not None else self.output_quality
 
 
+class ImageEditRequest(ImageGenerationRequest):
+    """The text fields of ``POST /v1/images/edits`` (OpenAI's multipart form plus the same
+    extensions as generations). Not strict: form values arrive as text ("2", "true"). The
+    image files and the mask travel beside it, not in it."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    # OpenAI's edits field; how closely to keep the input is ``strength`` here.
+    input_fidelity: Literal["high", "low"] | None = None
+
+    @model_validator(mode="after")
+    def _edit_fields(self) -> ImageEditRequest:
+        if self.image is not None:
+            raise _FieldError("image", "send the image as a file part, not as text")
+        if self.input_fidelity is not None:
+            raise _FieldError("input_fidelity", "not supported; set strength (0-1, lower keeps more of the input)")
+        return self
+
+
 class _FieldError(ValueError):
     """A validator's complaint that names its field (pydantic reports it at the model)."""
 
@@ -106,6 +125,14 @@ def parse_generation_request(payload: object) -> ImageGenerationRequest:
         raise InvalidRequest("The request body must be a JSON object.")
     try:
         return ImageGenerationRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise _to_invalid_request(exc) from None
+
+
+def parse_edit_request(fields: dict[str, str]) -> ImageEditRequest:
+    """Validate the text fields of an edits form, the first problem a 400 naming its field."""
+    try:
+        return ImageEditRequest.model_validate(fields)
     except ValidationError as exc:
         raise _to_invalid_request(exc) from None
 

@@ -20,8 +20,17 @@ from typing import Any, Protocol
 from serve_app.accounts import Settlement
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import InvalidRequest, ModelNotFound, UpstreamError
+from serve_app.image_input import ImageInputPolicy, decode_image, image_from_field, mask_from_png
 from serve_app.planning import GenerationPlan, plan_generation
-from serve_app.protocol import ImageData, ImagesResponse, ModelCard, ModelList, parse_generation_request
+from serve_app.protocol import (
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    parse_edit_request,
+    parse_generation_request,
+)
 from serve_app.routing import ModelRouter
 from serve_app.storage import CONTENT_TYPES
 from serve_app.work import GeneratedImage
@@ -56,6 +65,15 @@ class ServedResponse:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class EditUpload:
+    """The parts of an edits form: its text fields, its image files, its mask file."""
+
+    fields: dict[str, str]
+    images: list[bytes]
+    mask: bytes | None = None
+
+
 class ImageGenerationService:
     def __init__(
         self,
@@ -81,10 +99,7 @@ class ImageGenerationService:
 
     async def retrieve_model(self, authorization: str | None, model_id: str) -> ModelCard:
         key = await self._accounts.authenticate(authorization)
-        model = self._config.model(model_id)
-        if model is None:
-            raise ModelNotFound(model_id)
-        self._accounts.check_model(key, model.id)
+        model = self._permitted_model(key, model_id)
         return ModelCard(id=model.id, created=int(self._clock()))
 
     async def usage(self, authorization: str | None) -> dict[str, Any]:
@@ -95,13 +110,72 @@ class ImageGenerationService:
     async def generate(
         self, payload: object, *, authorization: str | None, request_id: str, base_url: str
     ) -> ServedResponse:
+        """``POST /v1/images/generations``: text-to-image, or image-to-image with ``image``."""
         key = await self._accounts.authenticate(authorization)
         request = parse_generation_request(payload)
-        model = self._config.model(request.model)
+        model = self._permitted_model(key, request.model)
+        image = None
+        if request.image is not None:
+            # Decoding (and fetching a URL) is blocking work: off the event loop.
+            image = await asyncio.to_thread(image_from_field, request.image, param="image", policy=self._policy(model))
+            # Fitting the image to the output size is CPU work too.
+            plan = await asyncio.to_thread(plan_generation, request, model, image)
+        else:
+            plan = plan_generation(request, model)
+        return await self._serve(key, request, model, plan, request_id, base_url)
+
+    async def edit(
+        self, upload: EditUpload, *, authorization: str | None, request_id: str, base_url: str
+    ) -> ServedResponse:
+        """``POST /v1/images/edits``: image-to-image, or inpainting with a mask."""
+        key = await self._accounts.authenticate(authorization)
+        request = parse_edit_request(upload.fields)
+        model = self._permitted_model(key, request.model)
+        if not upload.images:
+            raise InvalidRequest("Missing required parameter: 'image'.", param="image")
+        if len(upload.images) > model.rules.max_reference_images:
+            raise InvalidRequest(
+                f"Invalid 'image': model '{model.id}' uses at most {model.rules.max_reference_images} input image(s), "
+                f"got {len(upload.images)}.",
+                param="image",
+            )
+        plan = await asyncio.to_thread(self._plan_edit, request, model, upload)
+        return await self._serve(key, request, model, plan, request_id, base_url)
+
+    def _permitted_model(self, key: Any, model_id: str) -> ModelConfig:
+        model = self._config.model(model_id)
         if model is None:
-            raise ModelNotFound(request.model)
+            raise ModelNotFound(model_id)
         self._accounts.check_model(key, model.id)
-        plan = plan_generation(request, model)
+        return model
+
+    def _policy(self, model: ModelConfig) -> ImageInputPolicy:
+        sources = self._config.image_input
+        return ImageInputPolicy(
+            max_bytes=model.limits.max_input_image_bytes,
+            max_pixels=model.limits.max_input_image_pixels,
+            allowed_url_hosts=tuple(sources.allowed_url_hosts),
+            allow_private_addresses=sources.allow_private_addresses,
+            fetch_timeout_s=sources.fetch_timeout_s,
+        )
+
+    def _plan_edit(self, request: ImageGenerationRequest, model: ModelConfig, upload: EditUpload) -> GenerationPlan:
+        """Decode the upload and plan it: blocking CPU work, run in a thread."""
+        policy = self._policy(model)
+        image = decode_image(upload.images[0], param="image", policy=policy)
+        mask = None if upload.mask is None else mask_from_png(upload.mask, image_size=image.size, policy=policy)
+        return plan_generation(request, model, image, mask)
+
+    async def _serve(
+        self,
+        key: Any,
+        request: ImageGenerationRequest,
+        model: ModelConfig,
+        plan: GenerationPlan,
+        request_id: str,
+        base_url: str,
+    ) -> ServedResponse:
+        """Admit, reserve, generate, deliver, and settle exactly what was delivered."""
         if plan.response_format == "url" and self._store is None:
             raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
 

@@ -7,8 +7,17 @@ with no torch in sight: the ingress must import without torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import Enum
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+
+
+class Mode(str, Enum):
+    """Which of a family's pipelines a call runs."""
+
+    TEXT_TO_IMAGE = "text-to-image"
+    IMAGE_TO_IMAGE = "image-to-image"
+    INPAINT = "inpaint"
 
 
 @dataclass(frozen=True)
@@ -26,6 +35,32 @@ class CallShape:
     steps: int
     guidance: float
     with_negative_prompt: bool
+    mode: Mode = Mode.TEXT_TO_IMAGE
+    # How far an input image is noised (0 < strength <= 1); None for text-to-image.
+    strength: float | None = None
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An input image already fitted to the output size: 8-bit pixels, row-major.
+
+    ``mode`` is "RGB" for an image and "L" for a mask (255 = repaint, diffusers' convention).
+    Raw pixels, not PNG: the ingress decodes once and spends no CPU encoding again.
+    """
+
+    width: int
+    height: int
+    mode: str
+    pixels: bytes
+
+    def to_pil(self):
+        from PIL import Image
+
+        return Image.frombytes(self.mode, (self.width, self.height), self.pixels)
+
+    @classmethod
+    def from_pil(cls, image) -> InputImage:
+        return cls(width=image.width, height=image.height, mode=image.mode, pixels=image.tobytes())
 
 
 @dataclass(frozen=True)
@@ -39,6 +74,8 @@ class GenerationJob:
     seeds: tuple[int, ...]
     output_format: str = "png"
     output_quality: int = 80
+    image: InputImage | None = None  # image-to-image and inpainting
+    mask: InputImage | None = None  # inpainting
 
     @property
     def num_images(self) -> int:

@@ -16,17 +16,14 @@ from PIL import Image
 
 from deployments import tiny_models
 from deployments.encoding import encode_image
-from deployments.pipeline_loader import (
-    PipelineLoadError,
-    load_pipeline,
-    prompt_template_prefix_length,
-)
+from deployments.pipeline_loader import PipelineLoadError, load_pipelines
 from deployments.pipeline_runner import run_pipeline
 from deployments.tiny_models import BUILTIN_MODELS, BuiltinModel, ensure_builtin_model
-from serve_app.work import CallShape
+from serve_app.families.qwen_image import prompt_template_prefix_length
+from serve_app.work import CallShape, Mode
 
-FAMILIES = {"sdxl": "tiny-sdxl", "qwen-image": "tiny-qwen-image"}
-GUIDANCE = {"sdxl": 5.0, "qwen-image": 4.0}
+FAMILIES = {"sdxl": "tiny-sdxl", "qwen-image": "tiny-qwen-image", "flux": "tiny-flux"}
+GUIDANCE = {"sdxl": 5.0, "qwen-image": 4.0, "flux": 3.5}
 
 # Different texts and token lengths, so a batch pads them differently from a single call.
 PROMPTS = [
@@ -56,7 +53,7 @@ def built(cache_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def pipes(built, cache_dir):
     return {
-        family: load_pipeline(family, f"builtin:{name}", "cpu", "float32", cache_dir)
+        family: load_pipelines(family, f"builtin:{name}", "cpu", "float32", cache_dir)
         for family, name in FAMILIES.items()
     }
 
@@ -149,8 +146,9 @@ def test_builtin_folders_load_with_plain_from_pretrained(built):
     assert qwen.vae_scale_factor == 8
 
 
-def test_qwen_prompt_template_start_idx_drops_exactly_the_template_prefix(pipes):
-    pipe = pipes["qwen-image"]
+@pytest.mark.parametrize("mode", list(Mode))
+def test_qwen_prompt_template_start_idx_drops_exactly_the_template_prefix(pipes, mode):
+    pipe = pipes["qwen-image"][mode]
     template = pipe.prompt_template_encode
     start = pipe.prompt_template_encode_start_idx
     assert start == prompt_template_prefix_length(pipe.tokenizer, template)
@@ -163,20 +161,20 @@ def test_qwen_prompt_template_start_idx_drops_exactly_the_template_prefix(pipes)
 
 def test_loader_rejects_mismatches(cache_dir, tmp_path):
     with pytest.raises(ValueError, match="is a 'qwen-image' model, not 'sdxl'"):
-        load_pipeline("sdxl", "builtin:tiny-qwen-image", "cpu", "float32", cache_dir)
+        load_pipelines("sdxl", "builtin:tiny-qwen-image", "cpu", "float32", cache_dir)
     with pytest.raises(ValueError, match="unknown model family"):
-        load_pipeline("flux", "builtin:tiny-sdxl", "cpu", "float32", cache_dir)
+        load_pipelines("dall-e", "builtin:tiny-sdxl", "cpu", "float32", cache_dir)
     with pytest.raises(ValueError, match="unknown dtype"):
-        load_pipeline("sdxl", "builtin:tiny-sdxl", "cpu", "float64", cache_dir)
+        load_pipelines("sdxl", "builtin:tiny-sdxl", "cpu", "float64", cache_dir)
     with pytest.raises(PipelineLoadError, match="does not exist"):
-        load_pipeline("sdxl", str(tmp_path / "missing" / "folder"), "cpu", "float32", cache_dir)
+        load_pipelines("sdxl", str(tmp_path / "missing" / "folder"), "cpu", "float32", cache_dir)
     with pytest.raises(PipelineLoadError, match="no model_index.json"):
-        load_pipeline("sdxl", str(tmp_path), "cpu", "float32", cache_dir)
+        load_pipelines("sdxl", str(tmp_path), "cpu", "float32", cache_dir)
 
 
 def test_loader_rejects_a_folder_of_another_family(built, cache_dir):
     with pytest.raises(ValueError, match="holds a .QwenImagePipeline., not a .sdxl. pipeline"):
-        load_pipeline("sdxl", str(built["tiny-qwen-image"]), "cpu", "float32", cache_dir)
+        load_pipelines("sdxl", str(built["tiny-qwen-image"]), "cpu", "float32", cache_dir)
 
 
 # ----------------------------------------------------------------------------------------
@@ -188,7 +186,7 @@ def test_loader_rejects_a_folder_of_another_family(built, cache_dir):
 def test_images_have_the_requested_size(pipes, family, size):
     width, height = size
     shape = CallShape(width=width, height=height, steps=4, guidance=GUIDANCE[family], with_negative_prompt=False)
-    images = run_pipeline(pipes[family], family, shape, ["a cat", "a dog"], None, [1, 2], "cpu")
+    images = run_pipeline(pipes[family], shape, ["a cat", "a dog"], None, [1, 2], "cpu")
     assert [im.size for im in images] == [(width, height)] * 2
     assert all(im.mode == "RGB" for im in images)
 
@@ -208,9 +206,9 @@ def test_batch_equals_singles(pipes, family, guidance, with_negative):
     shape = CallShape(width=64, height=64, steps=3, guidance=guidance, with_negative_prompt=with_negative)
     negatives = NEGATIVE_PROMPTS if with_negative else None
 
-    batch = run_pipeline(pipe, family, shape, PROMPTS, negatives, SEEDS, "cpu")
+    batch = run_pipeline(pipe, shape, PROMPTS, negatives, SEEDS, "cpu")
     singles = [
-        run_pipeline(pipe, family, shape, [PROMPTS[i]], [negatives[i]] if negatives else None, [SEEDS[i]], "cpu")[0]
+        run_pipeline(pipe, shape, [PROMPTS[i]], [negatives[i]] if negatives else None, [SEEDS[i]], "cpu")[0]
         for i in range(len(PROMPTS))
     ]
 
@@ -228,9 +226,9 @@ def test_same_seed_same_image_and_negative_prompt_matters(pipes, family):
     pipe = pipes[family]
     plain = CallShape(width=64, height=64, steps=3, guidance=GUIDANCE[family], with_negative_prompt=False)
     negative = CallShape(width=64, height=64, steps=3, guidance=GUIDANCE[family], with_negative_prompt=True)
-    a = run_pipeline(pipe, family, plain, ["a cat"], None, [5], "cpu")[0]
-    b = run_pipeline(pipe, family, plain, ["a cat"], None, [5], "cpu")[0]
-    c = run_pipeline(pipe, family, negative, ["a cat"], ["a dog in the rain"], [5], "cpu")[0]
+    a = run_pipeline(pipe, plain, ["a cat"], None, [5], "cpu")[0]
+    b = run_pipeline(pipe, plain, ["a cat"], None, [5], "cpu")[0]
+    c = run_pipeline(pipe, negative, ["a cat"], ["a dog in the rain"], [5], "cpu")[0]
     assert np.array_equal(pixels(a), pixels(b))
     assert np.abs(pixels(a) - pixels(c)).max() > 1
 
@@ -238,10 +236,10 @@ def test_same_seed_same_image_and_negative_prompt_matters(pipes, family):
 def test_runner_checks_its_arguments(pipes):
     shape = CallShape(width=64, height=64, steps=2, guidance=5.0, with_negative_prompt=False)
     with pytest.raises(ValueError, match="seeds"):
-        run_pipeline(pipes["sdxl"], "sdxl", shape, ["a", "b"], None, [1], "cpu")
+        run_pipeline(pipes["sdxl"], shape, ["a", "b"], None, [1], "cpu")
     with pytest.raises(ValueError, match="with_negative_prompt"):
-        run_pipeline(pipes["sdxl"], "sdxl", shape, ["a"], ["b"], [1], "cpu")
-    assert run_pipeline(pipes["sdxl"], "sdxl", shape, [], None, [], "cpu") == []
+        run_pipeline(pipes["sdxl"], shape, ["a"], ["b"], [1], "cpu")
+    assert run_pipeline(pipes["sdxl"], shape, [], None, [], "cpu") == []
 
 
 # ----------------------------------------------------------------------------------------

@@ -149,3 +149,86 @@ def test_jobs_split_by_batch_size():
     jobs = plan(n=10, seed=1).jobs("req_1", max_images_per_job=4)
     assert [job.seeds for job in jobs] == [(1, 2, 3, 4), (5, 6, 7, 8), (9, 10)]
     assert {job.request_id for job in jobs} == {"req_1"}
+
+
+# ----------------------------------------------------------------------------------------
+# Image input: the mode, strength and size follow the input image
+
+
+FLUX = ModelConfig.model_validate(
+    {**SDXL.model_dump(), "id": "tiny-flux", "family": "flux", "weights": "builtin:tiny-flux", "defaults": {
+        "size": "64x64", "steps": 4, "guidance": 3.5}}
+)
+SCHNELL = FLUX.model_copy(update={"id": "schnell", "defaults": FLUX.defaults.model_copy(update={"guidance": 0.0})})
+
+
+def _picture(width, height, mode="RGB"):
+    from PIL import Image
+
+    return Image.new(mode, (width, height), 128)
+
+
+def plan_with(model=SDXL, image=None, mask=None, **fields):
+    request = parse_generation_request({"model": model.id, "prompt": "apple", **fields})
+    return plan_generation(request, model, image, mask)
+
+
+def test_strength_needs_an_image_and_an_image_needs_a_strength_above_zero():
+    from serve_app.work import Mode
+
+    assert plan_with(strength=0).shape.mode is Mode.TEXT_TO_IMAGE  # the qubrid default
+    with pytest.raises(InvalidRequest) as caught:
+        plan_with(strength=0.5)
+    assert caught.value.param == "strength"
+    with pytest.raises(InvalidRequest) as caught:
+        plan_with(image=_picture(64, 64), strength=0)
+    assert caught.value.param == "strength"
+    default = plan_with(image=_picture(64, 64))
+    assert default.shape.mode is Mode.IMAGE_TO_IMAGE and default.shape.strength == SDXL.defaults.strength
+    inpaint = plan_with(image=_picture(64, 64), mask=_picture(64, 64, "L"))
+    assert inpaint.shape.mode is Mode.INPAINT and inpaint.shape.strength == 1.0
+    assert plan_with(image=_picture(64, 64), strength=0.3).shape.strength == 0.3
+
+
+def test_a_strength_too_small_for_the_steps_is_a_400():
+    # SDXL runs int(4 * 0.2) = 0 steps; a flow-match family runs 4 - int(3.2) = 1.
+    with pytest.raises(InvalidRequest) as caught:
+        plan_with(image=_picture(64, 64), strength=0.2)
+    assert caught.value.param == "strength"
+    assert plan_with(QWEN, image=_picture(64, 64), strength=0.2).shape.strength == 0.2
+
+
+def test_the_output_size_follows_the_input_unless_a_size_is_given():
+    assert plan_with(image=_picture(96, 64)).size == "96x64"
+    assert plan_with(image=_picture(97, 61)).size == "104x64"  # onto the 8-pixel grid, closest ratio
+    assert plan_with(image=_picture(1000, 1000)).size == "256x256"  # within max_pixels 65536
+    assert plan_with(image=_picture(20, 20)).size == "32x32"  # within min_side 32
+    resized = plan_with(image=_picture(96, 64), size="64x64")
+    assert resized.size == "64x64" and (resized.image.width, resized.image.height) == (64, 64)
+    with pytest.raises(InvalidRequest) as caught:
+        plan_with(image=_picture(4000, 10))  # no allowed size has that shape
+    assert caught.value.param == "image"
+
+
+def test_input_image_and_mask_are_fitted_to_the_output_as_raw_pixels():
+    result = plan_with(image=_picture(128, 128, "RGBA"), mask=_picture(128, 128, "L"), size="64x32")
+    assert (result.image.mode, result.image.width, result.image.height) == ("RGB", 64, 32)
+    assert len(result.image.pixels) == 64 * 32 * 3
+    assert (result.mask.mode, len(result.mask.pixels)) == ("L", 64 * 32)
+    job = result.jobs("req", 8)[0]
+    assert job.image == result.image and job.mask == result.mask
+
+
+def test_flux_guidance_is_distilled():
+    assert plan(FLUX).shape.guidance == 3.5
+    assert plan(FLUX, guidance=2.0).shape.guidance == 2.0
+    for model, fields in [(FLUX, {"negative_prompt": "blurry"}), (SCHNELL, {"negative_prompt": "blurry"})]:
+        with pytest.raises(InvalidRequest, match="distilled") as caught:
+            plan(model, **fields)
+        assert caught.value.param == "negative_prompt"
+    with pytest.raises(InvalidRequest, match="takes no guidance") as caught:
+        plan(SCHNELL, guidance=3.5)
+    assert caught.value.param == "guidance"
+    with pytest.raises(InvalidRequest, match="above 0"):
+        plan(FLUX, guidance=0)
+    assert plan(SCHNELL).shape.guidance == 0.0

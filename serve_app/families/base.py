@@ -1,0 +1,96 @@
+"""What every model family module provides.
+
+A family (SDXL, Qwen-Image, FLUX.1, ...) is one module holding everything that differs
+between families: its diffusers pipeline classes per mode, its size multiple and minimum
+steps, what guidance means and whether it takes a negative prompt, how a pipeline call's
+arguments are built, fixes applied after loading, and its built-in tiny model. The ingress
+reads only the plain attributes and the request checks; the pipeline side imports torch and
+diffusers inside the methods that need them, so importing a family module stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from serve_app.errors import InvalidRequest
+from serve_app.work import CallShape, Mode
+
+if TYPE_CHECKING:
+    from serve_app.config import ModelConfig
+
+
+class GuidanceKind(str, Enum):
+    CLASSIFIER_FREE = "classifier-free"  # SDXL: a second, unconditional (or negative) pass
+    TRUE_CFG = "true-cfg"  # Qwen-Image: CFG against a negative prompt (blank when none)
+    DISTILLED = "distilled"  # FLUX.1: a guidance value fed to the model; no second pass
+
+
+class Family:
+    """One model family's rules. Subclasses set the class attributes and override the hooks."""
+
+    name: ClassVar[str]
+    # Sides must be multiples of this: the VAE's downsampling times any latent patching.
+    size_multiple: ClassVar[int]
+    # Fewest denoising steps the pipeline produces an image with.
+    min_steps: ClassVar[int] = 1
+    guidance: ClassVar[GuidanceKind]
+    takes_negative_prompt: ClassVar[bool] = True
+    # Input images one call can use (image-to-image and inpainting take one).
+    max_reference_images: ClassVar[int] = 1
+    # diffusers pipeline class per mode; the image modes are built from the text-to-image
+    # pipeline's loaded components (``from_pipe``), so they cost no second copy of the weights.
+    pipeline_classes: ClassVar[Mapping[Mode, str]]
+    # model_index.json "_class_name" prefix of this family's saved pipelines.
+    class_name_prefix: ClassVar[str]
+    # The built-in tiny model (``builtin:<name>``) and its builder.
+    tiny_model: ClassVar[str]
+
+    # --- the ingress side: plain Python ---------------------------------------------------
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Config rules of this family beyond the generic ones; raise ValueError."""
+        for name, steps in [("defaults.steps", model.defaults.steps), *model.quality_steps_set()]:
+            if steps < self.min_steps:
+                raise ValueError(f"{name} is {steps}: a {self.name} model needs at least {self.min_steps}")
+
+    def check_guidance(self, model: ModelConfig, guidance: float, requested: bool, negative_prompt: str | None) -> None:
+        """Refuse a guidance / negative prompt combination this family cannot honour.
+
+        ``requested`` says whether the client sent ``guidance`` (else it is the model's default).
+        """
+        if negative_prompt is not None and guidance <= 1:
+            # CFG pipelines skip the unconditional pass at guidance <= 1: the negative prompt
+            # would be silently ignored.
+            raise InvalidRequest(
+                "Invalid 'negative_prompt': it only has an effect with guidance above 1.", param="negative_prompt"
+            )
+
+    def denoising_steps(self, steps: int, strength: float) -> int:
+        """Steps an image-to-image call really runs at ``strength`` (diffusers' get_timesteps)."""
+        # Flow-match image-to-image pipelines: t_start = int(steps - steps * strength).
+        return steps - int(max(steps - steps * strength, 0))
+
+    # --- the pipeline side: torch and diffusers imported inside -----------------------------
+
+    def call_arguments(self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+        """Family-specific keyword arguments of one pipeline call (prompts, guidance)."""
+        raise NotImplementedError
+
+    def after_load(self, pipe: Any, model: ModelConfig | None) -> None:
+        """Fixes and checks once the text-to-image pipeline is loaded (``model`` is None
+        when loaded outside a served model, e.g. in a benchmark)."""
+
+    def build_tiny(self, work: Path) -> None:
+        """Build the family's built-in tiny model into ``work`` (save_pretrained layout)."""
+        raise NotImplementedError
+
+    def pipeline_class(self, mode: Mode) -> type:
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[mode])
+
+
+FamilyBuilder = Callable[[Path], None]
