@@ -264,6 +264,7 @@ def is_public_address(address: str) -> bool:
             return is_public_address(str(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)))
         if any(not is_public_address(str(v4)) for v4 in (ip.sixtofour, *(ip.teredo or ())) if v4 is not None):
             return False
+    # is_global also excludes shared (CGNAT) 100.64.0.0/10; the rest are listed to be sure.
     return ip.is_global and not (
         ip.is_private
         or ip.is_loopback
@@ -271,12 +272,10 @@ def is_public_address(address: str) -> bool:
         or ip.is_multicast
         or ip.is_reserved
         or ip.is_unspecified
-        
     )
 
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_SHARED_V4 = ipaddress.IPv4Network("100.64.0.0/10")
 
 
 def fetch_image_bytes(url: str, *, param: str, policy: ImageInputPolicy) -> bytes:

@@ -71,3 +71,29 @@ def test_a_short_result_is_an_error():
 def test_split_keeps_seed_order():
     parts = job("a", tuple(range(10))).split(4)
     assert [part.seeds for part in parts] == [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
+
+
+def test_image_modes_group_by_strength_and_carry_each_jobs_input():
+    from serve_app.work import InputImage, Mode
+
+    def picture(value):
+        return InputImage(width=1, height=1, mode="RGB", pixels=bytes([value] * 3))
+
+    img2img = CallShape(64, 64, 4, 5.0, False, mode=Mode.IMAGE_TO_IMAGE, strength=0.5)
+    stronger = CallShape(64, 64, 4, 5.0, False, mode=Mode.IMAGE_TO_IMAGE, strength=0.8)
+    inpaint = CallShape(64, 64, 4, 5.0, False, mode=Mode.INPAINT, strength=1.0)
+    mask = InputImage(width=1, height=1, mode="L", pixels=b"\xff")
+    jobs = [
+        GenerationJob("r1", "a", None, img2img, (1, 2), image=picture(1)),
+        GenerationJob("r2", "b", None, SMALL, (3,)),
+        GenerationJob("r3", "c", None, img2img, (4,), image=picture(2)),
+        GenerationJob("r4", "d", None, stronger, (5,), image=picture(3)),
+        GenerationJob("r5", "e", None, inpaint, (6,), image=picture(4), mask=mask),
+    ]
+    calls = group_jobs(jobs)
+    assert [call.shape for call in calls] == [img2img, SMALL, stronger, inpaint]
+    assert [image.pixels[0] for image in calls[0].images] == [1, 1, 2]
+    assert calls[0].masks is None and calls[1].images is None
+    assert calls[3].masks == [mask]
+    # An image job split into parts keeps its input in every part.
+    assert all(part.image == picture(1) for part in jobs[0].split(1))

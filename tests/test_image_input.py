@@ -109,7 +109,9 @@ def test_png_jpeg_and_webp_base64_decode_to_rgb(fmt, options, exact):
         assert left[0] > 200 and left[2] < 60 and right[2] > 200 and right[0] < 60
 
 
-@pytest.mark.parametrize("media_type, fmt", [("image/png", "PNG"), ("image/jpeg", "JPEG"), ("IMAGE/JPG", "JPEG"), ("image/webp", "WEBP")])
+@pytest.mark.parametrize(
+    "media_type, fmt", [("image/png", "PNG"), ("image/jpeg", "JPEG"), ("IMAGE/JPG", "JPEG"), ("image/webp", "WEBP")]
+)
 def test_data_uri(media_type, fmt):
     data = encode(two_colour(), fmt)
     image = image_from_field(f"data:{media_type};base64,{b64(data)}", param="image", policy=POLICY)
@@ -212,16 +214,24 @@ def test_empty_image_refused():
 def test_over_max_bytes_refused():
     data = encode(Image.effect_noise((64, 64), 80).convert("RGB"), "PNG")
     small = ImageInputPolicy(max_bytes=len(data) - 1, max_pixels=4_000_000)
-    refused(lambda: decode_image(data, param="image", policy=small), param="image", says=(f"larger than {len(data) - 1} bytes",))
+    refused(
+        lambda: decode_image(data, param="image", policy=small),
+        param="image",
+        says=(f"larger than {len(data) - 1} bytes",),
+    )
     decode_image(data, param="image", policy=ImageInputPolicy(max_bytes=len(data), max_pixels=4_000_000))
 
 
 def test_base64_length_is_checked_before_decoding():
     small = ImageInputPolicy(max_bytes=1000, max_pixels=4_000_000)
     # Invalid base64 of a length implying > max_bytes: the size is what is reported.
-    refused(lambda: image_from_field("!" * 1400, param="image", policy=small), param="image", says=("larger than 1000 bytes",), not_echoing=("!!",))
-    refused(lambda: image_from_field("A" * 1400, param="image", policy=small), param="image", says=("larger than 1000 bytes",))
-    refused(lambda: image_from_field("A" * 10_000_000, param="image", policy=small), param="image", says=("larger than 1000 bytes",))
+    for value in ("!" * 1400, "A" * 1400, "A" * 10_000_000):
+        refused(
+            lambda: image_from_field(value, param="image", policy=small),
+            param="image",
+            says=("larger than 1000 bytes",),
+            not_echoing=("!!", "AAAA"),
+        )
     # Just under the limit it is decoded (and then found not to be an image).
     refused(lambda: image_from_field("A" * 1332, param="image", policy=small), param="image", says=("not a PNG",))
 
@@ -232,9 +242,8 @@ def test_declared_giant_png_is_refused_from_the_header_quickly():
     generous = ImageInputPolicy(max_bytes=2_000_000, max_pixels=10**10)  # only PIL's own limit stands
     for policy in (POLICY, generous):
         started = time.perf_counter()
-        exc = refused(lambda: decode_image(bomb, param="image", policy=policy), param="image", says=("pixels",))
+        refused(lambda: decode_image(bomb, param="image", policy=policy), param="image", says=("pixels",))
         assert time.perf_counter() - started < 1.0
-        assert "20000" not in exc.message or policy is POLICY
 
 
 def test_valid_zero_filled_png_over_max_pixels_is_refused_before_decoding():
@@ -242,10 +251,14 @@ def test_valid_zero_filled_png_over_max_pixels_is_refused_before_decoding():
     assert len(data) < 100_000
     tight = ImageInputPolicy(max_bytes=2_000_000, max_pixels=1_000_000)
     started = time.perf_counter()
-    refused(lambda: decode_image(data, param="image", policy=tight), param="image", says=("5000x5000 is more than 1000000 pixels",))
+    refused(
+        lambda: decode_image(data, param="image", policy=tight),
+        param="image",
+        says=("5000x5000 is more than 1000000 pixels",),
+    )
     assert time.perf_counter() - started < 1.0
     # The same file is decoded when the policy allows its size: the refusal above is the check.
-    assert all_zero_png(100, 100) and decode_image(all_zero_png(100, 100), param="image", policy=tight).size == (100, 100)
+    assert decode_image(all_zero_png(100, 100), param="image", policy=tight).size == (100, 100)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
@@ -547,7 +560,9 @@ def test_redirect_refused(server_port):
 
 def test_error_status_refused(server_port):
     refused(
-        lambda: image_from_field(f"http://127.0.0.1:{server_port}/missing.png", param="image", policy=loopback_policy()),
+        lambda: image_from_field(
+            f"http://127.0.0.1:{server_port}/missing.png", param="image", policy=loopback_policy()
+        ),
         param="image",
         says=("HTTP 404",),
         not_echoing=("missing",),
