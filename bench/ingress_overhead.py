@@ -182,7 +182,7 @@ def pipeline_time(samples: int) -> dict[str, Any]:
     import torch
 
     from deployments.encoding import encode_image
-    from deployments.pipeline_loader import load_pipeline
+    from deployments.pipeline_loader import load_pipelines
     from deployments.pipeline_runner import run_pipeline
     from serve_app.config import load_app_config
     from serve_app.planning import plan_generation
@@ -191,13 +191,13 @@ def pipeline_time(samples: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     model = next(m for m in load_app_config(Path(__file__).resolve().parents[1] / "serve_config.yaml").models
                  if m.id == MODEL)
-    pipe = load_pipeline(family=model.family.value, weights=model.weights, device="cpu", dtype=model.dtype,
+    pipe = load_pipelines(family=model.family, weights=model.weights, device="cpu", dtype=model.dtype,
                          cache_dir=MODEL_CACHE)
     times = []
     for seq in range(samples + 3):
         job = plan_generation(parse_generation_request(payload(seq)), model).jobs("bench", 8)[0]
         start = time.perf_counter()
-        images = run_pipeline(pipe, model.family.value, job.shape, [job.prompt], None, list(job.seeds), "cpu")
+        images = run_pipeline(pipe, job.shape, [job.prompt], None, list(job.seeds), "cpu")
         encode_image(images[0], job.output_format, job.output_quality)
         if seq >= 3:
             times.append(time.perf_counter() - start)

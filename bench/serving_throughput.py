@@ -95,7 +95,7 @@ def measure_direct(batch_sizes, clients: int, warmup: int, measure: int, steps: 
     import torch
 
     from deployments.encoding import encode_image
-    from deployments.pipeline_loader import load_pipeline
+    from deployments.pipeline_loader import load_pipelines
     from deployments.pipeline_runner import run_pipeline
     from serve_app.config import load_app_config
     from serve_app.work import CallShape
@@ -104,13 +104,13 @@ def measure_direct(batch_sizes, clients: int, warmup: int, measure: int, steps: 
     torch.set_num_threads(1)
     model = next(m for m in load_app_config(Path(__file__).resolve().parents[1] / "serve_config.yaml").models
                  if m.id == MODEL)
-    pipe = load_pipeline(family=model.family.value, weights=model.weights, device="cpu", dtype=model.dtype,
+    pipe = load_pipelines(family=model.family, weights=model.weights, device="cpu", dtype=model.dtype,
                          cache_dir=MODEL_CACHE)
     shape = CallShape(width=SIZE, height=SIZE, steps=steps, guidance=model.defaults.guidance,
                       with_negative_prompt=False)
 
     def call(prompts: list[str], seeds: list[int]) -> list[bytes]:
-        images = run_pipeline(pipe, model.family.value, shape, prompts, None, seeds, "cpu")
+        images = run_pipeline(pipe, shape, prompts, None, seeds, "cpu")
         return [encode_image(image, "png", model.defaults.output_quality) for image in images]
 
     results = {}
