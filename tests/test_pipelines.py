@@ -221,7 +221,7 @@ def test_batch_equals_singles(pipes, family, guidance, with_negative):
     assert np.abs(pixels(batch[0]) - pixels(batch[1])).max() > 1
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", ["sdxl", "qwen-image"])
 def test_same_seed_same_image_and_negative_prompt_matters(pipes, family):
     pipe = pipes[family]
     plain = CallShape(width=64, height=64, steps=3, guidance=GUIDANCE[family], with_negative_prompt=False)
@@ -231,6 +231,18 @@ def test_same_seed_same_image_and_negative_prompt_matters(pipes, family):
     c = run_pipeline(pipe, negative, ["a cat"], ["a dog in the rain"], [5], "cpu")[0]
     assert np.array_equal(pixels(a), pixels(b))
     assert np.abs(pixels(a) - pixels(c)).max() > 1
+
+
+def test_flux_same_seed_same_image_and_no_negative_prompt(pipes):
+    plain = CallShape(width=64, height=64, steps=3, guidance=3.5, with_negative_prompt=False)
+    a = run_pipeline(pipes["flux"], plain, ["a cat"], None, [5], "cpu")[0]
+    b = run_pipeline(pipes["flux"], plain, ["a cat"], None, [5], "cpu")[0]
+    c = run_pipeline(pipes["flux"], plain, ["a cat"], None, [6], "cpu")[0]
+    assert np.array_equal(pixels(a), pixels(b))
+    assert np.abs(pixels(a) - pixels(c)).max() > 1
+    negative = CallShape(width=64, height=64, steps=3, guidance=3.5, with_negative_prompt=True)
+    with pytest.raises(ValueError, match="no negative prompt"):
+        run_pipeline(pipes["flux"], negative, ["a cat"], ["a dog"], [5], "cpu")
 
 
 def test_runner_checks_its_arguments(pipes):
@@ -280,3 +292,98 @@ def test_encoding_rejects_bad_arguments():
         encode_image(image, "gif", 80)
     with pytest.raises(ValueError, match="quality"):
         encode_image(image, "jpeg", 101)
+
+
+# ----------------------------------------------------------------------------------------
+# Images in: image-to-image and inpainting on the same loaded components
+
+
+def _scene(width: int = 64, height: int = 64, shift: int = 0) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    data = np.stack([(x * 4 + shift) % 256, (y * 4) % 256, np.full_like(x, 90)], -1)
+    data[16:40, 8 + shift % 16 : 32 + shift % 16] = (30, 40, 200)
+    return Image.fromarray(data.astype(np.uint8), "RGB")
+
+
+def _input(image: Image.Image):
+    from serve_app.work import InputImage
+
+    return InputImage.from_pil(image)
+
+
+def _left_half_mask(width: int = 64, height: int = 64):
+    from serve_app.work import InputImage
+
+    data = np.zeros((height, width), np.uint8)
+    data[:, : width // 2] = 255
+    return InputImage.from_pil(Image.fromarray(data, "L")), data == 255
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_image_modes_share_the_loaded_modules(pipes, family):
+    text = pipes[family].text_to_image
+    for mode in (Mode.IMAGE_TO_IMAGE, Mode.INPAINT):
+        pipe = pipes[family][mode]
+        assert type(pipe).__name__ == pipes[family].family.pipeline_classes[mode]
+        for name, module in text.components.items():
+            if module is not None and name != "scheduler":
+                assert pipe.components[name] is module, f"{mode.value} has its own {name}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tiny_vae_reconstructs_so_low_strength_keeps_the_input(pipes, family):
+    source = _scene()
+    distances = {}
+    for strength in (0.25, 1.0):
+        shape = CallShape(64, 64, 8, GUIDANCE[family], False, mode=Mode.IMAGE_TO_IMAGE, strength=strength)
+        out = run_pipeline(pipes[family], shape, ["a cat"], None, [3], "cpu", images=[_input(source)])[0]
+        distances[strength] = float(np.abs(pixels(out) - pixels(source)).mean())
+    assert distances[0.25] < 35, distances
+    assert distances[0.25] < 0.5 * distances[1.0], distances
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", [Mode.IMAGE_TO_IMAGE, Mode.INPAINT])
+def test_image_modes_batch_equals_singles(pipes, family, mode):
+    mask, _ = _left_half_mask()
+    shape = CallShape(64, 64, 6, GUIDANCE[family], False, mode=mode, strength=0.7)
+    images = [_input(_scene(shift=17 * i)) for i in range(3)]
+    masks = [mask] * 3 if mode is Mode.INPAINT else None
+    prompts, seeds = PROMPTS[:3], SEEDS[:3]
+    batch = run_pipeline(pipes[family], shape, prompts, None, seeds, "cpu", images=images, masks=masks)
+    for i in range(3):
+        single = run_pipeline(
+            pipes[family], shape, [prompts[i]], None, [seeds[i]], "cpu", images=[images[i]],
+            masks=None if masks is None else [masks[i]],
+        )[0]
+        assert np.abs(pixels(batch[i]) - pixels(single)).max() <= 1, f"image {i}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_inpainting_keeps_the_pixels_outside_the_mask(pipes, family):
+    source = _scene()
+    mask, repaint = _left_half_mask()
+    shape = CallShape(64, 64, 4, GUIDANCE[family], False, mode=Mode.INPAINT, strength=1.0)
+    out = run_pipeline(pipes[family], shape, ["a dog"], None, [9], "cpu", images=[_input(source)], masks=[mask])[0]
+    diff = np.abs(pixels(out) - pixels(source))
+    assert diff[~repaint].max() == 0
+    assert diff[repaint].mean() > 5
+
+
+def test_runner_checks_image_inputs(pipes):
+    img2img = CallShape(64, 64, 4, 5.0, False, mode=Mode.IMAGE_TO_IMAGE, strength=0.5)
+    with pytest.raises(ValueError, match="input images"):
+        run_pipeline(pipes["sdxl"], img2img, ["a"], None, [1], "cpu")
+    inpaint = CallShape(64, 64, 4, 5.0, False, mode=Mode.INPAINT, strength=0.5)
+    with pytest.raises(ValueError, match="masks"):
+        run_pipeline(pipes["sdxl"], inpaint, ["a"], None, [1], "cpu", images=[_input(_scene())])
+
+
+def test_flux_refuses_a_guidance_setting_its_weights_cannot_honour(built, cache_dir):
+    from serve_app.config import ModelConfig
+
+    schnell_like = ModelConfig.model_validate(
+        {"id": "f", "family": "flux", "weights": "builtin:tiny-flux", "defaults": {"size": "64x64", "guidance": 0.0}}
+    )
+    with pytest.raises(ValueError, match="defaults.guidance must be above 0"):
+        load_pipelines("flux", "builtin:tiny-flux", "cpu", "float32", cache_dir, model=schnell_like)

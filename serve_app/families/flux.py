@@ -117,6 +117,8 @@ class Flux(Family):
     def call_arguments(self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
         # No negative prompt and no true CFG (true_cfg_scale keeps its default of 1).
         # shape.guidance > 0 exactly for weights with a guidance input (checked at load).
+        if negative_prompts is not None:
+            raise ValueError("flux takes no negative prompt (planning refuses one)")
         return {
             "prompt": list(prompts),
             "guidance_scale": shape.guidance,
@@ -183,7 +185,7 @@ class Flux(Family):
             down_block_types=["DownEncoderBlock2D"] * 4,
             up_block_types=["UpDecoderBlock2D"] * 4,
             latent_channels=latent_channels,
-            norm_num_groups=8,
+            norm_num_groups=1,  # per-image GroupNorm over few channels would erase colour (tiny_vae)
             layers_per_block=1,
             sample_size=1024,
             mid_block_add_attention=False,  # as in the tiny SDXL VAE: cheap at 1024x1024

@@ -74,7 +74,7 @@ class SDXL(Family):
             down_block_types=["DownEncoderBlock2D"] * 4,
             up_block_types=["UpDecoderBlock2D"] * 4,
             latent_channels=4,
-            norm_num_groups=8,
+            norm_num_groups=1,  # per-image GroupNorm over few channels would erase colour (tiny_vae)
             layers_per_block=1,
             sample_size=1024,
             scaling_factor=0.13025,  # SDXL's

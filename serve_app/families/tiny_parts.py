@@ -154,5 +154,10 @@ def save_tiny(pipe, work: Path) -> None:
             hf_logging.enable_progress_bar()
 
 
-def fit_vae(vae, *, seed: int = 0) -> None:  # TEMPORARY: replaced by the real fitting
-    pass
+def fit_vae(vae, *, seed: int = 0) -> None:
+    """Fit a tiny VAE to reconstruct images (``serve_app.families.tiny_vae``): a random one
+    does not, so an input image would not survive image-to-image on a tiny model."""
+    from serve_app.families.tiny_vae import fit_vae as fit
+
+    if not fit(vae, seed=seed):
+        raise RuntimeError(f"{type(vae).__name__}: its configuration cannot carry colour; use norm_num_groups=1")
