@@ -11,8 +11,8 @@ import asyncio
 import pytest
 
 from serve_app.accounts import Accounts, LocalRateLimiter, issue_key, open_store
-from serve_app.config import CREDIT_UNITS, AppConfig
-from serve_app.errors import GenerationTimeout, InsufficientFunds, UpstreamError
+from serve_app.config import CREDIT_UNITS, AppConfig, ImageInputConfig
+from serve_app.errors import GenerationTimeout, InsufficientFunds, InvalidRequest, UpstreamError
 from serve_app.serving import ImageGenerationService
 from serve_app.work import GeneratedImage, JobResult
 
@@ -171,3 +171,93 @@ def test_url_delivery_with_nothing_stored_is_502_and_refunded(accounts):
     assert caught.value.status_code == 502 and caught.value.code == "upstream_error"
     assert asyncio.run(balance(accounts, key)) == 10
     assert accounts.store.inconsistencies() == []
+
+
+# ----------------------------------------------------------------------------------------
+# Images in: the input reaches the model's jobs, fitted; a URL only from a listed host
+
+
+def _png(width=48, height=32) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_url_from_a_listed_host_becomes_an_image_to_image_job(accounts):
+    import http.server
+    import threading
+
+    from serve_app.work import Mode
+
+    body = _png()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/in.png"
+    try:
+        key = make_key(accounts, 10)
+        router = FakeRouter()
+        closed = ImageGenerationService(CONFIG, router, accounts)
+        with pytest.raises(InvalidRequest) as caught:  # the default lists no host
+            asyncio.run(generate(closed, key, image=url))
+        assert caught.value.param == "image"
+        inside = CONFIG.model_copy(
+            update={"image_input": ImageInputConfig(allowed_url_hosts=["127.0.0.1"], allow_private_addresses=True)}
+        )
+        listed_but_private = CONFIG.model_copy(update={"image_input": ImageInputConfig(allowed_url_hosts=["127.0.0.1"])})
+        with pytest.raises(InvalidRequest, match="(?i)address"):
+            asyncio.run(generate(ImageGenerationService(listed_but_private, router, accounts), key, image=url))
+        served = asyncio.run(generate(ImageGenerationService(inside, router, accounts), key, image=url, strength=0.5))
+    finally:
+        server.shutdown()
+    job = router.calls[0][0]
+    assert job.shape.mode is Mode.IMAGE_TO_IMAGE and job.shape.strength == 0.5
+    assert (job.image.width, job.image.height) == (48, 32)  # the input's size, on the 8-pixel grid
+    assert job.image.pixels[:3] == bytes([200, 10, 10])
+    assert served.body.size == "48x32"
+    assert asyncio.run(balance(accounts, key)) == 8.5  # only the delivered image
+
+
+def test_edits_with_a_mask_become_inpainting_jobs_and_too_many_images_cost_nothing(accounts):
+    import io
+
+    from PIL import Image
+
+    from serve_app.serving import EditUpload
+    from serve_app.work import Mode
+
+    rgba = Image.new("RGBA", (48, 32), (0, 0, 0, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 24, 32))
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    key = make_key(accounts, 10)
+    router = FakeRouter()
+    svc = service(accounts, router)
+
+    async def edit(upload):
+        return await svc.edit(upload, authorization=f"Bearer {key}", request_id="req_e", base_url="http://h")
+
+    served = asyncio.run(edit(EditUpload({"model": "m", "prompt": "x", "n": "2"}, [_png()], buffer.getvalue())))
+    job = router.calls[0][0]
+    assert job.shape.mode is Mode.INPAINT and job.shape.strength == 1.0
+    assert job.mask.pixels[0] == 255 and job.mask.pixels[47] == 0  # left half repainted
+    assert len(served.body.data) == 2
+    with pytest.raises(InvalidRequest) as caught:
+        asyncio.run(edit(EditUpload({"model": "m", "prompt": "x"}, [_png(), _png()])))
+    assert caught.value.param == "image"
+    assert asyncio.run(balance(accounts, key)) == 7
