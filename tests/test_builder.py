@@ -22,10 +22,13 @@ def test_embedded_default_binds_one_deployment_per_model():
     config = load_app_config(ROOT / "serve_config.yaml")
     ingress, models = bound_models(build_app(config))
     assert ingress.name == INGRESS_DEPLOYMENT_NAME
-    assert set(models) == {"tiny-sdxl", "tiny-qwen-image"}
+    assert set(models) == {"tiny-sdxl", "tiny-qwen-image", "tiny-flux"}
     sdxl = models["tiny-sdxl"]
     assert sdxl.name == "model-tiny-sdxl"
-    assert sdxl.ray_actor_options["num_cpus"] == 1
+    # Every model at its most replicas fits on 2 cores.
+    most = sum(m.ray_actor_options["num_cpus"] * m._deployment_config.autoscaling_config.max_replicas
+               for m in models.values())
+    assert most <= 2
     assert sdxl.max_ongoing_requests == 16
     assert sdxl.user_config == {"max_batch_images": 8, "batch_wait_timeout_s": 0.0}
     autoscaling = sdxl._deployment_config.autoscaling_config
@@ -38,11 +41,14 @@ def test_embedded_default_binds_one_deployment_per_model():
 def test_gpu_config_asks_for_one_gpu_per_replica():
     config = load_app_config(ROOT / "serve_config.gpu.yaml")
     _, models = bound_models(build_app(config))
-    assert set(models) == {"stable-diffusion-xl-base-v10", "qwen-image"}
+    assert set(models) == {"stable-diffusion-xl-base-v10", "qwen-image", "flux-1-schnell"}
     for deployment in models.values():
         assert deployment.ray_actor_options["num_gpus"] == 1
         assert deployment._deployment_config.autoscaling_config.max_replicas > 1
     assert config.model("qwen-image").dtype == "bfloat16"
+    schnell = config.model("flux-1-schnell")
+    assert (schnell.family, schnell.weights, schnell.dtype) == ("flux", "black-forest-labs/FLUX.1-schnell", "bfloat16")
+    assert (schnell.defaults.steps, schnell.defaults.guidance) == (4, 0.0)  # few steps, no guidance input
     assert config.model("stable-diffusion-xl-base-v10").dtype == "float16"
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 pytestmark = pytest.mark.serve
 
-MODELS = ["tiny-sdxl", "tiny-qwen-image"]
+MODELS = ["tiny-sdxl", "tiny-qwen-image", "tiny-flux"]
 
 
 def decode(item) -> Image.Image:
