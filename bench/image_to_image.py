@@ -73,43 +73,39 @@ def input_images(count: int) -> list[str]:
 
 
 def replica_memory() -> dict[str, Any]:
-    """RSS after loading the text-to-image pipeline, and after adding the image modes."""
+    """Resident memory as a replica loads: the text-to-image pipeline, then its image modes
+    made with ``from_pipe`` (as ``load_pipelines`` does), then, for comparison, the
+    image-to-image pipeline loaded a second time with ``from_pretrained``."""
+    import gc
+
     import torch
 
-    from deployments.pipeline_loader import load_pipelines
     from deployments.tiny_models import ensure_builtin_model
     from serve_app.families import get_family
     from serve_app.work import Mode
 
     def rss_mib() -> float:
+        gc.collect()
         with open("/proc/self/status") as status:
             line = next(line for line in status if line.startswith("VmRSS:"))
-        return int(line.split()[1]) / 1024
+        return round(int(line.split()[1]) / 1024, 1)
 
     torch.set_num_threads(1)
-    before = rss_mib()
-    pipelines = load_pipelines("sdxl", f"builtin:{MODEL}", "cpu", "float32", MODEL_CACHE)
-    loaded = rss_mib()
-    # What a second copy would cost: the same components loaded once more.
-    text = pipelines.text_to_image
-    shared = all(
-        getattr(pipelines[mode], name) is getattr(text, name)
-        for mode in (Mode.IMAGE_TO_IMAGE, Mode.INPAINT)
-        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
-    )
-    again = get_family("sdxl").pipeline_class(Mode.IMAGE_TO_IMAGE).from_pretrained(
-        ensure_builtin_model(MODEL, MODEL_CACHE)
-    )
-    second_copy = rss_mib()
+    family, folder = get_family("sdxl"), ensure_builtin_model(MODEL, MODEL_CACHE)
+    text = family.pipeline_class(Mode.TEXT_TO_IMAGE).from_pretrained(folder)
+    text_only = rss_mib()
+    siblings = {mode: family.pipeline_class(mode).from_pipe(text) for mode in (Mode.IMAGE_TO_IMAGE, Mode.INPAINT)}
+    with_modes = rss_mib()
+    shared = all(pipe.components[name] is module for pipe in siblings.values()
+                 for name, module in text.components.items() if name != "scheduler" and module is not None)
+    again = family.pipeline_class(Mode.IMAGE_TO_IMAGE).from_pretrained(folder)
+    with_copy = rss_mib()
+    weights = sum(p.numel() * p.element_size() for module in text.components.values()
+                  if isinstance(module, torch.nn.Module) for p in module.parameters())
     del again
-    params = sum(p.numel() * p.element_size() for p in text.components["unet"].parameters())
-    return {
-        "rss_before_load_mib": round(before, 1),
-        "rss_with_all_modes_mib": round(loaded, 1),
-        "rss_after_a_second_from_pretrained_mib": round(second_copy, 1),
-        "image_modes_share_modules": shared,
-        "unet_param_bytes": params,
-    }
+    return {"text_to_image_only_mib": text_only, "with_image_modes_mib": with_modes,
+            "with_a_second_from_pretrained_mib": with_copy, "image_modes_share_modules": shared,
+            "weights_mib": round(weights / 2**20, 1)}
 
 
 async def measure(port: int, key: str, clients: int, warmup: int, measure_n: int) -> dict[str, Any]:
@@ -191,12 +187,12 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += [
         "",
         f"- Batched over max batch 1: **{doc['ratio_b_over_c']:.2f}x** the images/s.",
-        f"- Replica memory: {mem['rss_with_all_modes_mib']:.0f} MiB resident with all three pipelines "
-        f"(text-to-image, image-to-image, inpainting); loading the image-to-image pipeline again with "
-        f"`from_pretrained` adds {mem['rss_after_a_second_from_pretrained_mib'] - mem['rss_with_all_modes_mib']:.0f} "
-        f"MiB, which `from_pipe` does not (the image modes share the text-to-image pipeline's modules: "
-        f"{'yes' if mem['image_modes_share_modules'] else 'NO'}). The tiny model's weights are small, so the "
-        f"saving here is small; on real SDXL it is the whole fp16 UNet, VAE and text encoders (about 7 GB).",
+        f"- Replica memory (resident, one process): text-to-image pipeline alone {mem['text_to_image_only_mib']:.0f} "
+        f"MiB; with its image-to-image and inpainting pipelines made by `from_pipe` {mem['with_image_modes_mib']:.0f} "
+        f"MiB (they share every module: {'yes' if mem['image_modes_share_modules'] else 'NO'}); an image-to-image "
+        f"pipeline loaded separately with `from_pretrained` brings it to {mem['with_a_second_from_pretrained_mib']:.0f} "
+        f"MiB. The tiny model's weights are {mem['weights_mib']:.1f} MiB, so the difference is small here; a second "
+        f"copy of real SDXL in fp16 would be its whole UNet, VAE and text encoders, about 7 GB of GPU memory.",
     ]
     return "\n".join(lines)
 
