@@ -671,6 +671,40 @@ def update_doc_section(name: str, markdown: str) -> None:
     DOC.write_text(text)
 
 
+async def served_load(
+    port: int,
+    key: str,
+    clients: int,
+    warmup: int,
+    measure: int,
+    payload: Callable[[int, int], dict[str, Any]],
+    path: str = "/v1/images/generations",
+) -> dict[str, Any]:
+    """A closed loop of ``clients`` over HTTP against the served graph on ``port``, each
+    request ``payload(client, seq)`` as JSON; the steady-state summary with CPU meters."""
+    host = "127.0.0.1"
+    connections = [HttpConnection(host, port) for _ in range(clients)]
+    bad: list[bytes] = []
+
+    async def one(client: int, seq: int) -> tuple[int, int]:
+        response = await connections[client].request(post_json_bytes(host, port, path, payload(client, seq), key))
+        images = len(json.loads(response.body)["data"]) if response.status == 200 else 0
+        if response.status != 200 and len(bad) < 3:
+            bad.append(response.body[:300])
+        return response.status, images
+
+    meters = Meters()
+    result = await closed_loop(clients, warmup, measure, one, meters.start, meters.snapshot)
+    cpu = meters.report(result.requests)
+    for connection in connections:
+        await connection.close()
+    summary = result.summary()
+    summary["cpu"] = cpu
+    if bad:
+        summary["errors"] = [b.decode("utf-8", "replace") for b in bad]
+    return summary
+
+
 class Meters:
     """A CpuMeter and a ServeCpu over the same interval, for closed_loop's callbacks."""
 

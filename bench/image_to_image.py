@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,18 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     MODEL_CACHE,
     RESULTS,
-    HttpConnection,
-    Meters,
     bench_config,
-    closed_loop,
     create_key,
     free_port,
     machine_info,
-    post_json_bytes,
     ray_instance,
     serve_graph,
     temp_dir,
     update_doc_section,
+    served_load,
     wait_for_quiet,
     write_json,
 )
@@ -109,13 +105,10 @@ def replica_memory() -> dict[str, Any]:
 
 
 async def measure(port: int, key: str, clients: int, warmup: int, measure_n: int) -> dict[str, Any]:
-    host = "127.0.0.1"
-    connections = [HttpConnection(host, port) for _ in range(clients)]
     images = input_images(clients)
-    bad: list[bytes] = []
 
-    async def one(client: int, seq: int) -> tuple[int, int]:
-        payload = {
+    def payload(client: int, seq: int) -> dict[str, Any]:
+        return {
             "model": MODEL,
             "prompt": f"client {client} request {seq}",
             "image": images[client],
@@ -123,22 +116,8 @@ async def measure(port: int, key: str, clients: int, warmup: int, measure_n: int
             "num_inference_steps": STEPS,
             "seed": 1000 + seq,
         }
-        response = await connections[client].request(post_json_bytes(host, port, "/v1/images/generations", payload, key))
-        count = len(json.loads(response.body)["data"]) if response.status == 200 else 0
-        if response.status != 200 and len(bad) < 3:
-            bad.append(response.body[:300])
-        return response.status, count
 
-    meters = Meters()
-    result = await closed_loop(clients, warmup, measure_n, one, meters.start, meters.snapshot)
-    cpu = meters.report(result.requests)
-    for connection in connections:
-        await connection.close()
-    summary = result.summary()
-    summary["cpu"] = cpu
-    if bad:
-        summary["errors"] = [b.decode("utf-8", "replace") for b in bad]
-    return summary
+    return await served_load(port, key, clients, warmup, measure_n, payload)
 
 
 def served_runs(clients: int, warmup: int, measure_n: int) -> dict[str, Any]:

@@ -49,17 +49,13 @@ from _common import (  # noqa: E402
     RESULTS,
     SERVE_PROFILES,
     CpuMeter,
-    HttpConnection,
-    Meters,
     RequestRecord,
     bench_config,
-    closed_loop,
     create_key,
     free_port,
     http_front,
     http_port_of_app,
     machine_info,
-    post_json_bytes,
     profile_env,
     profile_ingress_replicas,
     profile_label,
@@ -69,6 +65,7 @@ from _common import (  # noqa: E402
     steady_state,
     temp_dir,
     update_doc_section,
+    served_load,
     wait_for_quiet,
     write_json,
 )
@@ -149,12 +146,8 @@ def measure_direct(batch_sizes, clients: int, warmup: int, measure: int, steps: 
 # -- (b), (c) the served graph ----------------------------------------------------------------
 async def measure_served(port: int, key: str, clients: int, warmup: int, measure: int,
                          steps: int = STEPS) -> dict[str, Any]:
-    host = "127.0.0.1"
-    connections = [HttpConnection(host, port) for _ in range(clients)]
-    bad = []
-
-    async def one(client: int, seq: int) -> tuple[int, int]:
-        payload = {
+    def payload(client: int, seq: int) -> dict[str, Any]:
+        return {
             "model": MODEL,
             "prompt": f"client {client} request {seq}",
             "n": 1,
@@ -162,25 +155,8 @@ async def measure_served(port: int, key: str, clients: int, warmup: int, measure
             "num_inference_steps": steps,
             "seed": 1000 + seq,
         }
-        raw = post_json_bytes(host, port, "/v1/images/generations", payload, key)
-        response = await connections[client].request(raw)
-        images = 0
-        if response.status == 200:
-            images = len(json.loads(response.body)["data"])
-        elif len(bad) < 3:
-            bad.append(response.body[:300])
-        return response.status, images
 
-    meters = Meters()
-    result = await closed_loop(clients, warmup, measure, one, meters.start, meters.snapshot)
-    cpu = meters.report(result.requests)
-    for connection in connections:
-        await connection.close()
-    summary = result.summary()
-    summary["cpu"] = cpu
-    if bad:
-        summary["errors"] = [b.decode("utf-8", "replace") for b in bad]
-    return summary
+    return await served_load(port, key, clients, warmup, measure, payload)
 
 
 def served_runs(variants: list[tuple[str, int, float, int]], clients: int, warmup: int, measure: int,

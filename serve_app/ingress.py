@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -150,28 +151,19 @@ class ImageGenerationIngress:
 
     @api.post("/v1/images/generations")
     async def generate_images(self, request: Request) -> Response:
-        request_id = request_id_of(request)
-        self._start_background_work()
-        try:
-            payload = await self._read_json(request)
-            served = await self._service.generate(
-                payload,
-                authorization=request.headers.get("authorization"),
-                request_id=request_id,
-                base_url=str(request.base_url).rstrip("/"),
-            )
-        except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
-            return error_for(exc, request)
-        return JSONResponse(served.body.model_dump(exclude_none=True), headers=served.headers)
+        return await self._respond(request, self._read_json(request), self._service.generate)
 
     @api.post("/v1/images/edits")
     async def edit_images(self, request: Request) -> Response:
+        return await self._respond(request, self._read_edit_form(request), self._service.edit)
+
+    async def _respond(self, request: Request, body: Awaitable[Any], serve: Callable[..., Awaitable[Any]]) -> Response:
+        """Read the body, serve it, and answer: the served response, or the error on the wire."""
         request_id = request_id_of(request)
         self._start_background_work()
         try:
-            upload = await self._read_edit_form(request)
-            served = await self._service.edit(
-                upload,
+            served = await serve(
+                await body,
                 authorization=request.headers.get("authorization"),
                 request_id=request_id,
                 base_url=str(request.base_url).rstrip("/"),

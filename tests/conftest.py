@@ -155,3 +155,26 @@ def run_cli(*args: str, database_url: str, check: bool = True) -> str:
     if check and result.returncode != 0:
         raise AssertionError(f"imagegen {' '.join(args)} failed: {result.stderr}")
     return result.stdout
+
+
+NODE_MODULES = Path(os.environ.get("OPENAI_NODE_MODULES", ROOT / ".cache" / "node" / "node_modules"))
+
+
+def run_node_sdk(script: str, *args: str) -> dict:
+    """Run ``tests/node/<script>`` with the official OpenAI Node SDK and return the JSON it
+    prints last (skips where node or the SDK is missing; .ci/run installs both)."""
+    import json
+    import shutil
+
+    node = shutil.which("node")
+    if node is None or not (NODE_MODULES / "openai").is_dir():
+        pytest.skip("needs node and `npm install --prefix .cache/node openai@6` (done by .ci/run)")
+    result = subprocess.run(
+        [node, str(ROOT / "tests" / "node" / script), *args],
+        env={**os.environ, "OPENAI_NODE_MODULES": str(NODE_MODULES)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])

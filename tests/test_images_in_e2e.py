@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import os
-import shutil
-import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 
+from tests.conftest import run_node_sdk
+
 pytestmark = pytest.mark.serve
 
-ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["tiny-sdxl", "tiny-qwen-image", "tiny-flux"]
 # Masked edits keep every pixel outside the mask exactly (PNG is lossless).
 UNMASKED_TOLERANCE = 0
@@ -273,25 +267,14 @@ def test_edits_are_billed_per_image_delivered(served):
 
 
 def test_node_sdk_edits_with_a_mask(served, tmp_path):
-    node = shutil.which("node")
-    modules = Path(os.environ.get("OPENAI_NODE_MODULES", ROOT / ".cache" / "node" / "node_modules"))
-    if node is None or not (modules / "openai").is_dir():
-        pytest.skip("needs node and `npm install --prefix .cache/node openai@6` (done by .ci/run)")
     source = scene()
     mask, repaint = edit_mask()
     (tmp_path / "in.png").write_bytes(png_bytes(source))
     (tmp_path / "mask.png").write_bytes(mask)
-    key = served.create_key("10")
-    result = subprocess.run(
-        [node, str(ROOT / "tests" / "node" / "edit.mjs"), f"{served.base_url}/v1", key, "tiny-sdxl",
-         str(tmp_path / "in.png"), str(tmp_path / "mask.png")],
-        env={**os.environ, "OPENAI_NODE_MODULES": str(modules)},
-        capture_output=True,
-        text=True,
-        timeout=120,
+    seen = run_node_sdk(
+        "edit.mjs", f"{served.base_url}/v1", served.create_key("10"), "tiny-sdxl",
+        str(tmp_path / "in.png"), str(tmp_path / "mask.png"),
     )
-    assert result.returncode == 0, result.stderr
-    seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["count"] == 2 and seen["seeds"] == [11, 12] and seen["size"] == "64x64"
     for b64 in seen["images"]:
         out = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)

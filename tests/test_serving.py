@@ -196,7 +196,7 @@ def test_an_image_url_from_a_listed_host_becomes_an_image_to_image_job(accounts)
     body = _png()
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
+        def do_GET(self):
             self.send_response(200)
             self.send_header("content-type", "image/png")
             self.send_header("content-length", str(len(body)))
