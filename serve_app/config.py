@@ -283,12 +283,6 @@ def _read_serve_config(path: str | Path) -> dict[str, Any]:
         return yaml.safe_load(handle) or {}
 
 
-def load_controller_options(path: str | Path) -> dict[str, Any] | None:
-    """The ``controller_options:`` of a Serve config file, for ``serve.start`` to start Serve
-    as ``serve run`` would (they install the proxy's middleware, ``serve_app.edge``)."""
-    return _read_serve_config(path).get("controller_options")
-
-
 def load_app_config(path: str | Path) -> AppConfig:
     """Read the ``args:`` of the first application in a Serve config file."""
     document = _read_serve_config(path)
@@ -311,5 +305,4 @@ __all__ = [
     "S3StorageConfig",
     "StorageConfig",
     "load_app_config",
-    "load_controller_options",
 ]

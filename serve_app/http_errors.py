@@ -7,7 +7,6 @@ import math
 
 from fastapi.responses import JSONResponse
 
-from serve_app.edge import HOLD_HEADER, hold_for
 from serve_app.errors import APIError, InternalError
 from serve_app.protocol import ErrorBody, ErrorResponse
 
@@ -16,13 +15,11 @@ logger = logging.getLogger("ray.serve")
 REQUEST_ID_HEADER = "x-request-id"
 
 
-def error_response(exc: BaseException, request_id: str, *, behind_edge: bool = False) -> JSONResponse:
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
     """Render any exception in the documented error shape.
 
     An ``APIError`` is the client's to see; anything else is a bug, logged with the
-    request id and shown as a bare 500 so no internals leak. ``behind_edge``: the request
-    came through ``serve_app.edge.EdgeRejections``, which may repeat this rejection for a
-    while if it is told how long it holds.
+    request id and shown as a bare 500 so no internals leak.
     """
     if not isinstance(exc, APIError):
         logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
@@ -36,7 +33,4 @@ def error_response(exc: BaseException, request_id: str, *, behind_edge: bool = F
     headers = dict(exc.headers)
     if exc.retry_after_s is not None:
         headers["retry-after"] = str(max(1, math.ceil(exc.retry_after_s)))
-    hold = hold_for(exc) if behind_edge else None
-    if hold is not None:
-        headers[HOLD_HEADER] = hold.header()
     return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=headers)

@@ -18,7 +18,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
-from serve_app.edge import EDGE_HEADER
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge
 from serve_app.http_errors import REQUEST_ID_HEADER, error_response
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter
@@ -48,7 +47,7 @@ def _new_request_id(request: Request) -> str:
 
 def error_for(exc: BaseException, request: Request) -> JSONResponse:
     """``exc`` on the wire, for this request."""
-    return error_response(exc, request_id_of(request), behind_edge=EDGE_HEADER in request.headers)
+    return error_response(exc, request_id_of(request))
 
 
 @api.exception_handler(StarletteHTTPException)

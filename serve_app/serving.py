@@ -3,8 +3,7 @@
 Order matters and is the contract with billing: authenticate, validate, authorize, rate
 limit, reserve credits, generate, deliver, then settle exactly what was delivered. The
 settlement runs even when the client disconnects or generation fails, so a reservation
-is never left hanging and nothing undelivered is charged. (A key seen short of credits in
-the last second gets its 402 before the rate limit, from memory: no I/O, no token spent.)
+is never left hanging and nothing undelivered is charged.
 """
 
 from __future__ import annotations
@@ -43,8 +42,6 @@ class AccountsPort(Protocol):
     async def authenticate(self, authorization: str | None) -> Any: ...
 
     def check_model(self, key: Any, model_id: str) -> None: ...
-
-    def refuse_if_short(self, key: Any, model_id: str, images: int, price_units: int) -> None: ...
 
     async def admit(self, key: Any, images: int) -> dict[str, str]: ...
 
@@ -179,7 +176,6 @@ class ImageGenerationService:
         if plan.response_format == "url" and self._store is None:
             raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
 
-        self._accounts.refuse_if_short(key, model.id, request.n, model.price_units)
         headers = dict(await self._accounts.admit(key, request.n))
         reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
         delivered: list[ImageData] = []

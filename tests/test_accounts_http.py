@@ -70,12 +70,10 @@ def test_insufficient_funds_is_402_and_charges_nothing(served):
         client.images.generate(model="tiny-sdxl", prompt="x", n=2)
     check_error(caught.value, 402, "insufficient_funds")
     assert caught.value.body["type"] == "insufficient_quota"
-    # The retry comes within the second the shortfall is remembered (by Serve's proxy, or by
-    # the ingress in throughput mode): 402 again, before the rate limit (the key's one
-    # request a minute went on the first try).
-    with pytest.raises(openai.APIStatusError) as caught:
+    # The key's one request a minute went on the first try: its retry meets the rate limit.
+    with pytest.raises(openai.RateLimitError) as caught:
         client.images.generate(model="tiny-sdxl", prompt="x", n=2)
-    check_error(caught.value, 402, "insufficient_funds")
+    check_error(caught.value, 429, "rate_limit_exceeded")
     usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {client.api_key}"}).json()
     assert usage["balance"] == 1
 
@@ -93,43 +91,16 @@ def test_rate_limit_is_429_with_retry_after(served):
     assert int(caught.value.response.headers["retry-after"]) >= 1
 
 
-def test_the_proxy_repeats_a_fresh_rejection_for_at_most_a_second(served):
-    # (In throughput mode, "the proxy" is the ingress replica's own HTTP server, which runs
-    # the same middleware in front of Serve's request handling.)
+def test_a_top_up_is_seen_at_once_and_rejections_carry_no_private_headers(served):
     name = "broke-then-topped-up"
     client = served.client(served.create_key("0", name=name))
-    with pytest.raises(openai.APIStatusError) as first:
-        client.images.generate(model="tiny-sdxl", prompt="first")
-    check_error(first.value, 402, "insufficient_funds")
-    assert "x-imagegen-edge" not in first.value.response.headers  # the ingress answered
-    with pytest.raises(openai.APIStatusError) as again:
-        client.images.generate(model="tiny-sdxl", prompt="another prompt")
-    check_error(again.value, 402, "insufficient_funds")
-    assert again.value.response.headers["x-imagegen-edge"] == "hit"  # the proxy answered
-    assert again.value.request_id != first.value.request_id
-    assert again.value.body["message"] == first.value.body["message"]
-    # A top-up is seen within a second, by the proxy as by the ingress.
+    for prompt in ("first", "again"):  # every rejection is the ingress's own answer
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.images.generate(model="tiny-sdxl", prompt=prompt)
+        check_error(caught.value, 402, "insufficient_funds")
+        assert not [h for h in caught.value.response.headers if h.startswith("x-imagegen")]
     run_cli("credits", "add", name, "1", database_url=served.database_url)
-    time.sleep(1.1)
     assert len(client.images.generate(model="tiny-sdxl", prompt="paid").data) == 1
-
-    bad = served.client("qbt_" + "r" * 43)
-    for _ in range(2):
-        with pytest.raises(openai.AuthenticationError) as caught:
-            bad.images.generate(model="tiny-sdxl", prompt="x")
-        check_error(caught.value, 401, "invalid_api_key")
-    assert caught.value.response.headers["x-imagegen-edge"] == "hit"
-
-
-def test_the_proxy_internal_hold_header_never_reaches_a_client(served):
-    url = f"{served.base_url}/v1/images/generations"
-    body = {"model": "tiny-sdxl", "prompt": "x"}
-    response = httpx.post(url, json=body, headers={"authorization": "Bearer qbt_" + "h" * 43})
-    assert response.status_code == 401 and "x-imagegen-edge-hold" not in response.headers
-    # A client's forged "came through the proxy middleware" mark is dropped there.
-    forged = {"authorization": "Bearer qbt_" + "f" * 43, "x-imagegen-edge": "1"}
-    response = httpx.post(url, json=body, headers=forged)
-    assert response.status_code == 401 and "x-imagegen-edge-hold" not in response.headers
 
 
 def test_credit_headers_and_usage(served):

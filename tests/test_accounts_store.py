@@ -25,7 +25,6 @@ from serve_app.accounts import (
 )
 from serve_app.accounts.keys import bearer_token, generate_key, hash_key, looks_like_key
 from serve_app.accounts.schema import SCHEMA_VERSION, SchemaTooNew
-from serve_app.accounts.shortfall import CreditShortfall, ShortfallMemo
 from serve_app.accounts.sqlite_store import SQLiteAccountStore, sqlite_path_from_url
 from serve_app.accounts.store import open_store
 from serve_app.config import CREDIT_UNITS
@@ -452,49 +451,22 @@ def test_unknown_keys_are_rejected_from_the_cache(accounts):
     asyncio.run(main())
 
 
-def test_an_exhausted_key_is_refused_from_memory_until_credits_come_back(accounts):
+def test_a_top_up_is_seen_by_the_next_reservation(accounts):
     store = accounts.store
     key = issue_key(store, "alice", credits_units=3 * PRICE).record
-    reads = []
-    reserve = store.reserve
-    store.reserve = lambda *args: reads.append(args) or reserve(*args)
 
     async def main():
-        accounts.refuse_if_short(key, "m1", 4, PRICE)  # nothing known yet: the database decides
         with pytest.raises(InsufficientFunds, match="balance is 3"):
             await accounts.reserve(key, "r1", "m1", 4, PRICE)
-        for images in (4, 9):  # at least the shortfall: refused here, no database read
-            with pytest.raises(InsufficientFunds, match=f"{images} image.*balance is 3"):
-                accounts.refuse_if_short(key, "m1", images, PRICE)
-        accounts.refuse_if_short(key, "m1", 3, PRICE)  # what the balance covers: not refused
-        assert len(reads) == 1
-
-        # A refund settled here forgets the shortfall at once.
-        held = await accounts.reserve(key, "r2", "m1", 3, PRICE)
-        with pytest.raises(InsufficientFunds, match="balance is 0"):
-            await accounts.reserve(key, "r3", "m1", 1, PRICE)
-        with pytest.raises(InsufficientFunds):
-            accounts.refuse_if_short(key, "m1", 1, PRICE)
-        await accounts.settle(held, 1)
-        await asyncio.sleep(0)
-        accounts.refuse_if_short(key, "m1", 2, PRICE)
-        await accounts.settle(await accounts.reserve(key, "r4", "m1", 2, PRICE), 2)
-
-        # A top-up by another process is seen once the memory expires (the key cache's 1 s).
-        with pytest.raises(InsufficientFunds):
-            await accounts.reserve(key, "r5", "m1", 1, PRICE)
-        store.add_credits("alice", 5 * PRICE)
-        with pytest.raises(InsufficientFunds):
-            accounts.refuse_if_short(key, "m1", 1, PRICE)
-        accounts.fake_clock.now += 1.01
-        accounts.refuse_if_short(key, "m1", 5, PRICE)
+        store.add_credits("alice", 5 * PRICE)  # by another process: nothing remembered the 402
+        await accounts.settle(await accounts.reserve(key, "r2", "m1", 4, PRICE), 4)
 
     asyncio.run(main())
-    assert store.key_by_id(key.id).balance_units == 5 * PRICE
+    assert store.key_by_id(key.id).balance_units == 4 * PRICE
     assert_sound(store)
 
 
-def test_stale_reservations_are_released_by_the_sweeper_and_clear_remembered_shortfalls(accounts):
+def test_stale_reservations_are_released_by_the_sweeper(accounts):
     store = accounts.store
     key = issue_key(store, "alice", credits_units=2 * PRICE).record
 
@@ -505,15 +477,11 @@ def test_stale_reservations_are_released_by_the_sweeper_and_clear_remembered_sho
         assert await accounts.release_stale(3600) == []  # young: a request may still be running
         sweeper = accounts.start_stale_sweeper(0, 0.01)
         assert accounts.start_stale_sweeper(0, 0.01) is sweeper  # once
-        for _ in range(200):  # the fake clock stands still: only the refund can clear the 402
+        for _ in range(200):
             await asyncio.sleep(0.005)
-            try:
-                accounts.refuse_if_short(key, "m1", 1, PRICE)
+            if store.usage(key.id).reserved_units == 0:
                 break
-            except InsufficientFunds:
-                continue
         assert store.usage(key.id).reserved_units == 0
-        accounts.refuse_if_short(key, "m1", 1, PRICE)
         settlement = await accounts.settle(held, 2)  # the request turns up after all: nothing changes
         assert settlement.already_settled and settlement.charged_units == 0
         sweeper.cancel()
@@ -521,23 +489,6 @@ def test_stale_reservations_are_released_by_the_sweeper_and_clear_remembered_sho
     asyncio.run(main())
     assert store.key_by_id(key.id).balance_units == 2 * PRICE
     assert_sound(store)
-
-
-def test_a_shortfall_read_before_a_refund_is_not_remembered():
-    clock = FakeClock()
-    memo = ShortfallMemo(1.0, clock=clock)
-    shortfall = CreditShortfall(images=2, model="m1", amount_units=2, balance_units=0)
-    epoch = memo.epoch()
-    memo.credited(7)  # a refund to any key lands while the read is in flight
-    memo.remember(7, shortfall, epoch)
-    memo.refuse_if_short(7, "m1", 2, 1)
-    memo.remember(7, shortfall, memo.epoch())
-    with pytest.raises(InsufficientFunds) as info:
-        memo.refuse_if_short(7, "m1", 2, 1)
-    assert info.value.status_code == 402 and info.value.code == "insufficient_funds"
-    memo.refuse_if_short(8, "m1", 2, 1)  # another key
-    clock.now += 1.0
-    memo.refuse_if_short(7, "m1", 2, 1)
 
 
 def test_rate_limit_through_the_facade(accounts):

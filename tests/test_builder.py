@@ -52,74 +52,17 @@ def test_gpu_config_asks_for_one_gpu_per_replica():
     assert config.model("stable-diffusion-xl-base-v10").dtype == "float16"
 
 
-def controller_env_vars(serve_config_text: str) -> dict[str, str]:
-    """The env vars a Serve config gives its controller, once Serve's own schema accepts it."""
+def serve_schema(serve_config_text: str):
+    """A Serve config as Serve's own schema reads it (a bad config fails here)."""
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    schema = ServeDeploySchema.model_validate(yaml.safe_load(serve_config_text))
-    return schema.controller_options.runtime_env["env_vars"]
+    return ServeDeploySchema.model_validate(yaml.safe_load(serve_config_text))
 
 
-def test_gpu_config_is_a_valid_serve_config_with_the_proxy_middleware():
-    from serve_app.edge import PROXY_CALLBACK
-
-    env_vars = controller_env_vars((ROOT / "serve_config.gpu.yaml").read_text())
-    assert env_vars == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
-
-
-def test_relative_paths_are_anchored_for_replicas(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("IMAGEGEN_DATABASE_URL", raising=False)
-    config = load_app_config(ROOT / "serve_config.yaml")
-    ingress, _ = bound_models(build_app(config))
-    anchored = AppConfig.model_validate(ingress.init_args[0])
-    assert anchored.accounts.database_url == f"sqlite:///{tmp_path}/data/imagegen.db"
-    assert anchored.storage.local.root == tmp_path / "data/images"
-
-
-def test_deployment_names_are_derived_from_model_ids():
-    config = AppConfig.model_validate(
-        {"models": [{"id": "org/sdxl-1.0", "family": "sdxl", "weights": "org/sdxl-1.0"}]}
-    )
-    _, models = bound_models(build_app(config))
-    assert models["org/sdxl-1.0"].name == "model-org-sdxl-1-0"
-
-
-@pytest.mark.parametrize(
-    "model, field",
-    [
-        ({"family": "dalle"}, "family"),
-        ({"dtype": "int8"}, "dtype"),
-        ({"limits": {"max_n": 11}}, "max_n"),
-        ({"price_per_image": "-1"}, "price_per_image"),
-        ({"defaults": {"size": "big"}}, "size"),
-        ({"batching": {"max_batch_images": 0}}, "max_batch_images"),
-        ({"surprise": True}, "surprise"),
-        ({"family": "qwen-image", "defaults": {"size": "64x64", "steps": 1}}, "defaults.steps"),
-        ({"family": "qwen-image", "quality_steps": {"low": 1}}, "quality_steps.low"),
-    ],
-)
-def test_bad_config_names_the_field(model, field):
-    base = {"id": "m", "family": "sdxl", "weights": "builtin:tiny-sdxl"}
-    with pytest.raises(ValidationError) as caught:
-        AppConfig.model_validate({"models": [{**base, **model}]})
-    assert field in str(caught.value)
-
-
-def test_stale_reservations_wait_past_the_longest_timeout():
-    base = {"id": "m", "family": "sdxl", "weights": "builtin:tiny-sdxl", "timeout_s": 100}
-    assert AppConfig.model_validate({"models": [base]}).stale_reservation_after_s == 500
-    custom = AppConfig.model_validate({"models": [base], "accounts": {"release_stale_after_s": 150}})
-    assert custom.stale_reservation_after_s == 150
-    with pytest.raises(ValidationError, match="release_stale_after_s"):
-        AppConfig.model_validate({"models": [base], "accounts": {"release_stale_after_s": 100}})
-
-
-def test_duplicate_model_ids_are_rejected():
-    model = {"id": "m", "family": "sdxl", "weights": "builtin:tiny-sdxl"}
-    with pytest.raises(ValidationError, match="duplicate model id"):
-        AppConfig.model_validate({"models": [model, model]})
+def test_gpu_config_is_a_valid_serve_config():
+    schema = serve_schema((ROOT / "serve_config.gpu.yaml").read_text())
+    assert [app.import_path for app in schema.applications] == ["serve_app.app:build_app"]
 
 
 def test_ingress_package_imports_without_torch():
@@ -127,31 +70,16 @@ def test_ingress_package_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_the_default_config_installs_the_proxy_middleware_and_can_switch_to_throughput_mode():
-    """serve_config.yaml is a valid Serve config whose controller_options install
-    serve_app.edge in Serve's proxy; the README's throughput mode is its two commented
-    env_vars lines, which uncommented keep it valid and set both flags."""
-    from serve_app.edge import PROXY_CALLBACK
-
+def test_the_default_config_can_switch_to_throughput_mode():
+    """serve_config.yaml is a valid Serve config with no controller options; the README's
+    throughput mode is its five commented lines, which uncommented keep it valid and set
+    both flags."""
     text = (ROOT / "serve_config.yaml").read_text()
-    assert controller_env_vars(text) == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
-
-    uncommented = "\n".join(
-        line.replace("# ", "", 1) if line.lstrip().startswith("# RAY_SERVE_") else line for line in text.splitlines()
-    )
-    assert controller_env_vars(uncommented) == {
-        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
+    assert serve_schema(text).controller_options is None
+    lines = text.splitlines()
+    start = lines.index("# controller_options:")
+    uncommented = "\n".join(line[2:] if start <= i < start + 5 else line for i, line in enumerate(lines))
+    assert serve_schema(uncommented).controller_options.runtime_env["env_vars"] == {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     }
-
-
-def test_the_proxy_callback_gives_serve_a_valid_middleware_list():
-    """What Serve's proxy does with RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH at startup."""
-    from ray.serve._private.http_util import validate_http_proxy_callback_return
-    from ray.serve._private.utils import call_function_from_import_path
-
-    from serve_app.edge import PROXY_CALLBACK, EdgeRejections
-
-    middlewares = validate_http_proxy_callback_return(call_function_from_import_path(PROXY_CALLBACK))
-    assert [middleware.cls for middleware in middlewares] == [EdgeRejections]

@@ -12,7 +12,6 @@ from serve_app.accounts.rate_limit import (
     LocalRateLimiter,
     RateLimitBook,
     RateLimitDecision,
-    RejectionMemo,
     TokenBucket,
     format_duration,
     rate_limit_headers,
@@ -215,54 +214,6 @@ class CountingLimiter:
     async def check(self, key_id, rpm, ipm, images=1):
         self.asked += 1
         return await self.local.check(key_id, rpm, ipm, images)
-
-
-def test_rejection_memo_answers_repeats_locally_until_the_wait_is_over(clock):
-    inner = CountingLimiter(clock)
-    memo = RejectionMemo(inner, clock=clock)
-
-    async def main():
-        assert (await memo.check(1, 2, 100)).allowed
-        assert (await memo.check(1, 2, 100)).allowed
-        first = await memo.check(1, 2, 100)  # 2 requests/min: the next token in 30 s
-        assert not first.allowed and first.retry_after_s == pytest.approx(30)
-        assert inner.asked == 3
-        clock.advance(10)
-        again = await memo.check(1, 2, 100)
-        assert not again.allowed and inner.asked == 3  # answered from the memo
-        assert again.retry_after_s == pytest.approx(20)
-        assert again.reset_requests_s == pytest.approx(first.reset_requests_s - 10)
-        with pytest.raises(RateLimitExceeded):
-            again.raise_if_rejected()
-        assert (await memo.check(2, 2, 100)).allowed  # other keys are not affected
-        assert not (await memo.check(1, 3, 100)).allowed and inner.asked == 5  # new limits: asked
-        clock.advance(20)
-        assert (await memo.check(1, 2, 100)).allowed  # the wait is over: asked, admitted
-        assert inner.asked == 6
-
-    asyncio.run(main())
-
-
-def test_rejection_memo_asks_again_for_fewer_images(clock):
-    inner = CountingLimiter(clock)
-    memo = RejectionMemo(inner, clock=clock)
-
-    async def main():
-        assert (await memo.check(1, 100, 10, images=8)).allowed
-        assert not (await memo.check(1, 100, 10, images=4)).allowed
-        assert not (await memo.check(1, 100, 10, images=5)).allowed and inner.asked == 2  # more: memo
-        assert (await memo.check(1, 100, 10, images=2)).allowed and inner.asked == 3  # fewer: asked
-
-    asyncio.run(main())
-
-
-def test_rejection_memo_never_remembers_a_degraded_pass(clock):
-    class Unreachable:
-        async def check(self, key_id, rpm, ipm, images=1):
-            return RateLimitDecision.unlimited(rpm, ipm, images)
-
-    memo = RejectionMemo(Unreachable(), clock=clock)
-    assert asyncio.run(memo.check(1, 1, 1)).allowed
 
 
 def test_ray_actor_is_shared_between_clients(ray_session):

@@ -4,7 +4,6 @@ Per request, in this order::
 
     key = await accounts.authenticate(request.headers.get("authorization"))  # 401
     accounts.check_model(key, model_id)                                        # 403
-    accounts.refuse_if_short(key, model_id, n, price)                          # 402, no I/O
     limits = await accounts.check_rate_limit(key, images=n)                    # 429
     #   (or: headers = await accounts.admit(key, n), the x-ratelimit-* headers only)
     reservation = await accounts.reserve(key, request_id, model_id, n, price)  # 402
@@ -19,10 +18,10 @@ Blocking database work runs on a small private thread pool, never on the event l
 ``settle`` is shielded from cancellation (a client disconnect cannot stop a refund), and a
 ``reserve`` cancelled while its transaction commits is refunded as soon as it lands.
 
-What this process remembers for ``key_cache_ttl_s`` (1 s), so that a client hammering with
-a bad key costs no I/O: key records (a revocation takes effect within it), unknown keys,
-a key's last 429 while it must hold (``RejectionMemo``) and a key's last 402 while no
-credit came back in this process (``ShortfallMemo``: a top-up is seen within it).
+One cache, of key records, for ``key_cache_ttl_s`` (1 s): a client hammering with a bad key
+costs no database read, and a revocation takes effect within it (``reserve`` checks
+revocation in its own transaction anyway). Floods of rejections beyond what that absorbs
+belong to the gateway in front (README, "Operating").
 """
 
 from __future__ import annotations
@@ -38,9 +37,8 @@ from typing import Any, TypeVar
 
 from serve_app.accounts.expiring import put_bounded
 from serve_app.accounts.keys import bearer_token, hash_key, looks_like_key
-from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter, RejectionMemo
+from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter
 from serve_app.accounts.records import ApiKey, Reservation, Settlement, Usage
-from serve_app.accounts.shortfall import CreditShortfall, ShortfallMemo
 from serve_app.accounts.store import AccountStore, open_store
 from serve_app.errors import InvalidAPIKey, MissingAPIKey, ModelNotPermitted
 from serve_app.periodic import run_periodically
@@ -71,12 +69,11 @@ class Accounts:
         self.store = store
         self.default_rpm = default_rpm
         self.default_ipm = default_ipm
-        self.rate_limiter: RateLimiter = RejectionMemo(rate_limiter or LocalRateLimiter(), clock=clock)
+        self.rate_limiter: RateLimiter = rate_limiter or LocalRateLimiter()
         self._ttl = key_cache_ttl_s
         self._clock = clock
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._cache_max = 10_000
-        self._shortfalls = ShortfallMemo(key_cache_ttl_s, clock=clock)
         self._stale_sweeper: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="accounts-db")
 
@@ -156,25 +153,15 @@ class Accounts:
         return (await self.check_rate_limit(key, images)).headers()
 
     # -- 402 and billing -------------------------------------------------------------
-    def refuse_if_short(self, key: ApiKey, model_id: str, images: int, price_units: int) -> None:
-        """Raise InsufficientFunds at once if this key's balance was seen unable to cover
-        this much in the last ``key_cache_ttl_s``; otherwise ``reserve`` decides. No I/O:
-        call it before the rate limit, so an exhausted key's retries cost nothing."""
-        self._shortfalls.refuse_if_short(key.id, model_id, images, price_units)
-
     async def reserve(self, key: ApiKey, request_id: str, model_id: str, images: int, price_units: int) -> Reservation:
         """Hold ``images x price_units`` or raise InsufficientFunds (InvalidAPIKey if the key
         was revoked since it authenticated); nothing is held when it raises."""
         loop = asyncio.get_running_loop()
-        epoch = self._shortfalls.epoch()
         future = loop.run_in_executor(
             self._executor, functools.partial(self.store.reserve, key.id, request_id, model_id, images, price_units)
         )
         try:
             return await asyncio.shield(future)
-        except CreditShortfall as shortfall:
-            self._shortfalls.remember(key.id, shortfall, epoch)
-            raise
         except asyncio.CancelledError:
             future.add_done_callback(self._refund_orphan)
             raise
@@ -184,7 +171,6 @@ class Accounts:
             return
         reservation = future.result()
         logger.info("request %s cancelled while reserving: refunding", reservation.request_id)
-        self._shortfalls.credited(reservation.key_id)
         try:
             self._executor.submit(self.store.settle, reservation.id, 0)
         except RuntimeError:  # shutting down: settle here rather than leave credits held
@@ -195,20 +181,13 @@ class Accounts:
         even if the calling task is cancelled meanwhile."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self.store.settle, reservation.id, delivered)
-        try:
-            return await asyncio.shield(future)
-        finally:
-            if delivered < reservation.images:
-                # Credits came back (or may have, if this task was cancelled first): the
-                # key's remembered shortfall, if any, is out of date.
-                future.add_done_callback(lambda _: self._shortfalls.credited(reservation.key_id))
+        return await asyncio.shield(future)
 
     async def release_stale(self, older_than_s: float) -> list[Settlement]:
         """Refund every reservation open longer than ``older_than_s``: one whose request
         died with its replica. Safe from several replicas at once (settling is idempotent)."""
         released = await self._run(self.store.release_stale, older_than_s)
         if released:
-            self._shortfalls.credited()
             logger.warning("refunded %d reservation(s) left open over %g s", len(released), older_than_s)
         return released
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Protocol, runtime_checkable
 
-from serve_app.accounts.expiring import put_bounded
 from serve_app.errors import RateLimitExceeded
 
 Clock = Callable[[], float]
@@ -238,64 +237,11 @@ class LocalRateLimiter:
         return self.book.check(key_id, rpm, ipm, images)
 
 
-class RejectionMemo:
-    """Answers a key's repeated requests in this process while its last rejection holds.
-
-    A rejection that says "retry in w seconds" stays true until then for the same key and
-    limits and at least as many images: buckets refill only at their fixed rate, and other
-    ingress replicas can only take tokens, never add them. So a client that keeps hammering
-    after a 429 is answered here, without a round trip to the shared limiter actor. The
-    wait is counted from before the question was sent, so the memo never outlasts the
-    limiter's own answer.
-    """
-
-    def __init__(self, inner: RateLimiter, *, clock: Clock = time.monotonic, max_keys: int = 10_000) -> None:
-        self.inner = inner
-        self._clock = clock
-        self._max_keys = max_keys
-        # key id -> (rejected until, the rejection, when it was asked)
-        self._rejected: dict[int, tuple[float, RateLimitDecision, float]] = {}
-
-    async def check(self, key_id: int, rpm: int, ipm: int, images: int = 1) -> RateLimitDecision:
-        asked_at = self._clock()
-        remembered = self._still_rejected(key_id, rpm, ipm, images, asked_at)
-        if remembered is not None:
-            return remembered
-        decision = await self.inner.check(key_id, rpm, ipm, images)
-        if not decision.allowed and not decision.degraded:
-            self._remember(key_id, decision, asked_at)
-        return decision
-
-    def _still_rejected(self, key_id: int, rpm: int, ipm: int, images: int, now: float) -> RateLimitDecision | None:
-        entry = self._rejected.get(key_id)
-        if entry is None:
-            return None
-        until, decision, asked_at = entry
-        if now >= until:
-            del self._rejected[key_id]
-            return None
-        if (decision.limit_requests, decision.limit_images) != (rpm, ipm) or images < decision.images:
-            return None  # a different question: ask the limiter
-        elapsed = now - asked_at
-        return replace(
-            decision,
-            retry_after_s=until - now,
-            reset_requests_s=max(0.0, decision.reset_requests_s - elapsed),
-            reset_images_s=max(0.0, decision.reset_images_s - elapsed),
-            images=images,
-        )
-
-    def _remember(self, key_id: int, decision: RateLimitDecision, asked_at: float) -> None:
-        entry = (asked_at + decision.retry_after_s, decision, asked_at)
-        put_bounded(self._rejected, key_id, entry, asked_at, self._max_keys)
-
-
 __all__ = [
     "LocalRateLimiter",
     "RateLimitBook",
     "RateLimitDecision",
     "RateLimiter",
-    "RejectionMemo",
     "TokenBucket",
     "format_duration",
     "rate_limit_headers",
