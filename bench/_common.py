@@ -526,9 +526,12 @@ def serve_graph(config, port: int, *, first: bool) -> None:
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.config import load_controller_options
 
     if first:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # As `serve run serve_config.yaml` does (its controller_options install serve_app.proxy_guard).
+        controller_options = load_controller_options(ROOT / "serve_config.yaml")
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options)
     serve.run(build_app(config), name="imagegen", route_prefix="/")
 
 

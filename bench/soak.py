@@ -46,7 +46,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -526,7 +526,7 @@ def ledger_checks(ledger: dict[str, Any], clients: dict[str, Any], initial_units
           "; ".join(inconsistencies[:5]) or "none")
     check("ledger: held - refunded == delivered x price of each reservation",
           ledger["charged_units"] == ledger["charged_units_by_reservations"],
-          f"{ledger['charged_units']} vs {ledger['charged_units_by_reservations']} units")
+          f"{fmt_units(ledger['charged_units'])} vs {fmt_units(ledger['charged_units_by_reservations'])} credits")
     check("credits charged == images delivered to clients x price",
           ledger["charged_units"] == clients["expected_units"],
           f"ledger {fmt_units(ledger['charged_units'])} vs clients {fmt_units(clients['expected_units'])}")
@@ -589,6 +589,7 @@ def summarize_load(records: list[Record], duration_s: float) -> dict[str, Any]:
                              "errors": sum(r.status != 200 for r in rows), "images": sum(r.images for r in rows)})
     return {
         "requests": len(load),
+        "last_end_s": round(max((r.end for r in load), default=0.0), 1),
         "requests_in_window": len(in_window),
         "images": sum(r.images for r in load),
         "images_in_window": images,
@@ -692,7 +693,8 @@ async def inject_faults(t0: float, schedule: list[tuple[float, str]], model_depl
             await asyncio.sleep(1.0)
             try:
                 details = await asyncio.to_thread(serve_details)
-            except Exception:  # noqa: BLE001 - the controller is busy; ask again
+            except Exception as exc:  # noqa: BLE001 - the controller is busy; ask again
+                print(f"  serve details: {type(exc).__name__}: {exc}"[:200], file=sys.stderr, flush=True)
                 continue
             if recovered(details, entry["deployment"], entry["replica_id"], entry["running_before"]):
                 entry["recovered_after_s"] = round(time.perf_counter() - t0 - t_kill, 1)
@@ -805,8 +807,8 @@ def run(args) -> dict[str, Any]:
         session = None
         try:
             session = ray._private.worker.global_worker.node.session_name
-        except Exception:  # noqa: BLE001 - only a fallback for finding processes
-            pass
+        except Exception as exc:  # noqa: BLE001 - only a fallback for finding processes
+            print(f"  no Ray session name ({type(exc).__name__}): processes found by ancestry only", flush=True)
         print(f"serving {', '.join(models)} (Ray session {session}) ...", flush=True)
         proxy_port = free_port()
         t = time.perf_counter()
@@ -939,7 +941,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| duration | {c['duration_s']:g} s (+ drain to {max((t['t_s'] for t in load['timeline_10s']), default=0) + 10:g} s) |",
+        f"| duration | {c['duration_s']:g} s (the last in-flight request returned at {load['last_end_s']:g} s) |",
         f"| requests | {load['requests']} ({load['requests_per_s']:.1f}/s) |",
         f"| images delivered | {load['images']} ({load['images_per_s']:.2f} images/s in the {c['duration_s']:g} s) |",
         f"| statuses | {', '.join(f'{k}: {v}' for k, v in load['statuses'].items())} |",
@@ -975,7 +977,7 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     start, end = doc["memory"]["start"], doc["memory"]["end"]
     for kind in sorted(set(start) | set(end)):
-        def cell(side: dict[str, Any]) -> str:
+        def cell(side: dict[str, Any], kind: str = kind) -> str:
             entry = side.get(kind)
             if not entry:
                 return "-"

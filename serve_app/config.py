@@ -17,7 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from serve_app.families import FAMILIES, Family, get_family
 from serve_app.work import OUTPUT_FORMATS
 
-SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+# ASCII digits only (\d also matches other scripts' digits), matched whole with fullmatch
+# ("$" would accept a trailing newline).
+SIZE_PATTERN = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 
 # Price per image is stored in exact integer units: one credit is a million units.
 CREDIT_UNITS = 1_000_000
@@ -40,7 +42,7 @@ class ModelDefaults(StrictModel):
     @field_validator("size")
     @classmethod
     def _size_shape(cls, value: str) -> str:
-        if not SIZE_PATTERN.match(value):
+        if not SIZE_PATTERN.fullmatch(value):
             raise ValueError(f"size must look like 1024x1024, got {value!r}")
         return value
 
@@ -283,6 +285,12 @@ def _read_serve_config(path: str | Path) -> dict[str, Any]:
         return yaml.safe_load(handle) or {}
 
 
+def load_controller_options(path: str | Path) -> dict[str, Any] | None:
+    """The ``controller_options:`` of a Serve config file, for ``serve.start`` to start Serve
+    as ``serve run`` would (they install ``serve_app.proxy_guard`` in Serve's proxy)."""
+    return _read_serve_config(path).get("controller_options")
+
+
 def load_app_config(path: str | Path) -> AppConfig:
     """Read the ``args:`` of the first application in a Serve config file."""
     document = _read_serve_config(path)
@@ -305,4 +313,5 @@ __all__ = [
     "S3StorageConfig",
     "StorageConfig",
     "load_app_config",
+    "load_controller_options",
 ]

@@ -90,6 +90,12 @@ class RequestTooLarge(APIError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(APIError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class RateLimitExceeded(APIError):
     status_code = 429
     error_type = "rate_limit_error"

@@ -4,8 +4,10 @@ No ``from __future__ import annotations``: FastAPI reads the route annotations (
 at runtime in the replica, where string annotations would not resolve.
 """
 
+import ipaddress
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -18,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
-from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge
+from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge, UnsupportedMediaType
 from serve_app.http_errors import REQUEST_ID_HEADER, error_response
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter
 from serve_app.serving import EditUpload, ImageGenerationService
@@ -26,6 +28,7 @@ from serve_app.storage import LocalImageStore, build_image_store
 
 logger = logging.getLogger("ray.serve")
 
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 # Bounds of an edits form: OpenAI's image[] takes up to 16 files, plus the mask.
 EDIT_MAX_FILES = 17
 EDIT_MAX_FIELDS = 64
@@ -39,8 +42,11 @@ def request_id_of(request: Request) -> str:
 
 def _new_request_id(request: Request) -> str:
     # Serve's proxy puts the client's x-request-id, or one it generates, on every request
-    # and echoes it on the response; use exactly that id so body and header agree.
-    request_id = request.headers.get(REQUEST_ID_HEADER) or f"req_{uuid.uuid4().hex}"
+    # and echoes it on the response; use exactly that id so body and header agree. But the
+    # id also goes into logs, the ledger and storage names: one that is not a short plain
+    # token (8 KB, control characters, undecodable bytes) is replaced by our own.
+    offered = request.headers.get(REQUEST_ID_HEADER) or ""
+    request_id = offered if SAFE_REQUEST_ID.fullmatch(offered) else f"req_{uuid.uuid4().hex}"
     request.state.request_id = request_id
     return request_id
 
@@ -53,9 +59,10 @@ def error_for(exc: BaseException, request: Request) -> JSONResponse:
 @api.exception_handler(StarletteHTTPException)
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if exc.status_code == 404:
-        error: APIError = NotFound(f"No route for {request.method} {request.url.path}.")
+        error: APIError = NotFound(f"No route for {request.method} {request.url.path[:200]}.")
     else:
-        error = InvalidRequest(str(exc.detail))
+        # Starlette's own answers (405 with its Allow header, ...) keep their headers.
+        error = InvalidRequest(str(exc.detail), headers=dict(exc.headers or {}))
         error.status_code = exc.status_code
     return error_for(error, request)
 
@@ -63,6 +70,24 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
 @api.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_for(exc, request)
+
+
+def _loopback_base_url(request: Request) -> str | None:
+    """The request's base URL when its Host names this machine's loopback, else None: image
+    URLs are never built from a Host a client could set to anything (configure
+    storage.local.public_base_url for other addresses)."""
+    host = (request.url.hostname or "").strip("[]").lower()
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    return str(request.base_url).rstrip("/") if loopback else None
+
+
+def _require_media_type(request: Request, media_type: str) -> None:
+    declared = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if declared != media_type:
+        raise UnsupportedMediaType(f"The request body must be {media_type}, not {declared[:64] or 'untyped'}.")
 
 
 # Defined before the class: Serve pickles the deployment class when it is decorated.
@@ -131,7 +156,7 @@ class ImageGenerationIngress:
             return error_for(exc, request)
         return JSONResponse(usage)
 
-    @api.get("/v1/files/images/{name:path}")
+    @api.api_route("/v1/files/images/{name:path}", methods=["GET", "HEAD"])
     async def get_image(self, name: str, request: Request) -> Response:
         """A stored image; the URL's signature is the authorization, not an API key."""
         expires = request.query_params.get("expires")
@@ -165,7 +190,7 @@ class ImageGenerationIngress:
                 await body,
                 authorization=request.headers.get("authorization"),
                 request_id=request_id,
-                base_url=str(request.base_url).rstrip("/"),
+                base_url=_loopback_base_url(request),
             )
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             return error_for(exc, request)
@@ -184,16 +209,18 @@ class ImageGenerationIngress:
         return bytes(body)
 
     async def _read_json(self, request: Request) -> object:
+        _require_media_type(request, "application/json")
         body = await self._read_body(request)
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise InvalidRequest("The request body is not valid JSON.") from None
+        except RecursionError:  # the parser's stack: no request of ours nests beyond a few levels
+            raise InvalidRequest("The request body is nested too deeply.") from None
 
     async def _read_edit_form(self, request: Request) -> EditUpload:
         """OpenAI's edits form: text fields once each, ``image`` / ``image[]`` files, a ``mask`` file."""
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise InvalidRequest("The request body must be multipart/form-data (OpenAI's images.edit).")
+        _require_media_type(request, "multipart/form-data")
         body = await self._read_body(request)  # bounded before the parser sees it
 
         async def replay() -> dict[str, Any]:

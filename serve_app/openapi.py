@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,13 +56,13 @@ _MODELS: tuple[tuple[type[BaseModel], str], ...] = (
 # appended from ``serve_app.errors``). 409 and 415 have no error class yet.
 _REASONS: dict[int, str] = {
     400: "The request failed validation; `param` names the field.",
-    401: "No Bearer key (`missing_api_key`), or an unknown or revoked one (`invalid_api_key`).",
+    401: "No Bearer key, or an unknown or revoked one.",
     402: "The key's credits cannot cover the images asked for.",
     403: "The key may not use this model.",
-    404: "No such model (`param`: model), or no such route.",
+    404: "No such model (`param`: model).",
     409: "A request with the same Idempotency-Key is still running, or had a different body.",
     413: "The request body is larger than the configured limit.",
-    415: "The request body is not of the documented media type.",
+    415: "The request body is not of the operation's media type (JSON for generations, multipart/form-data for edits).",
     429: "The key's per-minute request or image limit was hit; `Retry-After` says when to retry.",
     500: "A bug on the server, logged with the request id.",
     502: "The model replica failed or returned something unusable.",
@@ -166,6 +167,7 @@ def build_document(base: dict[str, Any]) -> dict[str, Any]:
         for operation in item.values():
             if isinstance(operation, dict):
                 operation.get("responses", {}).pop("422", None)  # never sent
+    _unique_operation_ids(paths)
     for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's, for the 422
         if unused in schemas and not _referenced(document, unused):
             del schemas[unused]
@@ -285,23 +287,27 @@ def _image_parameters() -> list[dict[str, Any]]:
 
 
 _IMAGE_REASONS = {
-    403: "The URL's signature is missing or wrong, or the URL has expired.",
-    404: "No such image (deleted after its retention time), or images are served by the object store.",
+    403: "The URL's signature is missing or wrong, or the URL has expired (`forbidden`).",
+    404: "No such image (deleted after its retention time), or images are served by the object store (`not_found`).",
 }
 _IMAGE_ROUTE = "/v1/files/images/{name}"
+# Where no model is involved, a 503 is Serve's own: the ingress is overloaded or restarting.
+_NO_MODEL_503 = {503: "The service cannot take the request now (overloaded or restarting); retry later."}
 
 # (method, path) as FastAPI writes them (a ``{x:path}`` parameter is ``{x}``) -> contract.
 CONTRACTS: dict[tuple[str, str], _Contract] = {
-    ("get", "/health"): _Contract(ok=_health_ok, errors=(500, 503), secured=False),
-    ("get", "/v1/models"): _Contract(ok=lambda _: _json_ok(ModelList), errors=_KEY_ONLY_ERRORS),
-    ("get", "/v1/models/{model_id}"): _Contract(ok=lambda _: _json_ok(ModelCard), errors=(401, 403, 404, 500, 503)),
-    ("get", "/v1/usage"): _Contract(ok=_usage_ok, errors=_KEY_ONLY_ERRORS),
+    ("get", "/health"): _Contract(ok=_health_ok, errors=(500, 503), secured=False, reasons=_NO_MODEL_503),
+    ("get", "/v1/models"): _Contract(ok=lambda _: _json_ok(ModelList), errors=_KEY_ONLY_ERRORS, reasons=_NO_MODEL_503),
+    ("get", "/v1/models/{model_id}"): _Contract(
+        ok=lambda _: _json_ok(ModelCard), errors=(401, 403, 404, 500, 503), reasons=_NO_MODEL_503
+    ),
+    ("get", "/v1/usage"): _Contract(ok=_usage_ok, errors=_KEY_ONLY_ERRORS, reasons=_NO_MODEL_503),
     ("get", _IMAGE_ROUTE): _Contract(
         ok=_image_ok,
         errors=(403, 404, 500, 503),
         secured=False,
         parameters=_image_parameters,
-        reasons=_IMAGE_REASONS,
+        reasons={**_IMAGE_REASONS, **_NO_MODEL_503},
         description="A stored image (`response_format: url`). The URL's signature is the authorization, not a key.",
     ),
     ("head", _IMAGE_ROUTE): _Contract(
@@ -309,7 +315,7 @@ CONTRACTS: dict[tuple[str, str], _Contract] = {
         errors=(403, 404, 500, 503),
         secured=False,
         parameters=_image_parameters,
-        reasons=_IMAGE_REASONS,
+        reasons={**_IMAGE_REASONS, **_NO_MODEL_503},
         bodiless=True,
         description="The headers `GET` would send for this image, without the body.",
     ),
@@ -318,7 +324,6 @@ CONTRACTS: dict[tuple[str, str], _Contract] = {
         errors=_POST_ERRORS,
         request_body=_json_body(ImageGenerationRequest),
         parameters=lambda: [dict(_IDEMPOTENCY_KEY)],
-        reasons={415: "The request body is not JSON."},
         description="Text-to-image, or image-to-image with `image` (OpenAI's images API plus extensions).",
     ),
     ("post", "/v1/images/edits"): _Contract(
@@ -326,7 +331,6 @@ CONTRACTS: dict[tuple[str, str], _Contract] = {
         errors=_POST_ERRORS,
         request_body=_edit_form,
         parameters=lambda: [dict(_IDEMPOTENCY_KEY)],
-        reasons={415: "The request body is not multipart/form-data."},
         description="Image-to-image, or inpainting with a `mask` (OpenAI's multipart edits form).",
     ),
 }
@@ -362,17 +366,39 @@ def _derived_operation(get: dict[str, Any], method: str, path: str) -> dict[str,
     """An operation FastAPI did not generate (HEAD on a GET route), named after GET's."""
     derived: dict[str, Any] = {"summary": f"{get.get('summary', path)} ({method.upper()})"}
     if "operationId" in get:
-        derived["operationId"] = get["operationId"].removesuffix("_get") + f"_{method}"
+        derived["operationId"] = _METHOD_SUFFIX.sub("", get["operationId"]) + f"_{method}"
     if "parameters" in get:
         derived["parameters"] = copy.deepcopy(get["parameters"])
     return derived
 
 
+_METHOD_SUFFIX = re.compile(r"_(get|put|post|delete|options|head|patch|trace)$")
+
+
+def _unique_operation_ids(paths: dict[str, Any]) -> None:
+    """One route serving several methods (GET and HEAD) gets one operation id from FastAPI
+    for all of them; an id must be unique, so such ids end in their own method."""
+    seen: dict[str, int] = {}
+    for item in paths.values():
+        for operation in item.values():
+            if isinstance(operation, dict) and "operationId" in operation:
+                seen[operation["operationId"]] = seen.get(operation["operationId"], 0) + 1
+    for item in paths.values():
+        for method, operation in item.items():
+            if isinstance(operation, dict) and seen.get(operation.get("operationId", ""), 0) > 1:
+                operation["operationId"] = _METHOD_SUFFIX.sub("", operation["operationId"]) + f"_{method}"
+
+
 def _error_response(status: int, reason: str | None) -> dict[str, Any]:
-    description = reason or _REASONS[status]
-    codes = _codes_for(status)
-    if codes:
-        description += " Codes: " + ", ".join(f"`{code}`" for code in codes) + "."
+    """An error status: a route's own wording (which names its codes), or the general one
+    with the codes of ``serve_app.errors`` that no route claims for itself."""
+    description = reason
+    if description is None:
+        description = _REASONS[status]
+        claimed = {code for contract in CONTRACTS.values() for code in _named_codes(contract.reasons.get(status, ""))}
+        codes = [code for code in _codes_for(status) if code not in claimed or code in _named_codes(description)]
+        if codes:
+            description += " Codes: " + ", ".join(f"`{code}`" for code in codes) + "."
     headers = dict(_REQUEST_ID)
     if status in (429, 503):
         headers.update(_RETRY_AFTER)
@@ -403,6 +429,10 @@ def _codes_for(status: int) -> list[str]:
         if cls is not APIError and cls.status_code == status and cls.code not in codes:
             codes.append(cls.code)
     return sorted(codes)
+
+
+def _named_codes(text: str) -> set[str]:
+    return set(re.findall(r"`([a-z_]+)`", text))
 
 
 # --- schemas --------------------------------------------------------------------------------

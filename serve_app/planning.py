@@ -24,7 +24,7 @@ from serve_app.work import CallShape, GenerationJob, InputImage, Mode
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-ASPECT_PATTERN = re.compile(r"^(\d{1,3}):(\d{1,3})$")
+ASPECT_PATTERN = re.compile(r"([0-9]{1,3}):([0-9]{1,3})")  # fullmatch, ASCII digits
 # image_size modes from the qubrid document, as a share of the model's default pixel count.
 IMAGE_SIZE_PIXEL_SHARE = {"optimize_for_quality": 1.0, "optimize_for_speed": 0.25}
 QUALITY_LABELS = {"low": "low", "medium": "medium", "high": "high", "standard": "medium", "hd": "high"}
@@ -70,10 +70,9 @@ def plan_generation(
     """The work ``request`` asks of ``model``; ``image`` and ``mask`` are its decoded inputs
     (a mask is a grey image of the input's size, 255 where to repaint)."""
     limits = model.limits
-    if len(request.prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(
-            f"Invalid 'prompt': longer than {limits.max_prompt_chars} characters.", param="prompt"
-        )
+    for param, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt or "")):
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidRequest(f"Invalid '{param}': longer than {limits.max_prompt_chars} characters.", param=param)
     if request.n > limits.max_n:
         raise InvalidRequest(f"Invalid 'n': model '{model.id}' returns at most {limits.max_n} images.", param="n")
 
@@ -181,7 +180,7 @@ def resolve_size(
     """``size``, else ``aspect_ratio`` + ``image_size``, else the input image's size fitted to
     the model, else the model default."""
     if request.size is not None and request.size != "auto":
-        match = SIZE_PATTERN.match(request.size)
+        match = SIZE_PATTERN.fullmatch(request.size)
         if not match:
             raise InvalidRequest("Invalid 'size': expected WIDTHxHEIGHT, e.g. 1024x1024, or 'auto'.", param="size")
         width, height = int(match[1]), int(match[2])
@@ -204,7 +203,7 @@ def resolve_size(
     ratio = default_w / default_h
     param = "image_size"
     if request.aspect_ratio is not None:
-        match = ASPECT_PATTERN.match(request.aspect_ratio)
+        match = ASPECT_PATTERN.fullmatch(request.aspect_ratio)
         if not match or int(match[1]) == 0 or int(match[2]) == 0:
             raise InvalidRequest("Invalid 'aspect_ratio': expected W:H, e.g. 16:9.", param="aspect_ratio")
         ratio = int(match[1]) / int(match[2])

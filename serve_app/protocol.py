@@ -7,22 +7,26 @@ honour); what depends on the model (sizes, step limits) is checked in ``planning
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from serve_app.errors import InvalidRequest
 
 MAX_SEED = 2**63 - 1
+# Absolute bounds, whatever a model allows: a model's own limits (limits.max_prompt_chars) are
+# checked in planning, but nothing larger than this is even parsed into a request.
+MAX_TEXT_CHARS = 32_000
+MAX_LORAS = 8
 
 
 class ImageGenerationRequest(BaseModel):
     # strict: "3" is not a number and 1 is not a boolean, as with OpenAI's API.
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     # --- OpenAI images API -------------------------------------------------------------
-    prompt: str = Field(min_length=1)
-    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    model: str = Field(min_length=1, max_length=128)
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = None
     n: int = Field(1, ge=1, le=10)
@@ -31,7 +35,7 @@ class ImageGenerationRequest(BaseModel):
     partial_images: int | None = Field(None, ge=0, le=3)
     quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
     response_format: Literal["b64_json", "url"] | None = None
-    size: str | None = None
+    size: str | None = Field(None, max_length=16)
     stream: bool | None = None
     style: Literal["vivid", "natural"] | None = None
     user: str | None = Field(None, max_length=256)
@@ -42,20 +46,22 @@ class ImageGenerationRequest(BaseModel):
     enhance_prompt: bool = False
     go_fast: bool = True
     guidance: float | None = Field(None, ge=0, le=50)
-    negative_prompt: str | None = None
-    num_inference_steps: int | None = Field(None, ge=1)
+    negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     disable_safety_checker: bool = False
     # base64, a data URI, or an http(s) URL of an operator-listed host (serve_app.image_input).
-    image: str | None = Field(None, min_length=1)
+    image: str | None = Field(None, min_length=1, max_length=64 * 1024 * 1024)
     # 0 (the qubrid default) with no image; with an image, None means the model's default.
     strength: float | None = Field(None, ge=0, le=1)
-    lora_weights: str | None = None
-    lora_scale: float = 1
-    extra_lora_weights: list[str] = Field(default_factory=list)
-    extra_lora_scale: list[float] = Field(default_factory=lambda: [1.0, 1.0])
-    aspect_ratio: str | None = None
-    image_size: str | None = None
+    lora_weights: str | None = Field(None, max_length=512)
+    lora_scale: float = Field(1, ge=-10, le=10)
+    extra_lora_weights: list[Annotated[str, Field(max_length=512)]] = Field(default_factory=list, max_length=MAX_LORAS)
+    extra_lora_scale: list[Annotated[float, Field(ge=-10, le=10)]] = Field(
+        default_factory=lambda: [1.0, 1.0], max_length=MAX_LORAS
+    )
+    aspect_ratio: str | None = Field(None, max_length=16)
+    image_size: str | None = Field(None, max_length=32)
     output_quality: int | None = Field(None, ge=0, le=100)
 
     @model_validator(mode="after")
@@ -70,6 +76,8 @@ class ImageGenerationRequest(BaseModel):
             ("lora_weights", self.lora_weights is not None, "LoRA weights are not supported yet"),
             ("extra_lora_weights", bool(self.extra_lora_weights), "LoRA weights are not supported yet"),
         ]
+        if not self.prompt.strip():
+            raise _FieldError("prompt", "it must contain more than whitespace")
         for param, rejected, why in unsupported:
             if rejected:
                 raise _FieldError(param, why)

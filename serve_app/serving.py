@@ -53,7 +53,9 @@ class AccountsPort(Protocol):
 
 
 class ImageStorePort(Protocol):
-    async def put(self, name: str, data: bytes, content_type: str, base_url: str) -> str: ...
+    needs_request_base_url: bool
+
+    async def put(self, name: str, data: bytes, content_type: str, base_url: str | None) -> str: ...
 
 
 @dataclass
@@ -105,7 +107,7 @@ class ImageGenerationService:
         return (await self._accounts.usage(key)).as_json()
 
     async def generate(
-        self, payload: object, *, authorization: str | None, request_id: str, base_url: str
+        self, payload: object, *, authorization: str | None, request_id: str, base_url: str | None
     ) -> ServedResponse:
         """``POST /v1/images/generations``: text-to-image, or image-to-image with ``image``."""
         key = await self._accounts.authenticate(authorization)
@@ -122,7 +124,7 @@ class ImageGenerationService:
         return await self._serve(key, request, model, plan, request_id, base_url)
 
     async def edit(
-        self, upload: EditUpload, *, authorization: str | None, request_id: str, base_url: str
+        self, upload: EditUpload, *, authorization: str | None, request_id: str, base_url: str | None
     ) -> ServedResponse:
         """``POST /v1/images/edits``: image-to-image, or inpainting with a mask."""
         key = await self._accounts.authenticate(authorization)
@@ -170,11 +172,19 @@ class ImageGenerationService:
         model: ModelConfig,
         plan: GenerationPlan,
         request_id: str,
-        base_url: str,
+        base_url: str | None,
     ) -> ServedResponse:
         """Admit, reserve, generate, deliver, and settle exactly what was delivered."""
-        if plan.response_format == "url" and self._store is None:
-            raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
+        if plan.response_format == "url":
+            if self._store is None:
+                raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
+            if base_url is None and self._store.needs_request_base_url:
+                # The Host header is the client's to choose: a URL built from it could point anywhere.
+                raise InvalidRequest(
+                    "Invalid 'response_format': url delivery through this address needs the operator to set "
+                    "storage.local.public_base_url.",
+                    param="response_format",
+                )
 
         headers = dict(await self._accounts.admit(key, request.n))
         reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
@@ -197,7 +207,7 @@ class ImageGenerationService:
         return ServedResponse(body=body, headers=headers)
 
     async def _generate_and_deliver(
-        self, plan: GenerationPlan, model: ModelConfig, request_id: str, base_url: str
+        self, plan: GenerationPlan, model: ModelConfig, request_id: str, base_url: str | None
     ) -> list[ImageData]:
         results = await self._router.generate(model.id, plan.jobs(request_id, model.batching.max_batch_images))
         images = [image for result in results for image in result.images]
@@ -211,7 +221,7 @@ class ImageGenerationService:
         ]
 
     async def _store_all(
-        self, images: Sequence[GeneratedImage], plan: GenerationPlan, request_id: str, base_url: str
+        self, images: Sequence[GeneratedImage], plan: GenerationPlan, request_id: str, base_url: str | None
     ) -> list[ImageData]:
         assert self._store is not None
         stored = await asyncio.gather(

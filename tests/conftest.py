@@ -43,7 +43,7 @@ def served(ray_session, tmp_path_factory):
     from ray import serve
 
     from serve_app.app import build_app
-    from serve_app.config import load_app_config
+    from serve_app.config import load_app_config, load_controller_options
 
     data = tmp_path_factory.mktemp("served")
     base = load_app_config(ROOT / "serve_config.yaml")
@@ -60,7 +60,10 @@ def served(ray_session, tmp_path_factory):
         }
     )
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    # As `serve run serve_config.yaml` starts Serve: its controller_options install
+    # serve_app.proxy_guard in the proxy.
+    controller_options = load_controller_options(ROOT / "serve_config.yaml")
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options=controller_options)
     serve.run(build_app(config), name="imagegen", route_prefix="/")
     yield Served(config=config, base_url=f"http://127.0.0.1:{port}", database_url=config.accounts.database_url)
     serve.delete("imagegen")

@@ -60,9 +60,12 @@ def serve_schema(serve_config_text: str):
     return ServeDeploySchema.model_validate(yaml.safe_load(serve_config_text))
 
 
-def test_gpu_config_is_a_valid_serve_config():
+def test_gpu_config_is_a_valid_serve_config_with_the_proxy_guard():
+    from serve_app.proxy_guard import PROXY_CALLBACK
+
     schema = serve_schema((ROOT / "serve_config.gpu.yaml").read_text())
     assert [app.import_path for app in schema.applications] == ["serve_app.app:build_app"]
+    assert schema.controller_options.runtime_env["env_vars"] == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
 
 
 def test_ingress_package_imports_without_torch():
@@ -70,16 +73,32 @@ def test_ingress_package_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_the_default_config_can_switch_to_throughput_mode():
-    """serve_config.yaml is a valid Serve config with no controller options; the README's
-    throughput mode is its five commented lines, which uncommented keep it valid and set
-    both flags."""
+def test_the_default_config_installs_the_proxy_guard_and_can_switch_to_throughput_mode():
+    """serve_config.yaml is a valid Serve config whose controller_options install
+    serve_app.proxy_guard in Serve's proxy; the README's throughput mode is its two commented
+    env_vars lines, which uncommented keep it valid and set both flags."""
+    from serve_app.proxy_guard import PROXY_CALLBACK
+
     text = (ROOT / "serve_config.yaml").read_text()
-    assert serve_schema(text).controller_options is None
-    lines = text.splitlines()
-    start = lines.index("# controller_options:")
-    uncommented = "\n".join(line[2:] if start <= i < start + 5 else line for i, line in enumerate(lines))
+    assert serve_schema(text).controller_options.runtime_env["env_vars"] == {
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK
+    }
+    uncommented = "\n".join(
+        line.replace("# ", "", 1) if line.lstrip().startswith("# RAY_SERVE_") else line for line in text.splitlines()
+    )
     assert serve_schema(uncommented).controller_options.runtime_env["env_vars"] == {
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK,
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     }
+
+
+def test_the_proxy_callback_gives_serve_a_valid_middleware_list():
+    """What Serve's proxy does with RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH at startup."""
+    from ray.serve._private.http_util import validate_http_proxy_callback_return
+    from ray.serve._private.utils import call_function_from_import_path
+
+    from serve_app.proxy_guard import PROXY_CALLBACK, ProxyGuard
+
+    middlewares = validate_http_proxy_callback_return(call_function_from_import_path(PROXY_CALLBACK))
+    assert [middleware.cls for middleware in middlewares] == [ProxyGuard]

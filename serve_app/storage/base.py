@@ -90,8 +90,14 @@ class ImageStore(abc.ABC):
         self.url_ttl_s = int(url_ttl_s)
         self._sweeper: asyncio.Task[None] | None = None
 
+    @property
+    def needs_request_base_url(self) -> bool:
+        """Whether URLs are built from the request's own base URL (the local store with no
+        ``public_base_url``); the ingress passes one only for a loopback Host."""
+        return False
+
     @abc.abstractmethod
-    async def put(self, name: str, data: bytes, content_type: str, base_url: str) -> str:
+    async def put(self, name: str, data: bytes, content_type: str, base_url: str | None) -> str:
         """Store ``data`` under a name derived from ``name`` and return a URL valid for
         ``url_ttl_s`` seconds. ``name`` is a relative name such as ``f"{request_id}/{i}.png"``;
         random bits are added so the stored name cannot be guessed. ``base_url`` is the

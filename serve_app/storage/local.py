@@ -48,7 +48,14 @@ class LocalImageStore(ImageStore):
 
     # -- writing ---------------------------------------------------------------------------
 
-    async def put(self, name: str, data: bytes, content_type: str, base_url: str) -> str:
+    @property
+    def needs_request_base_url(self) -> bool:
+        return self.public_base_url is None
+
+    async def put(self, name: str, data: bytes, content_type: str, base_url: str | None) -> str:
+        base = self.public_base_url or base_url
+        if base is None:
+            raise StorageError("no public_base_url and no trusted request base URL")
         stored = unguessable_name(name)
         # Expiry is fixed before the write, so the file's mtime + ttl is never earlier than
         # the URL's expiry and the sweep cannot delete a file whose URL still works.
@@ -57,8 +64,7 @@ class LocalImageStore(ImageStore):
             await asyncio.to_thread(self._write, stored, data)
         except OSError as exc:
             raise StorageError(f"local write failed: {type(exc).__name__} errno={exc.errno}") from exc
-        base = self.public_base_url or base_url.rstrip("/")
-        return self.url_for(stored, expires, base)
+        return self.url_for(stored, expires, base.rstrip("/"))
 
     def url_for(self, name: str, expires: int, base_url: str) -> str:
         signature = self._signer.signature(name, expires)

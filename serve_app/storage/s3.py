@@ -39,7 +39,7 @@ class S3ImageStore(ImageStore):
     def __repr__(self) -> str:
         return f"S3ImageStore(bucket={self.bucket!r}, prefix={self.prefix!r}, url_ttl_s={self.url_ttl_s})"
 
-    async def put(self, name: str, data: bytes, content_type: str, base_url: str) -> str:
+    async def put(self, name: str, data: bytes, content_type: str, base_url: str | None) -> str:
         key = self.prefix + unguessable_name(name)
         return await asyncio.to_thread(self._put_and_presign, key, data, content_type)
 

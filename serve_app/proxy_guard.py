@@ -1,0 +1,123 @@
+"""An ASGI middleware for Serve's HTTP proxy: what reaches Serve is well formed, and what
+Serve itself answers is in our error shape.
+
+Serve's proxy reads some request headers before any code of ours runs, and answers some
+failures itself:
+
+- it decodes ``x-request-id`` (and its other routing headers) as UTF-8, so one undecodable
+  byte answered every route, ``/health`` included, with a plain-text 500;
+- when the ingress replica dies mid-request it answers ``500 Internal Server Error`` as
+  plain text, with no request id, which no OpenAI SDK can read as an error.
+
+``ProxyGuard`` runs inside the proxy (Serve's ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``
+hook, set in the Serve configs' ``controller_options``; in throughput mode Serve applies the
+same hook to each ingress replica's own HTTP server). It drops request header values that
+are not UTF-8 and an ``x-request-id`` that is not a short plain token (Serve then makes a
+fresh one), and turns a plain-text error that Serve produced into the documented JSON error
+with the request id. It decides nothing about a request and keeps nothing between them.
+(Serve's own request-id middleware runs before it and still echoes the client's original
+``x-request-id`` on the response; the body carries the id the request really had.)
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PROXY_CALLBACK = "serve_app.proxy_guard:proxy_middlewares"
+REQUEST_ID_HEADER = b"x-request-id"
+# The same rule as the ingress's: short, plain, safe in logs, ledger rows and file names.
+SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+
+
+class ProxyGuard:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = [(name, value) for name, value in scope.get("headers", []) if _acceptable(name, value)]
+        if not any(name.lower() == REQUEST_ID_HEADER for name, _ in headers):
+            headers.append((REQUEST_ID_HEADER, f"req_{uuid.uuid4().hex}".encode()))
+        scope["headers"] = headers
+        await self.app(scope, receive, _ErrorShaper(scope, send))
+
+
+def _acceptable(name: bytes, value: bytes) -> bool:
+    if name.lower() == REQUEST_ID_HEADER:
+        return SAFE_REQUEST_ID.fullmatch(value) is not None
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _ErrorShaper:
+    """Passes a response through, except a plain-text 5xx (Serve's own), which it replaces."""
+
+    def __init__(self, scope: Scope, send: Send) -> None:
+        self._scope = scope
+        self._send = send
+        self._held: Message | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and _is_plain_server_error(message):
+            self._held = message  # wait for the body; ours replaces it
+            return
+        if self._held is not None and message["type"] == "http.response.body":
+            if message.get("more_body"):
+                return
+            await self._send_json_error(self._held)
+            self._held = None
+            return
+        await self._send(message)
+
+    async def _send_json_error(self, start: Message) -> None:
+        from serve_app.errors import InternalError, UpstreamError
+        from serve_app.http_errors import error_response
+
+        status = start["status"]
+        request_id = _header(self._scope.get("headers", []), REQUEST_ID_HEADER)
+        error = (
+            UpstreamError("The server could not complete the request; it was not charged. Retry it.")
+            if status in (502, 503, 504)
+            else InternalError("The server had an error while processing your request.")
+        )
+        error.status_code = status
+        response = error_response(error, request_id or "unknown")
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(response.body)).encode())]
+        await self._send({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": response.body})
+
+
+def _is_plain_server_error(message: Message) -> bool:
+    if message.get("status", 200) < 500:
+        return False
+    content_type = _header(message.get("headers", []), b"content-type") or ""
+    return content_type.startswith("text/plain")
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def proxy_middlewares() -> list[Any]:
+    """What ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` names: Serve's proxy calls it at start."""
+    from starlette.middleware import Middleware
+
+    return [Middleware(ProxyGuard)]

@@ -1,0 +1,68 @@
+"""serve_app.proxy_guard in front of a fake app, over ASGI (what Serve's proxy runs it on)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from serve_app.proxy_guard import ProxyGuard
+
+
+def run(app, headers):
+    seen = {}
+    sent = []
+
+    async def inner(scope, receive, send):
+        seen["headers"] = list(scope["headers"])
+        await app(scope, receive, send)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "GET", "path": "/health", "headers": headers}
+    asyncio.run(ProxyGuard(inner)(scope, receive, send))
+    return seen["headers"], sent
+
+
+def answer(status, content_type, body):
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def test_undecodable_values_and_unsafe_request_ids_never_reach_serve():
+    headers, _ = run(answer(200, b"application/json", b"{}"), [
+        (b"x-request-id", b"\xff\xfebad"),
+        (b"x-other", b"caf\xe9"),
+        (b"accept", b"*/*"),
+    ])
+    names = dict(headers)
+    assert b"x-other" not in names and names[b"accept"] == b"*/*"
+    assert names[b"x-request-id"].startswith(b"req_") and len(names[b"x-request-id"]) == 36
+    kept, _ = run(answer(200, b"application/json", b"{}"), [(b"x-request-id", b"trace-42")])
+    assert dict(kept)[b"x-request-id"] == b"trace-42"
+    long, _ = run(answer(200, b"application/json", b"{}"), [(b"x-request-id", b"a" * 8192)])
+    assert dict(long)[b"x-request-id"].startswith(b"req_")
+
+
+def test_serves_plain_text_errors_become_the_documented_json_error():
+    _, sent = run(answer(500, b"text/plain; charset=utf-8", b"Internal Server Error"), [(b"x-request-id", b"r-1")])
+    start, body = sent
+    assert start["status"] == 500 and (b"content-type", b"application/json") in start["headers"]
+    error = json.loads(body["body"])["error"]
+    assert (error["code"], error["type"], error["request_id"]) == ("internal_error", "server_error", "r-1")
+    _, sent = run(answer(503, b"text/plain", b"no replica"), [(b"x-request-id", b"r-2")])
+    assert json.loads(sent[1]["body"])["error"]["code"] == "upstream_error"
+
+
+def test_other_responses_pass_through_untouched():
+    ours = json.dumps({"error": {"code": "internal_error"}}).encode()
+    for status, content_type, body in [(200, b"image/png", b"\x89PNG"), (500, b"application/json", ours),
+                                       (404, b"text/plain", b"nope")]:
+        _, sent = run(answer(status, content_type, body), [])
+        assert sent[0]["status"] == status and sent[1]["body"] == body

@@ -1,0 +1,80 @@
+"""The served API against its own OpenAPI document, fuzzed by schemathesis.
+
+Every operation in ``/openapi.json`` is exercised, none excluded: schemathesis generates
+valid and invalid requests from the document (with a real key on every call) and fails
+the test on any 5xx, any status the operation does not document, and any response body
+that does not match its documented schema. The run is bounded: a few examples per
+operation (plus schemathesis's boundary-value "coverage" cases) and a hard wall-clock cap.
+
+Reached only as rejections, and so checked only on those paths:
+- ``GET`` / ``HEAD /v1/files/images/{name}``: a valid signature cannot be generated, so
+  every call is a 403 (or a 404); the 200 path is covered by tests/test_url_delivery.py.
+- the POST routes' 200: generated model ids are never a served model (404), so no image
+  is generated here; tests/test_serve_e2e.py drives those paths with the OpenAI SDKs.
+
+Run it alone with ``python -m pytest -q -m serve tests/test_schemathesis.py``. Set
+``SCHEMATHESIS_SEED`` to explore other inputs (the default seed keeps CI deterministic).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.serve
+
+# Wall-clock cap of the whole run (it takes about 15 s against the embedded default).
+BUDGET_S = 90
+MAX_EXAMPLES = 10
+CHECKS = ("not_a_server_error", "status_code_conformance", "response_schema_conformance")
+
+
+def schemathesis_command(base_url: str, api_key: str, report_dir: Path) -> list[str]:
+    """``schemathesis run`` against ``base_url``'s document, with ``api_key`` on every call."""
+    return [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{base_url}/openapi.json",
+        "--checks",
+        ",".join(CHECKS),
+        "--header",
+        f"Authorization: Bearer {api_key}",
+        # The key above is the only credential: none generated from the security scheme.
+        "--generation-with-security-parameters",
+        "false",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--seed",
+        os.environ.get("SCHEMATHESIS_SEED", "20260101"),
+        "--generation-database",
+        "none",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "30",
+        "--no-color",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(report_dir),
+    ]
+
+
+def test_the_served_api_keeps_its_openapi_contract(served, tmp_path: Path) -> None:
+    key = served.create_key("1000")
+    command = schemathesis_command(served.base_url, key, tmp_path / "report")
+    try:
+        # cwd: schemathesis reads a schemathesis.toml from there; there is none in tmp_path.
+        result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=BUDGET_S, check=False)
+    except subprocess.TimeoutExpired as exc:  # the child is killed; show what it printed
+        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        pytest.fail(f"schemathesis ran over its {BUDGET_S} s budget:\n{output[-6000:]}")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"schemathesis found contract violations:\n{output[-12000:]}"
+    assert "passed" in output, output[-4000:]
