@@ -99,9 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     stale.add_argument(
         "--older-than",
         type=_positive_int,
-        default=3600,
+        default=None,
         metavar="SECONDS",
-        help="only reservations open longer than this (default 3600; keep it above every model's timeout_s)",
+        help="only reservations open longer than this (default: accounts.release_stale_after_s of the config; "
+        "never less than the longest model timeout_s, when a request may still deliver)",
     )
     stale.set_defaults(handler=cmd_release_stale)
     return parser
@@ -287,7 +288,21 @@ def cmd_usage(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_release_stale(ctx: Context, args: argparse.Namespace) -> None:
-    released = ctx.store.release_stale(args.older_than)
+    from serve_app.config import ModelConfig
+
+    config = ctx.app_config
+    # A request can deliver (and be charged) until its model's deadline: refunding a younger
+    # reservation would give away the images it is about to deliver.
+    longest = max(m.timeout_s for m in config.models) if config else ModelConfig.model_fields["timeout_s"].default
+    older_than = args.older_than if args.older_than is not None else (
+        config.stale_reservation_after_s if config else 2 * longest + 300
+    )
+    if older_than <= longest:
+        raise CLIError(
+            f"--older-than {older_than:g} s: a request that young may still be running (the longest model "
+            f"timeout_s is {longest:g} s); refunding it would give its images away"
+        )
+    released = ctx.store.release_stale(older_than)
     total = sum(s.refunded_units for s in released)
     print(f"Released {len(released)} stale reservation(s), refunding {_credits(total)} credits.")
 

@@ -175,6 +175,12 @@ class AccountsConfig(StrictModel):
         "default: twice the longest model timeout_s plus 300 s",
     )
     release_stale_every_s: float = Field(60.0, gt=0)
+    orphan_check_every_s: float = Field(
+        15.0, gt=0, description="how often an ingress replica refunds the reservations of ingress replicas that died"
+    )
+    idempotency_window_s: float = Field(
+        86400.0, gt=0, description="how long a request's Idempotency-Key returns its first outcome"
+    )
 
     def resolved_database_url(self) -> str:
         return os.environ.get("IMAGEGEN_DATABASE_URL") or self.database_url

@@ -84,6 +84,15 @@ class Forbidden(APIError):
     code = "forbidden"
 
 
+class IdempotencyConflict(APIError):
+    """409: an Idempotency-Key reused for a different request, or whose first attempt is
+    still running past the wait."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "idempotency_key_reused"
+
+
 class RequestTooLarge(APIError):
     status_code = 413
     error_type = "invalid_request_error"

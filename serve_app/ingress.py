@@ -4,6 +4,7 @@ No ``from __future__ import annotations``: FastAPI reads the route annotations (
 at runtime in the replica, where string annotations would not resolve.
 """
 
+import functools
 import ipaddress
 import json
 import logging
@@ -22,7 +23,7 @@ from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge, UnsupportedMediaType
 from serve_app.http_errors import REQUEST_ID_HEADER, error_response
-from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter
+from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter, live_replica_owners, replica_owner
 from serve_app.serving import EditUpload, ImageGenerationService
 from serve_app.storage import LocalImageStore, build_image_store
 
@@ -112,7 +113,10 @@ class ImageGenerationIngress:
             for model in self._config.models
         }
         self._store = build_image_store(self._config.storage)
-        self._accounts = build_accounts(self._config)
+        # Reservations name the replica that holds them: if it dies, the others refund them.
+        context = serve.get_replica_context()
+        owner = replica_owner(context.app_name, context.replica_id.deployment_id.name, context.replica_id.unique_id)
+        self._accounts = build_accounts(self._config, owner=owner)
         self._service = ImageGenerationService(
             config=self._config,
             router=ModelRouter(routes, replicas),
@@ -125,7 +129,12 @@ class ImageGenerationIngress:
         that needs them (the constructor may not run on that loop)."""
         self._store.start_sweeper()
         accounts = self._config.accounts
-        self._accounts.start_stale_sweeper(self._config.stale_reservation_after_s, accounts.release_stale_every_s)
+        self._accounts.start_stale_sweeper(
+            self._config.stale_reservation_after_s, accounts.release_stale_every_s, accounts.idempotency_window_s
+        )
+        context = serve.get_replica_context()
+        live = functools.partial(live_replica_owners, context.app_name, context.replica_id.deployment_id.name)
+        self._accounts.start_orphan_sweeper(live, accounts.orphan_check_every_s)
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -191,6 +200,7 @@ class ImageGenerationIngress:
                 authorization=request.headers.get("authorization"),
                 request_id=request_id,
                 base_url=_loopback_base_url(request),
+                idempotency_key=request.headers.get("idempotency-key"),
             )
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             return error_for(exc, request)

@@ -52,8 +52,8 @@ _MODELS: tuple[tuple[type[BaseModel], str], ...] = (
     (ErrorResponse, "serialization"),
 )
 
-# What each error status means on this service (README, "Request fields"; the codes are
-# appended from ``serve_app.errors``). 409 and 415 have no error class yet.
+# What each error status means on this service (README's and DESIGN.md's error tables); the
+# codes that answer with it are appended from ``serve_app.errors``.
 _REASONS: dict[int, str] = {
     400: "The request failed validation; `param` names the field.",
     401: "No Bearer key, or an unknown or revoked one.",
@@ -185,6 +185,8 @@ def _edit_form() -> dict[str, Any]:
     """OpenAI's multipart form for edits: the file parts, and ``ImageEditRequest``'s fields
     as form fields (a form field is never null: left out, it takes its default)."""
     fields = ImageEditRequest.model_json_schema(mode="validation")
+    if "$defs" in fields:  # a form field is text: a nested model would need an encoding of its own
+        raise RuntimeError("ImageEditRequest has nested models; document their multipart encoding")
     properties: dict[str, Any] = {name: _form_field(schema) for name, schema in fields["properties"].items()}
     properties["image"] = {
         **_BINARY,
@@ -206,8 +208,6 @@ def _edit_form() -> dict[str, Any]:
         "required": ["image", "prompt", "model"],
         "additionalProperties": False,
     }
-    if "$defs" in fields:
-        schema["$defs"] = fields["$defs"]
     image_types = ", ".join(_IMAGE_TYPES)
     encoding = {
         "image": {"contentType": image_types},
@@ -396,7 +396,7 @@ def _error_response(status: int, reason: str | None) -> dict[str, Any]:
     if description is None:
         description = _REASONS[status]
         claimed = {code for contract in CONTRACTS.values() for code in _named_codes(contract.reasons.get(status, ""))}
-        codes = [code for code in _codes_for(status) if code not in claimed or code in _named_codes(description)]
+        codes = [code for code in _codes_for(status) if code not in claimed]
         if codes:
             description += " Codes: " + ", ".join(f"`{code}`" for code in codes) + "."
     headers = dict(_REQUEST_ID)

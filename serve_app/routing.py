@@ -77,14 +77,33 @@ def _running_replicas_of(app_name: str) -> dict[str, int]:
     per call with the GIL held (py-spy, 2026-11-22): once a second under load, a stall of
     the ingress's event loop. Reading the dict costs under 1 ms.
     """
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    application = (details.get("applications") or {}).get(app_name) or {}
+    application = _application_details(app_name)
     return {
         name: sum(1 for replica in deployment.get("replicas") or () if _state_name(replica.get("state")) == "RUNNING")
         for name, deployment in (application.get("deployments") or {}).items()
     }
+
+
+def replica_owner(app_name: str, deployment_name: str, replica_id: str) -> str:
+    """How a reservation names the ingress replica that holds it."""
+    return f"{app_name}:{deployment_name}:{replica_id}"
+
+
+def live_replica_owners(app_name: str, deployment_name: str) -> set[str]:
+    """``replica_owner`` of every replica of a deployment that Serve still lists, in any
+    state: one that is stopping may still be finishing requests. One that died is gone."""
+    deployment = (_application_details(app_name).get("deployments") or {}).get(deployment_name) or {}
+    return {
+        replica_owner(app_name, deployment_name, str(replica.get("replica_id")))
+        for replica in deployment.get("replicas") or ()
+    }
+
+
+def _application_details(app_name: str) -> dict[str, Any]:
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    return (details.get("applications") or {}).get(app_name) or {}
 
 
 def _state_name(state: Any) -> str:

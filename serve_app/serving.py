@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from serve_app.accounts import Settlement
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.errors import InvalidRequest, ModelNotFound, UpstreamError
+from serve_app.errors import IdempotencyConflict, InvalidRequest, ModelNotFound, UpstreamError
 from serve_app.image_input import ImageInputPolicy, decode_image, image_from_field, mask_from_png
 from serve_app.planning import GenerationPlan, plan_generation
 from serve_app.protocol import (
@@ -51,6 +54,12 @@ class AccountsPort(Protocol):
 
     async def usage(self, key: Any) -> Any: ...
 
+    async def claim_idempotency(self, key: Any, idem_key: str, fingerprint: str, stale_after_s: float) -> Any: ...
+
+    async def complete_idempotency(self, key: Any, idem_key: str, outcome: bytes) -> None: ...
+
+    async def release_idempotency(self, key: Any, idem_key: str) -> None: ...
+
 
 class ImageStorePort(Protocol):
     needs_request_base_url: bool
@@ -71,6 +80,30 @@ class EditUpload:
     fields: dict[str, str]
     images: list[bytes]
     mask: bytes | None = None
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.fields, sort_keys=True).encode())
+        for part in [*self.images, self.mask or b""]:
+            digest.update(hashlib.sha256(part).digest())
+        return digest.hexdigest()
+
+
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, as Stripe and OpenAI take
+# Headers of a first outcome that a replay repeats (the rate-limit headers were of that moment).
+REPLAYED_HEADERS = ("x-credits-charged", "x-credits-remaining")
+IDEMPOTENCY_POLL_S = 0.25
+
+
+def _outcome(served: ServedResponse) -> bytes:
+    headers = {name: served.headers[name] for name in REPLAYED_HEADERS if name in served.headers}
+    return json.dumps({"body": served.body.model_dump(exclude_none=True), "headers": headers}).encode()
+
+
+def _replayed(outcome: bytes | None) -> ServedResponse:
+    stored = json.loads(outcome or b"{}")
+    return ServedResponse(
+        body=ImagesResponse.model_validate(stored["body"]), headers={**stored["headers"], "idempotent-replayed": "true"}
+    )
 
 
 class ImageGenerationService:
@@ -107,39 +140,100 @@ class ImageGenerationService:
         return (await self._accounts.usage(key)).as_json()
 
     async def generate(
-        self, payload: object, *, authorization: str | None, request_id: str, base_url: str | None
+        self,
+        payload: object,
+        *,
+        authorization: str | None,
+        request_id: str,
+        base_url: str | None,
+        idempotency_key: str | None = None,
     ) -> ServedResponse:
         """``POST /v1/images/generations``: text-to-image, or image-to-image with ``image``."""
         key = await self._accounts.authenticate(authorization)
-        request = parse_generation_request(payload)
-        model = self._permitted_model(key, request.model)
-        image = None
-        if request.image is not None:
-            # Decoding (and fetching a URL) is blocking work: off the event loop.
-            image = await asyncio.to_thread(image_from_field, request.image, param="image", policy=self._policy(model))
-            # Fitting the image to the output size is CPU work too.
-            plan = await asyncio.to_thread(plan_generation, request, model, image)
-        else:
-            plan = plan_generation(request, model)
-        return await self._serve(key, request, model, plan, request_id, base_url)
+        fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+        async def run() -> ServedResponse:
+            request = parse_generation_request(payload)
+            model = self._permitted_model(key, request.model)
+            if request.image is None:
+                plan = plan_generation(request, model)
+            else:
+                # Decoding (and fetching a URL) and fitting the image are blocking: off the loop.
+                image = await asyncio.to_thread(image_from_field, request.image, param="image", policy=self._policy(model))
+                plan = await asyncio.to_thread(plan_generation, request, model, image)
+            return await self._serve(key, request, model, plan, request_id, base_url)
+
+        return await self._once(key, idempotency_key, fingerprint, run)
 
     async def edit(
-        self, upload: EditUpload, *, authorization: str | None, request_id: str, base_url: str | None
+        self,
+        upload: EditUpload,
+        *,
+        authorization: str | None,
+        request_id: str,
+        base_url: str | None,
+        idempotency_key: str | None = None,
     ) -> ServedResponse:
         """``POST /v1/images/edits``: image-to-image, or inpainting with a mask."""
         key = await self._accounts.authenticate(authorization)
-        request = parse_edit_request(upload.fields)
-        model = self._permitted_model(key, request.model)
-        if not upload.images:
-            raise InvalidRequest("Missing required parameter: 'image'.", param="image")
-        if len(upload.images) > model.rules.max_reference_images:
+
+        async def run() -> ServedResponse:
+            request = parse_edit_request(upload.fields)
+            model = self._permitted_model(key, request.model)
+            if not upload.images:
+                raise InvalidRequest("Missing required parameter: 'image'.", param="image")
+            if len(upload.images) > model.rules.max_reference_images:
+                raise InvalidRequest(
+                    f"Invalid 'image': model '{model.id}' uses at most {model.rules.max_reference_images} input "
+                    f"image(s), got {len(upload.images)}.",
+                    param="image",
+                )
+            plan = await asyncio.to_thread(self._plan_edit, request, model, upload)
+            return await self._serve(key, request, model, plan, request_id, base_url)
+
+        return await self._once(key, idempotency_key, upload.fingerprint(), run)
+
+    async def _once(
+        self, key: Any, idem_key: str | None, fingerprint: str, run: Callable[[], Awaitable[ServedResponse]]
+    ) -> ServedResponse:
+        """Run the request, or with an ``Idempotency-Key`` return its first successful outcome:
+        the same images and charge, nothing generated or charged again. A repeat while the
+        first attempt runs waits for it (across ingress replicas: the claim is in the
+        database). A failed attempt charged nothing and is forgotten, so its retry runs anew."""
+        if idem_key is None:
+            return await run()
+        if not IDEMPOTENCY_KEY.fullmatch(idem_key):
             raise InvalidRequest(
-                f"Invalid 'image': model '{model.id}' uses at most {model.rules.max_reference_images} input image(s), "
-                f"got {len(upload.images)}.",
-                param="image",
+                "Invalid 'Idempotency-Key': 1 to 255 printable ASCII characters.", param="Idempotency-Key"
             )
-        plan = await asyncio.to_thread(self._plan_edit, request, model, upload)
-        return await self._serve(key, request, model, plan, request_id, base_url)
+        stale_after_s = self._config.stale_reservation_after_s
+        deadline = time.monotonic() + max(m.timeout_s for m in self._config.models) + 30
+        while True:
+            state, outcome = await self._accounts.claim_idempotency(key, idem_key, fingerprint, stale_after_s)
+            if state == "claimed":
+                break
+            if state == "done":
+                return _replayed(outcome)
+            if state == "conflict":
+                raise IdempotencyConflict(
+                    "This Idempotency-Key was already used for a different request; use a new key for a new request.",
+                    param="Idempotency-Key",
+                )
+            if time.monotonic() > deadline:
+                raise IdempotencyConflict(
+                    "A request with this Idempotency-Key is still running; retry later.",
+                    param="Idempotency-Key",
+                    code="idempotency_key_in_use",
+                    retry_after_s=10,
+                )
+            await asyncio.sleep(IDEMPOTENCY_POLL_S)
+        try:
+            served = await run()
+        except BaseException:
+            await self._accounts.release_idempotency(key, idem_key)
+            raise
+        await self._accounts.complete_idempotency(key, idem_key, _outcome(served))
+        return served
 
     def _permitted_model(self, key: Any, model_id: str) -> ModelConfig:
         model = self._config.model(model_id)

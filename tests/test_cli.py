@@ -164,6 +164,10 @@ def run_main(env, monkeypatch, capsys):
         (("usage", "nobody"), 1, "no key named"),
         (("keys",), 2, "required"),
         (("frobnicate",), 2, "invalid choice"),
+        # A reservation that young may belong to a request still running (the default
+        # model timeout_s is 300 s): refunding it would give its images away.
+        (("reservations", "release-stale", "--older-than", "1"), 1, "may still be running"),
+        (("reservations", "release-stale", "--older-than", "300"), 1, "may still be running"),
     ],
 )
 def test_bad_input_gives_one_line_errors(run_main, args, code, match):
@@ -250,3 +254,17 @@ def test_created_key_authenticates_and_bills(env, tmp_path):
     out = ok(env, "usage", "alice")
     assert "balance 1.5 credits" in out and "tiny-sdxl" in out
     ok(env, "keys", "revoke", "alice")
+
+
+def test_release_stale_refunds_only_what_no_request_can_still_deliver(run_main):
+    import os
+
+    from serve_app.accounts import open_store
+
+    store = open_store(os.environ["IMAGEGEN_DATABASE_URL"])
+    key_id = store.key_by_name("alice").id
+    store.reserve(key_id, "running", "m", 1, 1)
+    code, out, _ = run_main("reservations", "release-stale")  # the default: 2 x 300 s + 300 s
+    assert code == 0 and "Released 0 stale reservation(s)" in out
+    assert store.usage(key_id).reserved_units == 1
+    store.close()

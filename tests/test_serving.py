@@ -12,7 +12,7 @@ import pytest
 
 from serve_app.accounts import Accounts, LocalRateLimiter, issue_key, open_store
 from serve_app.config import CREDIT_UNITS, AppConfig, ImageInputConfig
-from serve_app.errors import GenerationTimeout, InsufficientFunds, InvalidRequest, UpstreamError
+from serve_app.errors import GenerationTimeout, IdempotencyConflict, InsufficientFunds, InvalidRequest, UpstreamError
 from serve_app.serving import ImageGenerationService
 from serve_app.work import GeneratedImage, JobResult
 
@@ -261,3 +261,87 @@ def test_edits_with_a_mask_become_inpainting_jobs_and_too_many_images_cost_nothi
         asyncio.run(edit(EditUpload({"model": "m", "prompt": "x"}, [_png(), _png()])))
     assert caught.value.param == "image"
     assert asyncio.run(balance(accounts, key)) == 7
+
+
+# ----------------------------------------------------------------------------------------
+# Idempotency-Key: a retry returns the first outcome, never a second charge
+
+
+class SlowRouter(FakeRouter):
+    def __init__(self, delay_s=0.3):
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def generate(self, model_id, jobs):
+        await asyncio.sleep(self.delay_s)
+        return await super().generate(model_id, jobs)
+
+
+def test_an_idempotent_retry_returns_the_first_outcome_across_replicas(tmp_path):
+    """Two ingress replicas (two Accounts on one database): the repeat waits for the first
+    attempt, then gets its images and charge; nothing is generated or charged twice."""
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    first_replica = Accounts(open_store(url), rate_limiter=LocalRateLimiter(), owner="app:ingress:a")
+    second_replica = Accounts(open_store(url), rate_limiter=LocalRateLimiter(), owner="app:ingress:b")
+    key = make_key(first_replica, 10)
+    router = SlowRouter()
+
+    async def attempt(accounts, body):
+        svc = ImageGenerationService(CONFIG, router, accounts)
+        return await svc.generate(
+            body, authorization=f"Bearer {key}", request_id="r", base_url=None, idempotency_key="retry-1"
+        )
+
+    async def main():
+        body = {"model": "m", "prompt": "apple", "n": 2, "seed": 9}
+        return await asyncio.gather(attempt(first_replica, body), attempt(second_replica, dict(body)))
+
+    one, two = asyncio.run(main())
+    assert [d.b64_json for d in one.body.data] == [d.b64_json for d in two.body.data]
+    assert len(router.calls) == 1, "generated once"
+    assert {one.headers.get("idempotent-replayed"), two.headers.get("idempotent-replayed")} == {None, "true"}
+    assert one.headers["x-credits-charged"] == two.headers["x-credits-charged"] == "3"
+    assert asyncio.run(balance(first_replica, key)) == 7
+    with pytest.raises(IdempotencyConflict) as caught:  # the same key for another request
+        asyncio.run(attempt(second_replica, {"model": "m", "prompt": "pear"}))
+    assert caught.value.status_code == 409 and caught.value.param == "Idempotency-Key"
+    assert first_replica.store.inconsistencies() == []
+    first_replica.close()
+    second_replica.close()
+
+
+def test_a_failed_attempt_is_forgotten_so_its_retry_runs(accounts):
+    key = make_key(accounts, 10)
+
+    async def attempt(router):
+        svc = ImageGenerationService(CONFIG, router, accounts)
+        return await svc.generate({"model": "m", "prompt": "x"}, authorization=f"Bearer {key}", request_id="r",
+                                  base_url=None, idempotency_key="k-2")
+
+    with pytest.raises(UpstreamError):
+        asyncio.run(attempt(FakeRouter(fail_job=0)))
+    served = asyncio.run(attempt(FakeRouter()))
+    assert len(served.body.data) == 1 and "idempotent-replayed" not in served.headers
+    with pytest.raises(InvalidRequest):
+        asyncio.run(ImageGenerationService(CONFIG, FakeRouter(), accounts).generate(
+            {"model": "m", "prompt": "x"}, authorization=f"Bearer {key}", request_id="r", base_url=None,
+            idempotency_key="bad key\n"))
+    assert asyncio.run(balance(accounts, key)) == 8.5
+
+
+def test_reservations_of_a_dead_ingress_replica_are_refunded_by_a_live_one(tmp_path):
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    live = Accounts(open_store(url), rate_limiter=LocalRateLimiter(), owner="app:ingress:alive")
+    key = make_key(live, 10)
+    record = live.store.key_by_id(1)
+    dead_hold = live.store.reserve(record.id, "r-dead", "m", 2, CREDIT_UNITS, owner="app:ingress:gone")
+    running = live.store.reserve(record.id, "r-running", "m", 1, CREDIT_UNITS, owner="app:ingress:busy")
+    other_app = live.store.reserve(record.id, "r-other", "m", 1, CREDIT_UNITS, owner="other:ingress:x")
+    mine = live.store.reserve(record.id, "r-mine", "m", 1, CREDIT_UNITS, owner="app:ingress:alive")
+    released = asyncio.run(live.release_orphaned(lambda: {"app:ingress:alive", "app:ingress:busy"}))
+    assert [s.reservation_id for s in released] == [dead_hold.id]
+    assert asyncio.run(balance(live, key)) == 10 - 3  # only the dead replica's hold came back
+    for reservation in (running, other_app, mine):
+        live.store.settle(reservation.id, 1)
+    assert live.store.inconsistencies() == []
+    live.close()

@@ -63,6 +63,7 @@ class Accounts:
         key_cache_ttl_s: float = 1.0,
         max_workers: int = 4,
         clock: Callable[[], float] = time.monotonic,
+        owner: str | None = None,
     ) -> None:
         """``rate_limiter`` None: a per-process ``LocalRateLimiter`` (right for one process
         only; in Serve pass ``RayRateLimiter()``, or use ``from_config``)."""
@@ -74,7 +75,10 @@ class Accounts:
         self._clock = clock
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
         self._cache_max = 10_000
+        # This ingress replica: its reservations are refunded by the others if it dies.
+        self.owner = owner
         self._stale_sweeper: asyncio.Task[None] | None = None
+        self._orphan_sweeper: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="accounts-db")
 
     @classmethod
@@ -158,7 +162,8 @@ class Accounts:
         was revoked since it authenticated); nothing is held when it raises."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(
-            self._executor, functools.partial(self.store.reserve, key.id, request_id, model_id, images, price_units)
+            self._executor,
+            functools.partial(self.store.reserve, key.id, request_id, model_id, images, price_units, self.owner),
         )
         try:
             return await asyncio.shield(future)
@@ -191,27 +196,78 @@ class Accounts:
             logger.warning("refunded %d reservation(s) left open over %g s", len(released), older_than_s)
         return released
 
-    def start_stale_sweeper(self, older_than_s: float, every_s: float) -> asyncio.Task[None]:
-        """Run ``release_stale`` now and every ``every_s`` as a task of the running loop,
-        once; ``close()`` stops it."""
+    async def _maintain(self, older_than_s: float, idempotency_window_s: float | None) -> None:
+        await self.release_stale(older_than_s)
+        if idempotency_window_s is not None:
+            await self.forget_idempotency(idempotency_window_s)
+
+    def start_stale_sweeper(
+        self, older_than_s: float, every_s: float, idempotency_window_s: float | None = None
+    ) -> asyncio.Task[None]:
+        """Run ``release_stale`` (and forget Idempotency-Key outcomes past their window) now
+        and every ``every_s`` as a task of the running loop, once; ``close()`` stops it."""
         if self._stale_sweeper is None or self._stale_sweeper.done():
-            work = functools.partial(self.release_stale, older_than_s)
+            work = functools.partial(self._maintain, older_than_s, idempotency_window_s)
             self._stale_sweeper = asyncio.get_running_loop().create_task(
                 run_periodically(work, every_s, "releasing stale reservations"), name="Accounts.stale_sweeper"
             )
         return self._stale_sweeper
 
+    async def release_orphaned(self, live_owners: Callable[[], set[str]]) -> list[Settlement]:
+        """Refund the open reservations of ingress replicas that are gone (not in
+        ``live_owners()``, asked only when another replica holds any): their requests
+        died with them and can no longer deliver. Only replicas of this one's own deployment
+        are judged (an owner is ``<app>:<deployment>:<replica>``); other applications on the
+        same database judge theirs."""
+        if self.owner is None:
+            return []
+        siblings = self.owner.rsplit(":", 1)[0] + ":"
+        others = {o for o in await self._run(self.store.open_owners) if o.startswith(siblings)} - {self.owner}
+        if not others:
+            return []
+        dead = others - await asyncio.to_thread(live_owners)
+        if not dead:
+            return []
+        released = await self._run(self.store.release_orphaned, dead)
+        if released:
+            logger.warning("refunded %d reservation(s) of %d ingress replica(s) that died", len(released), len(dead))
+        return released
+
+    def start_orphan_sweeper(self, live_owners: Callable[[], set[str]], every_s: float) -> asyncio.Task[None]:
+        """Run ``release_orphaned`` now and every ``every_s``, once per process."""
+        if self._orphan_sweeper is None or self._orphan_sweeper.done():
+            work = functools.partial(self.release_orphaned, live_owners)
+            self._orphan_sweeper = asyncio.get_running_loop().create_task(
+                run_periodically(work, every_s, "refunding reservations of dead replicas"),
+                name="Accounts.orphan_sweeper",
+            )
+        return self._orphan_sweeper
+
+    # -- Idempotency-Key -------------------------------------------------------------
+    async def claim_idempotency(self, key: ApiKey, idem_key: str, fingerprint: str, stale_after_s: float):
+        return await self._run(self.store.claim_idempotency, key.id, idem_key, fingerprint, self.owner, stale_after_s)
+
+    async def complete_idempotency(self, key: ApiKey, idem_key: str, outcome: bytes) -> None:
+        await asyncio.shield(self._run(self.store.complete_idempotency, key.id, idem_key, outcome))
+
+    async def release_idempotency(self, key: ApiKey, idem_key: str) -> None:
+        await asyncio.shield(self._run(self.store.release_idempotency, key.id, idem_key))
+
+    async def forget_idempotency(self, older_than_s: float) -> int:
+        return await self._run(self.store.forget_idempotency, older_than_s)
+
     async def usage(self, key: ApiKey) -> Usage:
         return await self._run(self.store.usage, key.id)
 
     def close(self) -> None:
-        if self._stale_sweeper is not None:
-            self._stale_sweeper.cancel()
+        for sweeper in (self._stale_sweeper, self._orphan_sweeper):
+            if sweeper is not None:
+                sweeper.cancel()
         self._executor.shutdown(wait=True)
         self.store.close()
 
 
-def build_accounts(config: Any, *, rate_limiter: RateLimiter | None = None) -> Accounts:
+def build_accounts(config: Any, *, rate_limiter: RateLimiter | None = None, owner: str | None = None) -> Accounts:
     """The ingress replica's ``Accounts`` for an ``AppConfig`` that ``build_app`` already
     anchored: its ``accounts.database_url`` is final (the env override and the base
     directory were applied on the driver), so it is used as is, not re-read from this
@@ -222,6 +278,7 @@ def build_accounts(config: Any, *, rate_limiter: RateLimiter | None = None) -> A
         default_rpm=accounts.default_requests_per_minute,
         default_ipm=accounts.default_images_per_minute,
         rate_limiter=rate_limiter or _default_rate_limiter(accounts.database_url),
+        owner=owner,
     )
 
 

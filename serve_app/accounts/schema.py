@@ -58,6 +58,22 @@ MIGRATIONS: list[str] = [
     -- at most one reserve, one charge and one refund row per reservation
     CREATE UNIQUE INDEX ledger_once ON ledger(reservation_id, kind) WHERE reservation_id IS NOT NULL;
     """,
+    # 2: the ingress replica that holds each reservation (its death refunds them), and the
+    #    outcomes of requests sent with an Idempotency-Key
+    """
+    ALTER TABLE reservations ADD COLUMN owner TEXT;
+    CREATE INDEX reservations_open_owner ON reservations(owner) WHERE settled_at IS NULL;
+    CREATE TABLE idempotency (
+        key_id       INTEGER NOT NULL REFERENCES keys(id),
+        idem_key     TEXT    NOT NULL,
+        fingerprint  TEXT    NOT NULL,           -- what the request asked (a digest)
+        owner        TEXT,                       -- the ingress replica running the first attempt
+        created      REAL    NOT NULL,
+        outcome      BLOB,                       -- NULL while the first attempt runs
+        PRIMARY KEY (key_id, idem_key)
+    );
+    CREATE INDEX idempotency_created ON idempotency(created);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -245,7 +245,9 @@ class SQLiteAccountStore:
             (ts, request_id, key_id, model, kind, images, amount, reservation_id),
         )
 
-    def reserve(self, key_id: int, request_id: str, model: str, images: int, price_units: int) -> Reservation:
+    def reserve(
+        self, key_id: int, request_id: str, model: str, images: int, price_units: int, owner: str | None = None
+    ) -> Reservation:
         if images <= 0:
             raise ValueError("images must be positive")
         if price_units < 0:
@@ -267,9 +269,9 @@ class SQLiteAccountStore:
                 row = conn.execute("SELECT balance_units, revoked_at FROM keys WHERE id = ?", (key_id,)).fetchone()
                 self._refuse(row, images, model, amount)
             reservation_id = conn.execute(
-                "INSERT INTO reservations (key_id, request_id, model, images, price_units, created)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (key_id, request_id, model, images, price_units, now),
+                "INSERT INTO reservations (key_id, request_id, model, images, price_units, created, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key_id, request_id, model, images, price_units, now, owner),
             ).lastrowid
             self._ledger_row(conn, now, request_id, key_id, model, "reserve", images, -amount, reservation_id)
         return Reservation(reservation_id, key_id, request_id, model, images, price_units, now)
@@ -320,6 +322,69 @@ class SQLiteAccountStore:
         ]
         settled = [self.settle(reservation_id, 0) for reservation_id in ids]
         return [s for s in settled if not s.already_settled]
+
+    def open_owners(self) -> set[str]:
+        rows = self._conn().execute(
+            "SELECT DISTINCT owner FROM reservations WHERE settled_at IS NULL AND owner IS NOT NULL"
+        )
+        return {row[0] for row in rows}
+
+    def release_orphaned(self, dead_owners: Iterable[str]) -> list[Settlement]:
+        settled = []
+        for owner in sorted(set(dead_owners)):
+            ids = [
+                row[0]
+                for row in self._conn().execute(
+                    "SELECT id FROM reservations WHERE settled_at IS NULL AND owner = ? ORDER BY id", (owner,)
+                )
+            ]
+            settled += [self.settle(reservation_id, 0) for reservation_id in ids]
+        return [s for s in settled if not s.already_settled]
+
+    # -- idempotency -----------------------------------------------------------------
+    def claim_idempotency(
+        self, key_id: int, idem_key: str, fingerprint: str, owner: str | None, stale_after_s: float
+    ) -> tuple[str, bytes | None]:
+        now = time.time()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT fingerprint, created, outcome FROM idempotency WHERE key_id = ? AND idem_key = ?",
+                (key_id, idem_key),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO idempotency (key_id, idem_key, fingerprint, owner, created) VALUES (?, ?, ?, ?, ?)",
+                    (key_id, idem_key, fingerprint, owner, now),
+                )
+                return "claimed", None
+            found, created, outcome = row
+            if found != fingerprint:
+                return "conflict", None
+            if outcome is not None:
+                return "done", bytes(outcome)
+            if created < now - stale_after_s:  # its attempt died without an outcome: take over
+                conn.execute(
+                    "UPDATE idempotency SET owner = ?, created = ? WHERE key_id = ? AND idem_key = ?",
+                    (owner, now, key_id, idem_key),
+                )
+                return "claimed", None
+            return "running", None
+
+    def complete_idempotency(self, key_id: int, idem_key: str, outcome: bytes) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE idempotency SET outcome = ? WHERE key_id = ? AND idem_key = ?", (outcome, key_id, idem_key)
+            )
+
+    def release_idempotency(self, key_id: int, idem_key: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM idempotency WHERE key_id = ? AND idem_key = ? AND outcome IS NULL", (key_id, idem_key)
+            )
+
+    def forget_idempotency(self, older_than_s: float) -> int:
+        with self._write() as conn:
+            return conn.execute("DELETE FROM idempotency WHERE created < ?", (time.time() - older_than_s,)).rowcount
 
     # -- reporting -------------------------------------------------------------------
     def usage(self, key_id: int) -> Usage:

@@ -68,9 +68,12 @@ class AccountStore(Protocol):
         """Raises KeyNotFound, KeyRevoked, ValueError (amount <= 0)."""
 
     # -- billing ---------------------------------------------------------------------
-    def reserve(self, key_id: int, request_id: str, model: str, images: int, price_units: int) -> Reservation:
+    def reserve(
+        self, key_id: int, request_id: str, model: str, images: int, price_units: int, owner: str | None = None
+    ) -> Reservation:
         """Hold images x price atomically, or raise CreditShortfall (the 402, carrying the
-        balance it saw) / InvalidAPIKey (revoked meanwhile) with nothing written."""
+        balance it saw) / InvalidAPIKey (revoked meanwhile) with nothing written. ``owner``
+        names the ingress replica whose request holds it (``release_orphaned``)."""
 
     def settle(self, reservation_id: int, delivered: int) -> Settlement:
         """Charge delivered x price, refund the rest. Idempotent: a second call changes
@@ -79,6 +82,30 @@ class AccountStore(Protocol):
     def release_stale(self, older_than_s: float) -> list[Settlement]:
         """Settle (deliver 0, refund all) reservations left open longer than this: the
         requests of a replica that died mid-flight."""
+
+    def open_owners(self) -> set[str]:
+        """The owners of reservations still open."""
+
+    def release_orphaned(self, dead_owners: Iterable[str]) -> list[Settlement]:
+        """Settle (deliver 0, refund all) the open reservations of these owners: ingress
+        replicas that are gone, whose requests can no longer deliver."""
+
+    # -- idempotency -----------------------------------------------------------------
+    def claim_idempotency(
+        self, key_id: int, idem_key: str, fingerprint: str, owner: str | None, stale_after_s: float
+    ) -> tuple[str, bytes | None]:
+        """Claim ``idem_key`` for a first attempt. Returns ("claimed", None) if this call
+        may run the request, ("done", outcome) if an attempt completed, ("running", None)
+        if one is running, ("conflict", None) if the key was used for another request. A
+        claim older than ``stale_after_s`` without an outcome is taken over."""
+
+    def complete_idempotency(self, key_id: int, idem_key: str, outcome: bytes) -> None: ...
+
+    def release_idempotency(self, key_id: int, idem_key: str) -> None:
+        """Forget a claim whose attempt failed: a retry runs anew (nothing was charged)."""
+
+    def forget_idempotency(self, older_than_s: float) -> int:
+        """Drop outcomes older than the window; returns how many."""
 
     # -- reporting -------------------------------------------------------------------
     def usage(self, key_id: int) -> Usage: ...
