@@ -23,6 +23,7 @@ from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge, UnsupportedMediaType
 from serve_app.http_errors import REQUEST_ID_HEADER, error_response
+from serve_app.openapi import install_openapi
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter, live_replica_owners, replica_owner
 from serve_app.serving import EditUpload, ImageGenerationService
 from serve_app.storage import LocalImageStore, build_image_store
@@ -35,6 +36,7 @@ EDIT_MAX_FILES = 17
 EDIT_MAX_FIELDS = 64
 
 api = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", docs_url="/docs")
+install_openapi(api)  # the document from the protocol models (serve_app/openapi.py)
 
 
 def request_id_of(request: Request) -> str:

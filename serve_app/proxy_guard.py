@@ -6,8 +6,9 @@ failures itself:
 
 - it decodes ``x-request-id`` (and its other routing headers) as UTF-8, so one undecodable
   byte answered every route, ``/health`` included, with a plain-text 500;
-- when the ingress replica dies mid-request it answers ``500 Internal Server Error`` as
-  plain text, with no request id, which no OpenAI SDK can read as an error.
+- when the ingress replica dies mid-request it returns without answering, and the server
+  answers ``500 Internal Server Error`` as plain text, with no request id, which no OpenAI
+  SDK can read as an error.
 
 ``ProxyGuard`` runs inside the proxy (Serve's ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``
 hook, set in the Serve configs' ``controller_options``; in throughput mode Serve applies the
@@ -50,7 +51,19 @@ class ProxyGuard:
         if not any(name.lower() == REQUEST_ID_HEADER for name, _ in headers):
             headers.append((REQUEST_ID_HEADER, f"req_{uuid.uuid4().hex}".encode()))
         scope["headers"] = headers
-        await self.app(scope, receive, _ErrorShaper(scope, send))
+        shaper = _ErrorShaper(scope, send)
+        try:
+            await self.app(scope, receive, shaper)
+        except Exception:
+            # Serve's proxy raised before answering: the server would answer a plain-text
+            # 500. Answer in our shape instead, then let it log.
+            if not shaper.started:
+                await shaper.send_json_error(500)
+            raise
+        if not shaper.started:
+            # Serve's proxy returned without answering (the ingress replica died under the
+            # request): the server would send a plain-text 500.
+            await shaper.send_json_error(502)
 
 
 def _acceptable(name: bytes, value: bytes) -> bool:
@@ -70,24 +83,27 @@ class _ErrorShaper:
         self._scope = scope
         self._send = send
         self._held: Message | None = None
+        self.started = False
 
     async def __call__(self, message: Message) -> None:
-        if message["type"] == "http.response.start" and _is_plain_server_error(message):
-            self._held = message  # wait for the body; ours replaces it
-            return
+        if message["type"] == "http.response.start":
+            self.started = True
+            if _is_plain_server_error(message):
+                self._held = message  # wait for the body; ours replaces it
+                return
         if self._held is not None and message["type"] == "http.response.body":
             if message.get("more_body"):
                 return
-            await self._send_json_error(self._held)
+            await self.send_json_error(self._held["status"], self._held.get("headers", []))
             self._held = None
             return
         await self._send(message)
 
-    async def _send_json_error(self, start: Message) -> None:
+    async def send_json_error(self, status: int, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         from serve_app.errors import InternalError, UpstreamError
         from serve_app.http_errors import error_response
 
-        status = start["status"]
+        self.started = True
         request_id = _header(self._scope.get("headers", []), REQUEST_ID_HEADER)
         error = (
             UpstreamError("The server could not complete the request; it was not charged. Retry it.")
@@ -96,7 +112,7 @@ class _ErrorShaper:
         )
         error.status_code = status
         response = error_response(error, request_id or "unknown")
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-type", b"content-length")]
+        headers = [(k, v) for k, v in headers or [] if k.lower() not in (b"content-type", b"content-length")]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(response.body)).encode())]
         await self._send({"type": "http.response.start", "status": status, "headers": headers})
         await self._send({"type": "http.response.body", "body": response.body})

@@ -52,7 +52,11 @@ def served(ray_session, tmp_path_factory):
             "cache_dir": MODEL_CACHE,
             # Sweep for stale reservations every second, so a test can watch one go.
             "accounts": base.accounts.model_copy(
-                update={"database_url": f"sqlite:///{data}/imagegen.db", "release_stale_every_s": 1.0}
+                update={
+                    "database_url": f"sqlite:///{data}/imagegen.db",
+                    "release_stale_every_s": 1.0,
+                    "orphan_check_every_s": 2.0,
+                }
             ),
             "storage": base.storage.model_copy(
                 update={"local": base.storage.local.model_copy(update={"root": data / "images"})}

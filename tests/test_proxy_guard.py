@@ -66,3 +66,34 @@ def test_other_responses_pass_through_untouched():
                                        (404, b"text/plain", b"nope")]:
         _, sent = run(answer(status, content_type, body), [])
         assert sent[0]["status"] == status and sent[1]["body"] == body
+
+
+def test_a_proxy_that_raises_before_answering_gets_our_json_500():
+    async def dies(scope, receive, send):
+        raise RuntimeError("the replica died")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "headers": [(b"x-request-id", b"r-3")]}
+    try:
+        asyncio.run(ProxyGuard(dies)(scope, receive, send))
+    except RuntimeError:
+        pass
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"])["error"]["request_id"] == "r-3"
+
+
+def test_a_proxy_that_returns_without_answering_gets_our_json_502():
+    async def silent(scope, receive, send):
+        return None
+
+    _, sent = run(silent, [(b"x-request-id", b"r-4")])
+    assert sent[0]["status"] == 502
+    error = json.loads(sent[1]["body"])["error"]
+    assert (error["code"], error["request_id"]) == ("upstream_error", "r-4")
