@@ -72,6 +72,7 @@ class JobOutcome(Generic[ImageT]):
 
     images: list[ImageT] = field(default_factory=list)
     error: BaseException | None = None
+    started_at: float | None = None  # when the batch that ran it started (time.monotonic)
 
 
 def run_grouped(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from ray import serve
 from deployments.coalescing import BatchCoalescer
 from deployments.grouping import JobOutcome, PipelineCall, count_images, run_grouped
 from serve_app.config import BatchingConfig, ModelConfig
+from serve_app.metrics import LATENCY_BOUNDARIES_S, model_histogram
 from serve_app.work import CallShape, GeneratedImage, GenerationJob, JobResult
 
 logger = logging.getLogger("ray.serve")
@@ -61,26 +63,26 @@ class ImageModelDeployment:
             executor=self._pipeline_thread,
             size_of=lambda job: job.num_images,
             max_images=lambda: self._max_batch_images,
-            on_batch=self._batch_images_metric().observe,
+            on_batch=model_histogram(
+                "imagegen_pipeline_batch_images",
+                "Images in each batch the model's pipeline ran.",
+                self.model.id,
+                [1, 2, 4, 8, 16, 32, 64],
+            ).observe,
+        )
+        self._queue_wait = model_histogram(
+            "imagegen_queue_wait_seconds",
+            "From a job's arrival at the model replica to the start of the batch that runs it.",
+            self.model.id,
+            LATENCY_BOUNDARIES_S,
+        )
+        self._generation = model_histogram(
+            "imagegen_generation_seconds", "One pipeline call, encoding excluded.", self.model.id, LATENCY_BOUNDARIES_S
         )
         self._failed_fatally: str | None = None
         if self.model.warmup:
             self._warm_up()
         logger.info("model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device)
-
-    def _batch_images_metric(self) -> Any:
-        """Images per pipeline call batch, in Ray's metrics (dashboard / Prometheus): the
-        number that tells whether batches fill."""
-        from ray.serve.metrics import Histogram
-
-        histogram = Histogram(
-            "imagegen_pipeline_batch_images",
-            description="Images in each batch the model's pipeline ran.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64],
-            tag_keys=("model",),
-        )
-        histogram.set_default_tags({"model": self.model.id})
-        return histogram
 
     def _warm_up(self) -> None:
         """Run one cheap generation so a replica that cannot generate (out of memory, bad
@@ -100,11 +102,14 @@ class ImageModelDeployment:
         self._gather_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     async def generate(self, job: GenerationJob) -> JobResult:
+        arrived = time.monotonic()
         parts = job.split(self._max_batch_images)
         queued = await asyncio.gather(*(self._gather_batch(part) for part in parts))
         outcomes = await asyncio.gather(*queued)
         images: list[Any] = []
         for outcome in outcomes:
+            if outcome.started_at is not None:
+                self._queue_wait.observe(max(0.0, outcome.started_at - arrived))
             if outcome.error is not None:
                 raise outcome.error
             images.extend(outcome.images)
@@ -128,13 +133,18 @@ class ImageModelDeployment:
         return [self._coalescer.submit(job) for job in jobs]
 
     def _run_batch(self, jobs: list[GenerationJob]) -> list[JobOutcome]:
-        return run_grouped(jobs, self._run_call)
+        started = time.monotonic()
+        outcomes = run_grouped(jobs, self._run_call)
+        for outcome in outcomes:
+            outcome.started_at = started
+        return outcomes
 
     def _run_call(self, call: PipelineCall) -> list[Any]:
         from deployments.pipeline_runner import run_pipeline
 
+        started = time.monotonic()
         try:
-            return run_pipeline(
+            images = run_pipeline(
                 self._pipelines,
                 call.shape,
                 call.prompts,
@@ -144,6 +154,8 @@ class ImageModelDeployment:
                 images=call.images,
                 masks=call.masks,
             )
+            self._generation.observe(time.monotonic() - started)
+            return images
         except RuntimeError as exc:
             # A CUDA device error leaves the replica unusable; let the health check
             # replace it instead of failing every later request.

@@ -23,6 +23,7 @@ from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge, UnsupportedMediaType
 from serve_app.http_errors import REQUEST_ID_HEADER, error_response
+from serve_app.metrics import ServeMetrics
 from serve_app.openapi import install_openapi
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter, live_replica_owners, replica_owner
 from serve_app.serving import EditUpload, ImageGenerationService
@@ -119,11 +120,13 @@ class ImageGenerationIngress:
         context = serve.get_replica_context()
         owner = replica_owner(context.app_name, context.replica_id.deployment_id.name, context.replica_id.unique_id)
         self._accounts = build_accounts(self._config, owner=owner)
+        self._metrics = ServeMetrics()
         self._service = ImageGenerationService(
             config=self._config,
             router=ModelRouter(routes, replicas),
             accounts=self._accounts,
             store=self._store,
+            metrics=self._metrics,
         )
 
     def _start_background_work(self) -> None:
@@ -186,27 +189,39 @@ class ImageGenerationIngress:
 
     @api.post("/v1/images/generations")
     async def generate_images(self, request: Request) -> Response:
-        return await self._respond(request, self._read_json(request), self._service.generate)
+        return await self._respond(request, "generations", self._read_json(request), self._service.generate)
 
     @api.post("/v1/images/edits")
     async def edit_images(self, request: Request) -> Response:
-        return await self._respond(request, self._read_edit_form(request), self._service.edit)
+        return await self._respond(request, "edits", self._read_edit_form(request), self._service.edit)
 
-    async def _respond(self, request: Request, body: Awaitable[Any], serve: Callable[..., Awaitable[Any]]) -> Response:
+    async def _respond(
+        self, request: Request, endpoint: str, body: Awaitable[Any], serve: Callable[..., Awaitable[Any]]
+    ) -> Response:
         """Read the body, serve it, and answer: the served response, or the error on the wire."""
         request_id = request_id_of(request)
         self._start_background_work()
+        payload: Any = None
         try:
+            payload = await body
             served = await serve(
-                await body,
+                payload,
                 authorization=request.headers.get("authorization"),
                 request_id=request_id,
                 base_url=_loopback_base_url(request),
                 idempotency_key=request.headers.get("idempotency-key"),
             )
+            response: Response = JSONResponse(served.body.model_dump(exclude_none=True), headers=served.headers)
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
-            return error_for(exc, request)
-        return JSONResponse(served.body.model_dump(exclude_none=True), headers=served.headers)
+            response = error_for(exc, request)
+        self._metrics.answered(endpoint, self._model_tag(payload), response.status_code)
+        return response
+
+    def _model_tag(self, payload: Any) -> str:
+        """The request's model for a metric tag: a configured id, never a client's free text."""
+        fields = payload.fields if isinstance(payload, EditUpload) else payload
+        model = fields.get("model") if isinstance(fields, dict) else None
+        return model if isinstance(model, str) and self._config.model(model) is not None else "unknown"
 
     async def _read_body(self, request: Request) -> bytes:
         limit = self._config.max_body_bytes

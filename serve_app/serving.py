@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from serve_app.accounts import Settlement
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import IdempotencyConflict, InvalidRequest, ModelNotFound, UpstreamError
+from serve_app.metrics import NoMetrics, ServiceMetrics
 from serve_app.image_input import ImageInputPolicy, decode_image, image_from_field, mask_from_png
 from serve_app.planning import GenerationPlan, plan_generation
 from serve_app.protocol import (
@@ -114,12 +115,14 @@ class ImageGenerationService:
         accounts: AccountsPort,
         store: ImageStorePort | None = None,
         clock: Callable[[], float] = time.time,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self._config = config
         self._router = router
         self._accounts = accounts
         self._store = store
         self._clock = clock
+        self._metrics = metrics or NoMetrics()
 
     async def list_models(self, authorization: str | None) -> ModelList:
         """The models this key may use."""
@@ -289,6 +292,12 @@ class ImageGenerationService:
             # Runs on failure and on client disconnect too; settle() is shielded, so the
             # cancellation that a disconnect brings cannot stop the refund.
             settlement = await self._accounts.settle(reservation, len(delivered))
+            self._metrics.settled(model.id, settlement.delivered, settlement.charged_units, settlement.refunded_units)
+            logger.info(
+                "request %s settled: model=%s images=%d/%d charged_units=%d refunded_units=%d",
+                request_id, model.id, settlement.delivered, request.n, settlement.charged_units,
+                settlement.refunded_units,
+            )
         headers.update(settlement.credit_headers())
         body = ImagesResponse(
             created=int(self._clock()),
