@@ -153,7 +153,9 @@ class ImageGenerationService:
     ) -> ServedResponse:
         """``POST /v1/images/generations``: text-to-image, or image-to-image with ``image``."""
         key = await self._accounts.authenticate(authorization)
-        fingerprint = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+        def fingerprint() -> str:
+            return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
         async def run() -> ServedResponse:
             request = parse_generation_request(payload)
@@ -162,7 +164,8 @@ class ImageGenerationService:
                 plan = plan_generation(request, model)
             else:
                 # Decoding (and fetching a URL) and fitting the image are blocking: off the loop.
-                image = await asyncio.to_thread(image_from_field, request.image, param="image", policy=self._policy(model))
+                policy = self._policy(model)
+                image = await asyncio.to_thread(image_from_field, request.image, param="image", policy=policy)
                 plan = await asyncio.to_thread(plan_generation, request, model, image)
             return await self._serve(key, request, model, plan, request_id, base_url)
 
@@ -194,10 +197,14 @@ class ImageGenerationService:
             plan = await asyncio.to_thread(self._plan_edit, request, model, upload)
             return await self._serve(key, request, model, plan, request_id, base_url)
 
-        return await self._once(key, idempotency_key, upload.fingerprint(), run)
+        return await self._once(key, idempotency_key, upload.fingerprint, run)
 
     async def _once(
-        self, key: Any, idem_key: str | None, fingerprint: str, run: Callable[[], Awaitable[ServedResponse]]
+        self,
+        key: Any,
+        idem_key: str | None,
+        fingerprint: Callable[[], str],
+        run: Callable[[], Awaitable[ServedResponse]],
     ) -> ServedResponse:
         """Run the request, or with an ``Idempotency-Key`` return its first successful outcome:
         the same images and charge, nothing generated or charged again. A repeat while the
@@ -210,9 +217,10 @@ class ImageGenerationService:
                 "Invalid 'Idempotency-Key': 1 to 255 printable ASCII characters.", param="Idempotency-Key"
             )
         stale_after_s = self._config.stale_reservation_after_s
+        digest = fingerprint()  # what the request asks, so a reuse for another request is caught
         deadline = time.monotonic() + max(m.timeout_s for m in self._config.models) + 30
         while True:
-            state, outcome = await self._accounts.claim_idempotency(key, idem_key, fingerprint, stale_after_s)
+            state, outcome = await self._accounts.claim_idempotency(key, idem_key, digest, stale_after_s)
             if state == "claimed":
                 break
             if state == "done":

@@ -4,11 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from pydantic import ValidationError
 
 from serve_app.app import INGRESS_DEPLOYMENT_NAME, build_app
-from serve_app.config import AppConfig, load_app_config
+from serve_app.config import load_app_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

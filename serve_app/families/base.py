@@ -75,7 +75,9 @@ class Family:
 
     # --- the pipeline side: torch and diffusers imported inside -----------------------------
 
-    def call_arguments(self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+    def call_arguments(
+        self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None
+    ) -> dict[str, Any]:
         """Family-specific keyword arguments of one pipeline call (prompts, guidance)."""
         raise NotImplementedError
 

@@ -37,10 +37,9 @@ DEV_SCHEDULER_CONFIG = {
 }
 
 TINY_T5_WORDS = (
-    "the", "a", "an", "of", "and", "in", "on", "at", "with", "to", "is", "by", "for", "from",
-    "photo", "painting", "picture", "image", "portrait", "style", "art", "light", "red", "blue",
-    "green", "white", "black", "cat", "dog", "man", "woman", "house", "tree", "sky", "sea",
-)
+    "the a an of and in on at with to is by for from photo painting picture image portrait style art light "
+    "red blue green white black cat dog man woman house tree sky sea"
+).split()
 
 
 def t5_vocab() -> list[tuple[str, float]]:
@@ -74,6 +73,7 @@ def build_t5_tokenizer():
     if len(tokenizer) != len(vocab) or tokenizer.get_vocab() != expected:
         raise RuntimeError("T5Tokenizer did not take the tiny vocabulary")
     return tokenizer
+
 
 # T5 prompt tokens: schnell was trained with at most 256, dev with 512.
 MAX_SEQUENCE_LENGTH_SCHNELL = 256
@@ -114,7 +114,9 @@ class Flux(Family):
                 param="guidance",
             )
 
-    def call_arguments(self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+    def call_arguments(
+        self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None
+    ) -> dict[str, Any]:
         # No negative prompt and no true CFG (true_cfg_scale keeps its default of 1).
         # shape.guidance > 0 exactly for weights with a guidance input (checked at load).
         if negative_prompts is not None:

@@ -36,18 +36,26 @@ class QwenImage(Family):
     class_name_prefix = "QwenImage"
     tiny_model = "tiny-qwen-image"
 
-    def call_arguments(self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+    def call_arguments(
+        self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None
+    ) -> dict[str, Any]:
         # True CFG runs only when guidance > 1 *and* a negative prompt is given; below that the
         # pipeline ignores (and warns about) a negative prompt, so none is passed.
         negative = None
         if shape.guidance > 1:
-            negative = list(negative_prompts) if negative_prompts is not None else [BLANK_NEGATIVE_PROMPT] * len(prompts)
+            negative = (
+                list(negative_prompts) if negative_prompts is not None else [BLANK_NEGATIVE_PROMPT] * len(prompts)
+            )
         return {"prompt": list(prompts), "true_cfg_scale": shape.guidance, "negative_prompt": negative}
 
     def after_load(self, pipe: Any, model: Any) -> None:
         start_idx = prompt_template_prefix_length(pipe.tokenizer, pipe.prompt_template_encode)
         if start_idx != pipe.prompt_template_encode_start_idx:
-            logger.info("prompt_template_encode_start_idx %d -> %d for this tokenizer", pipe.prompt_template_encode_start_idx, start_idx)
+            logger.info(
+                "prompt_template_encode_start_idx %d -> %d for this tokenizer",
+                pipe.prompt_template_encode_start_idx,
+                start_idx,
+            )
         pipe.prompt_template_encode_start_idx = start_idx
 
     def build_tiny(self, work: Path) -> None:

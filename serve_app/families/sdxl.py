@@ -27,7 +27,9 @@ class SDXL(Family):
         # SDXL's get_timesteps truncates steps * strength before subtracting.
         return min(int(steps * strength), steps)
 
-    def call_arguments(self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+    def call_arguments(
+        self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None
+    ) -> dict[str, Any]:
         return {
             "prompt": list(prompts),
             "guidance_scale": shape.guidance,
