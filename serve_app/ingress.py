@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from ray import serve
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.accounts import build_accounts
@@ -211,7 +212,10 @@ class ImageGenerationIngress:
                 base_url=_loopback_base_url(request),
                 idempotency_key=request.headers.get("idempotency-key"),
             )
-            response: Response = JSONResponse(served.body.model_dump(exclude_none=True), headers=served.headers)
+            settle = None if served.after_sent is None else BackgroundTask(served.after_sent)
+            response: Response = JSONResponse(
+                served.body.model_dump(exclude_none=True), headers=served.headers, background=settle
+            )
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             response = error_for(exc, request)
         self._metrics.answered(endpoint, self._model_tag(payload), response.status_code)

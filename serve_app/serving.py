@@ -3,13 +3,15 @@
 Order matters and is the contract with billing: authenticate, validate, authorize, rate
 limit, reserve credits, generate, deliver, then settle exactly what was delivered. The
 settlement runs even when the client disconnects or generation fails, so a reservation
-is never left hanging and nothing undelivered is charged.
+is never left hanging and nothing undelivered is charged: the charge is settled once the
+response has been handed over.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -72,6 +74,8 @@ class ImageStorePort(Protocol):
 class ServedResponse:
     body: Any
     headers: dict[str, str] = field(default_factory=dict)
+    # Run once the response is handed to the client: settles the charge.
+    after_sent: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass(frozen=True)
@@ -293,20 +297,18 @@ class ImageGenerationService:
 
         headers = dict(await self._accounts.admit(key, request.n))
         reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
-        delivered: list[ImageData] = []
         try:
             delivered = await self._generate_and_deliver(plan, model, request_id, base_url)
-        finally:
-            # Runs on failure and on client disconnect too; settle() is shielded, so the
+        except BaseException:
+            # Failure or client disconnect: refund it all. settle() is shielded, so the
             # cancellation that a disconnect brings cannot stop the refund.
-            settlement = await self._accounts.settle(reservation, len(delivered))
-            self._metrics.settled(model.id, settlement.delivered, settlement.charged_units, settlement.refunded_units)
-            logger.info(
-                "request %s settled: model=%s images=%d/%d charged_units=%d refunded_units=%d",
-                request_id, model.id, settlement.delivered, request.n, settlement.charged_units,
-                settlement.refunded_units,
-            )
-        headers.update(settlement.credit_headers())
+            await self._settle(reservation, 0, request_id)
+            raise
+        # The charge is settled once the response has been handed over (``after_sent``), not
+        # before: a replica that dies in between leaves the reservation to be refunded (it
+        # cannot know the images arrived), never a charge for images that did not. The
+        # headers say what that settlement will be.
+        headers.update(reservation.settlement_if(len(delivered)).credit_headers())
         body = ImagesResponse(
             created=int(self._clock()),
             data=delivered,
@@ -315,7 +317,22 @@ class ImageGenerationService:
             quality=plan.quality_label,
             background="opaque" if request.background is not None else None,
         )
-        return ServedResponse(body=body, headers=headers)
+        return ServedResponse(
+            body=body, headers=headers, after_sent=functools.partial(self._settle, reservation, len(delivered), request_id)
+        )
+
+    async def _settle(self, reservation: Any, delivered: int, request_id: str) -> None:
+        settlement = await self._accounts.settle(reservation, delivered)
+        self._metrics.settled(reservation.model, settlement.delivered, settlement.charged_units, settlement.refunded_units)
+        logger.info(
+            "request %s settled: model=%s images=%d/%d charged_units=%d refunded_units=%d",
+            request_id,
+            reservation.model,
+            settlement.delivered,
+            reservation.images,
+            settlement.charged_units,
+            settlement.refunded_units,
+        )
 
     async def _generate_and_deliver(
         self, plan: GenerationPlan, model: ModelConfig, request_id: str, base_url: str | None

@@ -92,7 +92,15 @@ def service(accounts, router, store=None):
 
 async def generate(svc, key, **fields):
     body = {"model": "m", "prompt": "apple", **fields}
-    return await svc.generate(body, authorization=f"Bearer {key}", request_id="req_test_1", base_url="http://h")
+    served = await svc.generate(body, authorization=f"Bearer {key}", request_id="req_test_1", base_url="http://h")
+    return await handed_over(served)
+
+
+async def handed_over(served):
+    """As the ingress does: the response goes out, then its charge is settled."""
+    if served.after_sent is not None:
+        await served.after_sent()
+    return served
 
 
 async def balance(accounts, key):
@@ -250,7 +258,9 @@ def test_edits_with_a_mask_become_inpainting_jobs_and_too_many_images_cost_nothi
     svc = service(accounts, router)
 
     async def edit(upload):
-        return await svc.edit(upload, authorization=f"Bearer {key}", request_id="req_e", base_url="http://h")
+        return await handed_over(
+            await svc.edit(upload, authorization=f"Bearer {key}", request_id="req_e", base_url="http://h")
+        )
 
     served = asyncio.run(edit(EditUpload({"model": "m", "prompt": "x", "n": "2"}, [_png()], buffer.getvalue())))
     job = router.calls[0][0]
@@ -288,8 +298,8 @@ def test_an_idempotent_retry_returns_the_first_outcome_across_replicas(tmp_path)
 
     async def attempt(accounts, body):
         svc = ImageGenerationService(CONFIG, router, accounts)
-        return await svc.generate(
-            body, authorization=f"Bearer {key}", request_id="r", base_url=None, idempotency_key="retry-1"
+        return await handed_over(
+            await svc.generate(body, authorization=f"Bearer {key}", request_id="r", base_url=None, idempotency_key="retry-1")
         )
 
     async def main():
@@ -315,8 +325,9 @@ def test_a_failed_attempt_is_forgotten_so_its_retry_runs(accounts):
 
     async def attempt(router):
         svc = ImageGenerationService(CONFIG, router, accounts)
-        return await svc.generate({"model": "m", "prompt": "x"}, authorization=f"Bearer {key}", request_id="r",
-                                  base_url=None, idempotency_key="k-2")
+        served = await svc.generate({"model": "m", "prompt": "x"}, authorization=f"Bearer {key}", request_id="r",
+                                    base_url=None, idempotency_key="k-2")
+        return await handed_over(served)
 
     with pytest.raises(UpstreamError):
         asyncio.run(attempt(FakeRouter(fail_job=0)))
@@ -345,3 +356,18 @@ def test_reservations_of_a_dead_ingress_replica_are_refunded_by_a_live_one(tmp_p
         live.store.settle(reservation.id, 1)
     assert live.store.inconsistencies() == []
     live.close()
+
+
+def test_a_response_never_handed_over_is_never_charged(accounts):
+    """The ingress dies between generating and handing the response over: the reservation
+    stays open (to be refunded as its replica's), never charged."""
+    key = make_key(accounts, 10)
+    svc = service(accounts, FakeRouter())
+    served = asyncio.run(svc.generate({"model": "m", "prompt": "x"}, authorization=f"Bearer {key}",
+                                      request_id="r", base_url=None))
+    assert served.headers["x-credits-charged"] == "1.5" and served.headers["x-credits-remaining"] == "8.5"
+    record = accounts.store.key_by_name("k")
+    assert accounts.store.usage(record.id).reserved_units == int(1.5 * CREDIT_UNITS)  # held, not charged
+    assert len(accounts.store.release_stale(-1)) == 1  # what the dead replica's sweep does
+    assert asyncio.run(balance(accounts, key)) == 10
+    assert accounts.store.inconsistencies() == []

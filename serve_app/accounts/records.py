@@ -50,10 +50,18 @@ class Reservation:
     images: int
     price_units: int
     created: float
+    balance_units: int = 0  # the key's balance right after the hold
 
     @property
     def amount_units(self) -> int:
         return self.images * self.price_units
+
+    def settlement_if(self, delivered: int) -> Settlement:
+        """What settling ``delivered`` images will do, as seen from this request: the
+        balance other requests of the key change meanwhile is theirs."""
+        delivered = max(0, min(delivered, self.images))
+        refund = (self.images - delivered) * self.price_units
+        return Settlement(self.id, delivered, delivered * self.price_units, refund, self.balance_units + refund)
 
 
 @dataclass(frozen=True)

@@ -274,7 +274,8 @@ class SQLiteAccountStore:
                 (key_id, request_id, model, images, price_units, now, owner),
             ).lastrowid
             self._ledger_row(conn, now, request_id, key_id, model, "reserve", images, -amount, reservation_id)
-        return Reservation(reservation_id, key_id, request_id, model, images, price_units, now)
+            balance = conn.execute("SELECT balance_units FROM keys WHERE id = ?", (key_id,)).fetchone()[0]
+        return Reservation(reservation_id, key_id, request_id, model, images, price_units, now, balance)
 
     @staticmethod
     def _refuse(row: tuple | None, images: int, model: str, amount: int) -> NoReturn:
