@@ -248,7 +248,8 @@ def test_edit_refusals_name_their_field_and_cost_nothing(served):
     not_multipart = httpx.post(
         f"{served.base_url}/v1/images/edits", json={"model": "tiny-sdxl"}, headers={"authorization": f"Bearer {key}"}
     )
-    assert not_multipart.status_code == 400
+    assert not_multipart.status_code == 415
+    assert not_multipart.json()["error"]["code"] == "unsupported_media_type"
     assert _balance(served, key) == 50
 
 
