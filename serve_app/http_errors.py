@@ -13,6 +13,9 @@ from serve_app.protocol import ErrorBody, ErrorResponse
 logger = logging.getLogger("ray.serve")
 
 REQUEST_ID_HEADER = "x-request-id"
+# A client's request id is used only if it is a short plain token: it goes into logs, the
+# ledger and storage names (serve_app.ingress; serve_app.proxy_guard in Serve's proxy).
+SAFE_REQUEST_ID = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"
 
 
 def error_response(exc: BaseException, request_id: str) -> JSONResponse:

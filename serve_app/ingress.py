@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge, UnsupportedMediaType
-from serve_app.http_errors import REQUEST_ID_HEADER, error_response
+from serve_app.http_errors import REQUEST_ID_HEADER, SAFE_REQUEST_ID, error_response
 from serve_app.metrics import ServeMetrics
 from serve_app.openapi import install_openapi
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter, live_replica_owners, replica_owner
@@ -32,7 +32,7 @@ from serve_app.storage import LocalImageStore, build_image_store
 
 logger = logging.getLogger("ray.serve")
 
-SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+SAFE_REQUEST_ID_RE = re.compile(SAFE_REQUEST_ID)
 # Bounds of an edits form: OpenAI's image[] takes up to 16 files, plus the mask.
 EDIT_MAX_FILES = 17
 EDIT_MAX_FIELDS = 64
@@ -51,7 +51,7 @@ def _new_request_id(request: Request) -> str:
     # id also goes into logs, the ledger and storage names: one that is not a short plain
     # token (8 KB, control characters, undecodable bytes) is replaced by our own.
     offered = request.headers.get(REQUEST_ID_HEADER) or ""
-    request_id = offered if SAFE_REQUEST_ID.fullmatch(offered) else f"req_{uuid.uuid4().hex}"
+    request_id = offered if SAFE_REQUEST_ID_RE.fullmatch(offered) else f"req_{uuid.uuid4().hex}"
     request.state.request_id = request_id
     return request_id
 

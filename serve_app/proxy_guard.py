@@ -27,6 +27,8 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from serve_app.http_errors import SAFE_REQUEST_ID as SAFE_REQUEST_ID_PATTERN
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -35,8 +37,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROXY_CALLBACK = "serve_app.proxy_guard:proxy_middlewares"
 REQUEST_ID_HEADER = b"x-request-id"
-# The same rule as the ingress's: short, plain, safe in logs, ledger rows and file names.
-SAFE_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+# The ingress's rule (serve_app.http_errors), on the raw header bytes.
+SAFE_REQUEST_ID = re.compile(SAFE_REQUEST_ID_PATTERN.encode())
 
 
 class ProxyGuard:
