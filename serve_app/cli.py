@@ -288,14 +288,14 @@ def cmd_usage(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def cmd_release_stale(ctx: Context, args: argparse.Namespace) -> None:
-    from serve_app.config import ModelConfig
+    from serve_app.config import ModelConfig, default_stale_after_s
 
     config = ctx.app_config
     # A request can deliver (and be charged) until its model's deadline: refunding a younger
     # reservation would give away the images it is about to deliver.
     longest = max(m.timeout_s for m in config.models) if config else ModelConfig.model_fields["timeout_s"].default
     older_than = args.older_than if args.older_than is not None else (
-        config.stale_reservation_after_s if config else 2 * longest + 300
+        config.stale_reservation_after_s if config else default_stale_after_s(longest)
     )
     if older_than <= longest:
         raise CLIError(

@@ -274,7 +274,7 @@ class AppConfig(StrictModel):
         that is still running (its images are due within its model's ``timeout_s``; delivery
         and settlement follow at once)."""
         configured = self.accounts.release_stale_after_s
-        return configured if configured is not None else 2 * max(m.timeout_s for m in self.models) + 300
+        return configured if configured is not None else default_stale_after_s(max(m.timeout_s for m in self.models))
 
     @model_validator(mode="after")
     def _stale_after_outlasts_requests(self) -> AppConfig:
@@ -282,6 +282,12 @@ class AppConfig(StrictModel):
         if self.stale_reservation_after_s <= longest:
             raise ValueError(f"accounts.release_stale_after_s must exceed the longest model timeout_s ({longest:g})")
         return self
+
+
+def default_stale_after_s(longest_timeout_s: float) -> float:
+    """``accounts.release_stale_after_s`` unless set: twice the longest model deadline plus
+    5 minutes, well past any request that may still deliver."""
+    return 2 * longest_timeout_s + 300
 
 
 def _read_serve_config(path: str | Path) -> dict[str, Any]:

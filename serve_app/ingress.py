@@ -119,8 +119,10 @@ class ImageGenerationIngress:
         self._store = build_image_store(self._config.storage)
         # Reservations name the replica that holds them: if it dies, the others refund them.
         context = serve.get_replica_context()
-        owner = replica_owner(context.app_name, context.replica_id.deployment_id.name, context.replica_id.unique_id)
+        app_name, deployment_name = context.app_name, context.replica_id.deployment_id.name
+        owner = replica_owner(app_name, deployment_name, context.replica_id.unique_id)
         self._accounts = build_accounts(self._config, owner=owner)
+        self._live_owners = functools.partial(live_replica_owners, app_name, deployment_name)
         self._metrics = ServeMetrics()
         self._service = ImageGenerationService(
             config=self._config,
@@ -138,9 +140,7 @@ class ImageGenerationIngress:
         self._accounts.start_stale_sweeper(
             self._config.stale_reservation_after_s, accounts.release_stale_every_s, accounts.idempotency_window_s
         )
-        context = serve.get_replica_context()
-        live = functools.partial(live_replica_owners, context.app_name, context.replica_id.deployment_id.name)
-        self._accounts.start_orphan_sweeper(live, accounts.orphan_check_every_s)
+        self._accounts.start_orphan_sweeper(self._live_owners, accounts.orphan_check_every_s)
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:

@@ -27,7 +27,9 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from serve_app.errors import InternalError, UpstreamError
 from serve_app.http_errors import SAFE_REQUEST_ID as SAFE_REQUEST_ID_PATTERN
+from serve_app.http_errors import error_response
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -102,9 +104,6 @@ class _ErrorShaper:
         await self._send(message)
 
     async def send_json_error(self, status: int, headers: list[tuple[bytes, bytes]] | None = None) -> None:
-        from serve_app.errors import InternalError, UpstreamError
-        from serve_app.http_errors import error_response
-
         self.started = True
         request_id = _header(self._scope.get("headers", []), REQUEST_ID_HEADER)
         error = (

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 from serve_app.accounts import Settlement
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import IdempotencyConflict, InvalidRequest, ModelNotFound, UpstreamError
-from serve_app.metrics import NoMetrics, ServiceMetrics
 from serve_app.image_input import ImageInputPolicy, decode_image, image_from_field, mask_from_png
+from serve_app.metrics import NoMetrics, ServiceMetrics
 from serve_app.planning import GenerationPlan, plan_generation
 from serve_app.protocol import (
     ImageData,

@@ -10,7 +10,7 @@ diffusers inside the methods that need them, so importing a family module stays 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -93,6 +93,3 @@ class Family:
         import diffusers
 
         return getattr(diffusers, self.pipeline_classes[mode])
-
-
-FamilyBuilder = Callable[[Path], None]
