@@ -2,9 +2,10 @@
 
 A deployment with no running replica (still loading, or asking for a GPU the cluster does
 not have) would make a handle call wait forever, so the router consults the Serve
-controller's replica states first and answers 503 at once instead. The states are cached
-and refreshed in the background while replicas are known to be up, so the hot path does
-not pay for them.
+controller's replica states first and answers 503 at once instead, and keeps consulting
+them while a request waits: if the last replica goes away under it (a node lost), the
+request ends in a 503 too. The states are cached and refreshed in the background while
+replicas are known to be up, so the hot path does not pay for them.
 """
 
 from __future__ import annotations
@@ -111,35 +112,59 @@ def _state_name(state: Any) -> str:
 
 
 class ModelRouter:
-    def __init__(self, routes: Mapping[str, ModelRoute], replicas: ReplicaCounter) -> None:
+    def __init__(
+        self, routes: Mapping[str, ModelRoute], replicas: ReplicaCounter, watch_every_s: float = STATUS_MAX_AGE_S
+    ) -> None:
         self._routes = dict(routes)
         self._replicas = replicas
+        self._watch_every_s = watch_every_s
 
     async def generate(self, model_id: str, jobs: list[GenerationJob]) -> list[JobResult]:
         """Run every job of one request; all succeed or the request fails."""
         route = self._routes[model_id]
         await self._ensure_available(route)
         responses = [route.handle.generate.remote(job) for job in jobs]
+        results = asyncio.ensure_future(asyncio.gather(*responses))
+        watch = asyncio.create_task(self._until_unavailable(route))
         finished = False
         try:
-            results = list(await asyncio.wait_for(asyncio.gather(*responses), timeout=route.timeout_s))
+            done, _ = await asyncio.wait({results, watch}, timeout=route.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise GenerationTimeout(
+                    f"Generation with model '{model_id}' did not finish within {route.timeout_s:g} s."
+                )
+            if watch in done:
+                watch.result()  # raises ModelUnavailable
+            output = list(results.result())
             finished = True
-            return results
-        except asyncio.TimeoutError:
-            raise GenerationTimeout(
-                f"Generation with model '{model_id}' did not finish within {route.timeout_s:g} s."
-            ) from None
+            return output
         except APIError:
             raise
         except Exception as exc:
             logger.warning("model %s failed a request: %s", model_id, _short(exc))
             raise UpstreamError(f"The model '{model_id}' failed to generate the image.") from exc
         finally:
+            watch.cancel()
             # Timeout, failure or client disconnect: free the replicas from the other jobs.
             # Not after success: every response is done, and each cancel is a wasted Ray call.
             if not finished:
+                results.cancel()
+                # Its outcome is of no interest now; retrieving it keeps asyncio from
+                # logging "exception was never retrieved".
+                results.add_done_callback(lambda future: future.cancelled() or future.exception())
                 for response in responses:
                     response.cancel()
+
+    async def _until_unavailable(self, route: ModelRoute) -> None:
+        """Raise ModelUnavailable once the deployment has no running replica left.
+
+        A job sent to a deployment whose last replica died (its node went away) waits in the
+        handle for a replica that may never come, until the request's deadline: better a
+        503 with Retry-After within a couple of seconds, which the SDKs retry.
+        """
+        while True:
+            await asyncio.sleep(self._watch_every_s)
+            await self._ensure_available(route)
 
     async def _ensure_available(self, route: ModelRoute) -> None:
         if route.scales_from_zero:

@@ -25,6 +25,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pytest_collection_modifyitems(items):
+    """Tests with a Ray cluster of their own run first, before the shared instance starts:
+    one Ray cluster at a time on a 2-core machine."""
+    items.sort(key=lambda item: item.get_closest_marker("multinode") is None)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """The one Ray instance of the test session (never `ray stop`: we stop what we started)."""
