@@ -29,8 +29,39 @@ class PipelineCall:
     owners: list[tuple[int, int]] = field(default_factory=list)
 
 
-def group_jobs(jobs: Sequence[GenerationJob]) -> list[PipelineCall]:
-    """One call per distinct shape, in order of first appearance."""
+def group_jobs(
+    jobs: Sequence[GenerationJob], max_call_images: Callable[[CallShape], int] | None = None
+) -> list[PipelineCall]:
+    """One call per distinct shape, in order of first appearance; a call of more images than
+    ``max_call_images(shape)`` (a per-size memory limit) is split into calls of at most that."""
+    calls = _group_by_shape(jobs)
+    if max_call_images is None:
+        return calls
+    return [part for call in calls for part in _split_call(call, max(1, max_call_images(call.shape)))]
+
+
+def _split_call(call: PipelineCall, limit: int) -> list[PipelineCall]:
+    if len(call.prompts) <= limit:
+        return [call]
+
+    def part(values: list | None, start: int) -> list | None:
+        return None if values is None else values[start : start + limit]
+
+    return [
+        PipelineCall(
+            shape=call.shape,
+            prompts=call.prompts[start : start + limit],
+            negative_prompts=part(call.negative_prompts, start),
+            seeds=call.seeds[start : start + limit],
+            images=part(call.images, start),
+            masks=part(call.masks, start),
+            owners=call.owners[start : start + limit],
+        )
+        for start in range(0, len(call.prompts), limit)
+    ]
+
+
+def _group_by_shape(jobs: Sequence[GenerationJob]) -> list[PipelineCall]:
     calls: dict[CallShape, PipelineCall] = {}
     for job_index, job in enumerate(jobs):
         call = calls.get(job.shape)
@@ -78,15 +109,16 @@ class JobOutcome(Generic[ImageT]):
 def run_grouped(
     jobs: Sequence[GenerationJob],
     run_call: Callable[[PipelineCall], Sequence[ImageT]],
+    max_call_images: Callable[[CallShape], int] | None = None,
 ) -> list[JobOutcome[ImageT]]:
     """Run each call once and hand every job its own images.
 
     A failing call fails only the jobs in it; other shapes in the same batch still
-    complete.
+    complete. ``max_call_images`` caps the images of one call per shape (``group_jobs``).
     """
     slots: list[list[ImageT | None]] = [[None] * job.num_images for job in jobs]
     outcomes: list[JobOutcome[ImageT]] = [JobOutcome() for _ in jobs]
-    for call in group_jobs(jobs):
+    for call in group_jobs(jobs, max_call_images):
         try:
             images = run_call(call)
             if len(images) != len(call.prompts):

@@ -58,6 +58,7 @@ class ImageModelDeployment:
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self._max_batch_images = self.model.batching.max_batch_images
+        self._batching = self.model.batching
         self._coalescer: BatchCoalescer[GenerationJob, JobOutcome] = BatchCoalescer(
             run_batch=self._run_batch,
             executor=self._pipeline_thread,
@@ -82,22 +83,27 @@ class ImageModelDeployment:
         self._failed_fatally: str | None = None
         if self.model.warmup:
             self._warm_up()
-        logger.info("model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device)
+        logger.info(
+            "model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device
+        )
 
     def _warm_up(self) -> None:
-        """Run one cheap generation so a replica that cannot generate (out of memory, bad
-        weights) fails its start instead of its first request, and kernels are loaded."""
+        """Generate before traffic so a replica that cannot (out of memory, bad weights) fails
+        its start instead of its first request, kernels are loaded, and a compiled denoiser
+        is compiled for every configured size (deployments/optimisations.py)."""
+        from deployments.optimisations import warm_up
         from deployments.pipeline_runner import run_pipeline
 
-        width, height = (int(side) for side in self.model.defaults.size.split("x"))
-        steps = self.model.min_steps
-        shape = CallShape(width=width, height=height, steps=steps, guidance=0.0, with_negative_prompt=False)
-        run_pipeline(self._pipelines, shape, ["warm-up"], None, [0], self.model.device)
+        def run(shape: CallShape, prompts: list[str], seeds: list[int]) -> None:
+            run_pipeline(self._pipelines, shape, prompts, None, seeds, self.model.device)
+
+        warm_up(self._pipelines, self.model, run)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batch limits are changeable at runtime (``user_config`` in serve_config.yaml)."""
         batching = BatchingConfig.model_validate(user_config or {})
         self._max_batch_images = batching.max_batch_images
+        self._batching = batching
         self._gather_batch.set_max_batch_size(batching.max_batch_images)
         self._gather_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
@@ -134,10 +140,13 @@ class ImageModelDeployment:
 
     def _run_batch(self, jobs: list[GenerationJob]) -> list[JobOutcome]:
         started = time.monotonic()
-        outcomes = run_grouped(jobs, self._run_call)
+        outcomes = run_grouped(jobs, self._run_call, max_call_images=self._images_per_call)
         for outcome in outcomes:
             outcome.started_at = started
         return outcomes
+
+    def _images_per_call(self, shape: CallShape) -> int:
+        return self._batching.images_per_call(shape.width, shape.height)
 
     def _run_call(self, call: PipelineCall) -> list[Any]:
         from deployments.pipeline_runner import run_pipeline

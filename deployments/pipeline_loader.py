@@ -30,6 +30,8 @@ class PipelineSet:
 
     family: Family
     pipelines: dict[Mode, Any]
+    # What deployments.optimisations applied (None: loaded without a served model's config).
+    optimisations: Any = None
 
     def __getitem__(self, mode: Mode) -> Any:
         return self.pipelines[mode]
@@ -110,8 +112,17 @@ def load_pipelines(
         raise PipelineLoadError(f"cannot load {family} weights {weights!r}: {exc}") from exc
     if type(pipe) is not pipeline_class:
         raise ValueError(f"weights {weights!r} hold a {type(pipe).__name__}, not a {pipeline_class.__name__}")
-    pipe = pipe.to(device)
+    pipelines = assemble_pipelines(rules, pipe.to(device), model)
+    if model is not None:
+        from deployments.optimisations import apply_optimisations
 
+        pipelines.optimisations = apply_optimisations(pipelines, model.optimisations, dtype)
+    return pipelines
+
+
+def assemble_pipelines(rules: Family, pipe: Any, model: Any = None) -> PipelineSet:
+    """The family's pipeline for each mode around a loaded text-to-image ``pipe``, with the
+    family's fixes applied and progress bars and prompt-echoing warnings off."""
     pipelines = {Mode.TEXT_TO_IMAGE: pipe}
     for mode in rules.pipeline_classes:
         if mode is not Mode.TEXT_TO_IMAGE:

@@ -63,6 +63,99 @@ class BatchingConfig(StrictModel):
 
     max_batch_images: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
+    max_images_by_size: dict[str, int] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="a lower image limit for one pipeline call at a size (``1328x1328: 2``), chosen from the "
+        "peak memory bench/gpu_pipeline.py measures per batch size; other sizes use max_batch_images",
+    )
+
+    @field_validator("max_images_by_size")
+    @classmethod
+    def _sizes_and_limits(cls, limits: dict[str, int]) -> dict[str, int]:
+        for size, limit in limits.items():
+            if not SIZE_PATTERN.fullmatch(size):
+                raise ValueError(f"max_images_by_size: size must look like 1024x1024, got {size!r}")
+            if limit < 1:
+                raise ValueError(f"max_images_by_size: {size} limit must be at least 1, got {limit}")
+        return limits
+
+    def images_per_call(self, width: int, height: int) -> int:
+        """The most images one pipeline call at ``width`` x ``height`` may hold."""
+        return min(self.max_batch_images, self.max_images_by_size.get(f"{width}x{height}", self.max_batch_images))
+
+
+# torch.compile modes that capture CUDA graphs (static shapes, replayed without kernel launches).
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
+
+class CompileOptions(StrictModel):
+    """torch.compile of the denoiser (UNet / transformer), done at replica start.
+
+    Shapes are static (``dynamic=False``): each size x images-per-call bucket is compiled
+    during warm-up, and a call of any other shape runs the uncompiled denoiser (same images,
+    slower) instead of recompiling in the request path.
+    """
+
+    mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = Field(
+        "max-autotune-no-cudagraphs",
+        description="reduce-overhead / max-autotune also capture CUDA graphs (CUDA only)",
+    )
+    backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        "inductor",
+        description="torch.compile backend: inductor generates kernels; aot_eager / eager only trace (to "
+        "tell a tracing problem from a code-generation one, and cheap where there is no compiler)",
+    )
+    sizes: list[str] = Field(
+        default_factory=list, max_length=16, description="sizes compiled at start; default: defaults.size"
+    )
+    batch_sizes: list[int] = Field(
+        default_factory=list,
+        max_length=16,
+        description="images per call compiled at start; default: powers of two up to the size's batch limit",
+    )
+
+    @field_validator("sizes")
+    @classmethod
+    def _size_shape(cls, sizes: list[str]) -> list[str]:
+        for size in sizes:
+            if not SIZE_PATTERN.fullmatch(size):
+                raise ValueError(f"compile.sizes: size must look like 1024x1024, got {size!r}")
+        return sizes
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, counts: list[int]) -> list[int]:
+        if any(count < 1 for count in counts):
+            raise ValueError("compile.batch_sizes must be at least 1")
+        return counts
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.mode in CUDA_GRAPH_COMPILE_MODES
+
+
+class Optimisations(StrictModel):
+    """Speed-ups applied once when a replica loads its pipelines (deployments/optimisations.py).
+
+    Each one is off by default (the embedded CPU config); serve_config.gpu.yaml turns on the
+    ones that pay on a GPU. None changes what an image looks like beyond float rounding.
+    """
+
+    attention: Literal["default", "math", "sdpa", "flash"] = Field(
+        "default",
+        description="default: as loaded (diffusers picks SDPA); math: plain matmul-softmax; sdpa: "
+        "torch's scaled_dot_product_attention; flash: SDPA restricted to its flash kernel (CUDA only)",
+    )
+    channels_last: bool = Field(False, description="UNet and VAE weights and activations in NHWC layout")
+    compile: CompileOptions | None = Field(None, description="torch.compile the denoiser; absent: eager")
+    fp16_vae: str | None = Field(
+        None,
+        min_length=1,
+        max_length=512,
+        description="hub id or local folder of an fp16-safe VAE (madebyollin/sdxl-vae-fp16-fix) loaded in "
+        "place of the pipeline's, so float16 decoding needs no float32 upcast",
+    )
 
 
 class QualitySteps(StrictModel):
@@ -103,6 +196,7 @@ class ModelConfig(StrictModel):
     price_per_image: Decimal = Field(Decimal(1), ge=0, decimal_places=6)
     timeout_s: float = Field(300.0, gt=0, description="deadline for one request's images")
     warmup: bool = Field(True, description="one generation of the fewest steps at the default size before traffic")
+    optimisations: Optimisations = Field(default_factory=Optimisations)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @field_validator("family")
@@ -138,7 +232,46 @@ class ModelConfig(StrictModel):
         self.rules.check_model(self)
         if self.batching.max_batch_images > self.deployment.max_ongoing_requests * self.limits.max_n:
             raise ValueError("batching.max_batch_images can never fill: raise deployment.max_ongoing_requests")
+        self._check_optimisations()
         return self
+
+    def _check_optimisations(self) -> None:
+        options = self.optimisations
+        on_cuda = self.device.startswith("cuda")
+        if options.attention == "flash" and not on_cuda:
+            raise ValueError(f"optimisations.attention flash needs a CUDA device, not {self.device!r}")
+        if options.compile is not None:
+            if not self.warmup:
+                raise ValueError("optimisations.compile compiles during warm-up: it needs warmup: true")
+            if options.compile.cuda_graphs and options.compile.backend != "inductor":
+                raise ValueError(f"optimisations.compile.mode {options.compile.mode} needs backend inductor")
+            if options.compile.cuda_graphs and not on_cuda:
+                raise ValueError(
+                    f"optimisations.compile.mode {options.compile.mode} captures CUDA graphs: it needs a CUDA "
+                    f"device, not {self.device!r}"
+                )
+            for size in options.compile.sizes:
+                self.check_size(size, "optimisations.compile.sizes")
+        if options.fp16_vae is not None:
+            if not self.rules.vae_upcast_in_float16:
+                raise ValueError(f"optimisations.fp16_vae: a {self.family} VAE is not upcast in float16")
+            if self.dtype != "float16":
+                raise ValueError("optimisations.fp16_vae only matters with dtype float16")
+        for size in self.batching.max_images_by_size:
+            self.check_size(size, "batching.max_images_by_size")
+
+    def check_size(self, size: str, name: str) -> None:
+        """Raise ValueError unless ``size`` is one this model can be asked for."""
+        width, height = (int(v) for v in size.split("x"))
+        multiple, limits = self.rules.size_multiple, self.limits
+        if width % multiple or height % multiple:
+            raise ValueError(f"{name}: {size} must be a multiple of {multiple}")
+        if (
+            width * height > limits.max_pixels
+            or min(width, height) < limits.min_side
+            or max(width, height) > limits.max_side
+        ):
+            raise ValueError(f"{name}: {size} is outside limits")
 
     @property
     def min_steps(self) -> int:
@@ -318,10 +451,12 @@ __all__ = [
     "AccountsConfig",
     "AppConfig",
     "BatchingConfig",
+    "CompileOptions",
     "DeploymentOptions",
     "ImageInputConfig",
     "LocalStorageConfig",
     "ModelConfig",
+    "Optimisations",
     "S3StorageConfig",
     "StorageConfig",
     "load_app_config",

@@ -47,6 +47,9 @@ class Family:
     class_name_prefix: ClassVar[str]
     # The built-in tiny model (``builtin:<name>``) and its builder.
     tiny_model: ClassVar[str]
+    # Whether the pipeline decodes with the VAE upcast to float32 when run in float16 (SDXL's
+    # VAE overflows in float16), so that an fp16-safe VAE (optimisations.fp16_vae) pays.
+    vae_upcast_in_float16: ClassVar[bool] = False
 
     # --- the ingress side: plain Python ---------------------------------------------------
 

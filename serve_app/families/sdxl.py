@@ -22,6 +22,8 @@ class SDXL(Family):
     }
     class_name_prefix = "StableDiffusionXL"
     tiny_model = "tiny-sdxl"
+    # SDXL's VAE config says force_upcast: float16 pipelines decode in float32.
+    vae_upcast_in_float16 = True
 
     def denoising_steps(self, steps: int, strength: float) -> int:
         # SDXL's get_timesteps truncates steps * strength before subtracting.
