@@ -226,6 +226,11 @@ class BucketedCompile:
         self.calls["compiled"] += 1
         return self.compiled_forward(*args, **kwargs)
 
+    def remove(self) -> None:
+        """Give the module back its own forward (the compiled code is dropped)."""
+        self.module.forward = self.original_forward
+        del self.module._bucketed_compile
+
     @contextlib.contextmanager
     def warming(self) -> Iterator[None]:
         """Compile (and record) every shape the denoiser is called with inside this block."""

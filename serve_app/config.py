@@ -255,8 +255,6 @@ class ModelConfig(StrictModel):
         if options.fp16_vae is not None:
             if not self.rules.vae_upcast_in_float16:
                 raise ValueError(f"optimisations.fp16_vae: a {self.family} VAE is not upcast in float16")
-            if self.dtype != "float16":
-                raise ValueError("optimisations.fp16_vae only matters with dtype float16")
         for size in self.batching.max_images_by_size:
             self.check_size(size, "batching.max_images_by_size")
 
