@@ -279,6 +279,10 @@ def run_family(family: str, args, work: Path) -> dict[str, Any]:
 
     # The production configuration (the smoke run's is the CPU config's: all off): images/s,
     # memory and MFU by images per call.
+    if production_options.fp16_vae is not None:
+        # The served config names the hub's fp16-fix weights; nothing downloads here, so the
+        # same architecture with random weights stands in.
+        production_options = production_options.model_copy(update={"fp16_vae": vae_source})
     counts = [n for n in args.batch_sizes if n <= model.batching.max_batch_images]
     compile_options = production_options.compile
     if compile_options is not None:
