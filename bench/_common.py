@@ -61,9 +61,8 @@ def machine_info() -> dict[str, Any]:
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
         ).stdout.strip()
         dirty = bool(
-            subprocess.run(
-                ["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
+            subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+            .stdout.strip()
         )
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
@@ -139,7 +138,9 @@ class CpuMeter:
         cores = os.cpu_count() or 1
         ours = _descendants(table, os.getpid())
         foreign = sum(
-            max(cpu - self._table.get(pid, (0, 0.0))[1], 0.0) for pid, (_, cpu) in table.items() if pid not in ours
+            max(cpu - self._table.get(pid, (0, 0.0))[1], 0.0)
+            for pid, (_, cpu) in table.items()
+            if pid not in ours
         )
         return {
             "busy_cores": round(busy / max(total - self._start[0], 1) * cores, 2),
@@ -212,10 +213,8 @@ def wait_for_quiet(max_foreign_cores: float = 0.15, sample_s: float = 3.0, patie
             sample["quiet"] = sample["foreign_cores"] <= max_foreign_cores
             return sample
         if not announced:
-            print(
-                f"  waiting for the machine to go quiet (other processes use {sample['foreign_cores']} cores)",
-                flush=True,
-            )
+            print(f"  waiting for the machine to go quiet (other processes use {sample['foreign_cores']} cores)",
+                  flush=True)
             announced = True
 
 
@@ -461,9 +460,8 @@ def ray_instance(num_cpus: int = 2, serve_shutdown: bool = True) -> Iterator[Non
     import ray
     from ray import serve
 
-    ray.init(
-        address="local", num_cpus=num_cpus, include_dashboard=False, namespace="imagegen-bench", log_to_driver=False
-    )
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, namespace="imagegen-bench",
+             log_to_driver=False)
     try:
         yield
     finally:
@@ -620,9 +618,7 @@ def run_profile_worker(script: Path, profile: str, argv: list[str], timeout_s: f
     try:
         subprocess.run(
             [sys.executable, str(script), "--served-worker", profile, "--worker-output", str(out), *argv],
-            env=env,
-            check=True,
-            timeout=timeout_s,
+            env=env, check=True, timeout=timeout_s,
         )
         return json.loads(out.read_text())
     finally:

@@ -100,26 +100,13 @@ def start_server(port: int, log: Path) -> subprocess.Popen:
 def haproxy_config(options: list[str], front: int, back: int) -> str:
     defaults = [o for o in options if o != "http-reuse always"]
     backend = [o for o in options if o == "http-reuse always"]
-    return "\n".join(
-        [
-            "global",
-            "    nbthread 4",
-            "defaults",
-            "    mode http",
-            "    timeout connect 5s",
-            "    timeout client 3600s",
-            "    timeout server 60s",
-            "    timeout http-keep-alive 90s",
-            *[f"    {o}" for o in defaults],
-            "frontend f",
-            f"    bind 127.0.0.1:{front}",
-            "    default_backend b",
-            "backend b",
-            *[f"    {o}" for o in backend],
-            f"    server s1 127.0.0.1:{back}",
-            "",
-        ]
-    )
+    return "\n".join([
+        "global", "    nbthread 4",
+        "defaults", "    mode http", "    timeout connect 5s", "    timeout client 3600s",
+        "    timeout server 60s", "    timeout http-keep-alive 90s", *[f"    {o}" for o in defaults],
+        "frontend f", f"    bind 127.0.0.1:{front}", "    default_backend b",
+        "backend b", *[f"    {o}" for o in backend], f"    server s1 127.0.0.1:{back}", "",
+    ])
 
 
 def trials(options: list[str], count: int, log: Path, back: int) -> list[bool]:
@@ -130,9 +117,8 @@ def trials(options: list[str], count: int, log: Path, back: int) -> list[bool]:
     with tempfile.NamedTemporaryFile("w", suffix=".cfg") as cfg:
         cfg.write(haproxy_config(options, front, back))
         cfg.flush()
-        proxy = subprocess.Popen(
-            [get_haproxy_binary(), "-db", "-f", cfg.name], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        proxy = subprocess.Popen([get_haproxy_binary(), "-db", "-f", cfg.name],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             time.sleep(0.5)
             log.write_text("")

@@ -92,28 +92,16 @@ def replica_memory() -> dict[str, Any]:
     text_only = rss_mib()
     siblings = {mode: family.pipeline_class(mode).from_pipe(text) for mode in (Mode.IMAGE_TO_IMAGE, Mode.INPAINT)}
     with_modes = rss_mib()
-    shared = all(
-        pipe.components[name] is module
-        for pipe in siblings.values()
-        for name, module in text.components.items()
-        if name != "scheduler" and module is not None
-    )
+    shared = all(pipe.components[name] is module for pipe in siblings.values()
+                 for name, module in text.components.items() if name != "scheduler" and module is not None)
     again = family.pipeline_class(Mode.IMAGE_TO_IMAGE).from_pretrained(folder)
     with_copy = rss_mib()
-    weights = sum(
-        p.numel() * p.element_size()
-        for module in text.components.values()
-        if isinstance(module, torch.nn.Module)
-        for p in module.parameters()
-    )
+    weights = sum(p.numel() * p.element_size() for module in text.components.values()
+                  if isinstance(module, torch.nn.Module) for p in module.parameters())
     del again
-    return {
-        "text_to_image_only_mib": text_only,
-        "with_image_modes_mib": with_modes,
-        "with_a_second_from_pretrained_mib": with_copy,
-        "image_modes_share_modules": shared,
-        "weights_mib": round(weights / 2**20, 1),
-    }
+    return {"text_to_image_only_mib": text_only, "with_image_modes_mib": with_modes,
+            "with_a_second_from_pretrained_mib": with_copy, "image_modes_share_modules": shared,
+            "weights_mib": round(weights / 2**20, 1)}
 
 
 async def measure(port: int, key: str, clients: int, warmup: int, measure_n: int) -> dict[str, Any]:
@@ -151,11 +139,8 @@ def served_runs(clients: int, warmup: int, measure_n: int) -> dict[str, Any]:
             result["config"] = {"max_batch_images": batch, "batch_wait_timeout_s": wait}
             out[label] = result
             lat = result["latency"]
-            print(
-                f"  {label} max_batch_images {batch}: {result['images_per_s']:6.1f} images/s  "
-                f"p50 {lat['p50_ms']:7.1f} ms  p95 {lat['p95_ms']:7.1f} ms  statuses {result['statuses']}",
-                flush=True,
-            )
+            print(f"  {label} max_batch_images {batch}: {result['images_per_s']:6.1f} images/s  "
+                  f"p50 {lat['p50_ms']:7.1f} ms  p95 {lat['p95_ms']:7.1f} ms  statuses {result['statuses']}", flush=True)
         serve.delete("imagegen")
     return out
 
@@ -176,10 +161,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "|---|---:|---:|---:|",
     ]
     for label, res in doc["served"].items():
-        lines.append(
-            f"| {label} max_batch_images {res['config']['max_batch_images']} | {res['images_per_s']:.1f} | "
-            f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |"
-        )
+        lines.append(f"| {label} max_batch_images {res['config']['max_batch_images']} | {res['images_per_s']:.1f} | "
+                     f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |")
     lines += [
         "",
         f"- Batched over max batch 1: **{doc['ratio_b_over_c']:.2f}x** the images/s.",
@@ -199,17 +182,9 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     args = parser.parse_args()
     warmup, measure_n = (16, 48) if args.quick else (64, 400)
-    doc: dict[str, Any] = {
-        "machine": machine_info(),
-        "config": {
-            "clients": args.clients,
-            "warmup": warmup,
-            "measure": measure_n,
-            "steps": STEPS,
-            "strength": STRENGTH,
-            "size": SIZE,
-        },
-    }
+    doc: dict[str, Any] = {"machine": machine_info(),
+                           "config": {"clients": args.clients, "warmup": warmup, "measure": measure_n,
+                                      "steps": STEPS, "strength": STRENGTH, "size": SIZE}}
     print("replica memory ...", flush=True)
     doc["memory"] = replica_memory()
     print(f"  {doc['memory']}", flush=True)

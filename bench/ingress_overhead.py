@@ -80,14 +80,8 @@ TARGET_P99_MS = 20.0
 
 
 def payload(seq: int, *, size: int = 32, steps: int = 1) -> dict[str, Any]:
-    return {
-        "model": MODEL,
-        "prompt": f"a small red apple {seq}",
-        "n": 1,
-        "size": f"{size}x{size}",
-        "num_inference_steps": steps,
-        "seed": 5000 + seq,
-    }
+    return {"model": MODEL, "prompt": f"a small red apple {seq}", "n": 1, "size": f"{size}x{size}",
+            "num_inference_steps": steps, "seed": 5000 + seq}
 
 
 # -- load shapes ------------------------------------------------------------------------------
@@ -149,9 +143,8 @@ def summarize(records: list[RequestRecord], expected: int | None = None) -> dict
     }
 
 
-async def rejection_scenario(
-    port: int, key: str | None, expected: int, clients: int, warmup: int, measure: int, sequential: int
-) -> dict[str, Any]:
+async def rejection_scenario(port: int, key: str | None, expected: int, clients: int, warmup: int,
+                             measure: int, sequential: int) -> dict[str, Any]:
     out: dict[str, Any] = {"expected_status": expected}
     client = Client(port, clients, key)
 
@@ -161,20 +154,15 @@ async def rejection_scenario(
     out["cpu"] = meters.report(closed.requests)
     # Throughput counts every answer; latency only the expected rejections (a 429 key's
     # first request, say, is admitted and generates).
-    out["closed_loop"] = {
-        **closed.summary(),
-        "latency": latency_summary([r.end - r.start for r in closed.sent_in_window if r.status == expected]),
-    }
+    out["closed_loop"] = {**closed.summary(), "latency": latency_summary(
+        [r.end - r.start for r in closed.sent_in_window if r.status == expected])}
     saturation = closed.requests / closed.window_s
 
     rate = saturation / 2
     meter = CpuMeter()
     records = await paced_loop(clients, rate, min(measure, int(rate * 8) + clients), client.one)
-    out["paced_half_saturation"] = {
-        "offered_per_s": round(rate, 1),
-        **summarize(records, expected=expected),
-        "foreign_cores": meter.stop()["foreign_cores"],
-    }
+    out["paced_half_saturation"] = {"offered_per_s": round(rate, 1), **summarize(records, expected=expected),
+                                    "foreign_cores": meter.stop()["foreign_cores"]}
 
     one_client = Client(port, 1, key)
     records = []
@@ -202,12 +190,10 @@ def pipeline_time(samples: int) -> dict[str, Any]:
     from serve_app.protocol import parse_generation_request
 
     torch.set_num_threads(1)
-    model = next(
-        m for m in load_app_config(Path(__file__).resolve().parents[1] / "serve_config.yaml").models if m.id == MODEL
-    )
-    pipe = load_pipelines(
-        family=model.family, weights=model.weights, device="cpu", dtype=model.dtype, cache_dir=MODEL_CACHE
-    )
+    model = next(m for m in load_app_config(Path(__file__).resolve().parents[1] / "serve_config.yaml").models
+                 if m.id == MODEL)
+    pipe = load_pipelines(family=model.family, weights=model.weights, device="cpu", dtype=model.dtype,
+                         cache_dir=MODEL_CACHE)
     times = []
     for seq in range(samples + 3):
         job = plan_generation(parse_generation_request(payload(seq)), model).jobs("bench", 8)[0]
@@ -269,9 +255,8 @@ async def concurrent_handle(handle, job, clients: int, warmup: int, measure: int
     return await closed_loop(clients, warmup, measure, one, meters.start, meters.snapshot)
 
 
-async def accepted_overhead(
-    config, port: int, key: str, sequential: int, clients: int, warmup: int, measure: int, pipeline: dict[str, Any]
-) -> dict[str, Any]:
+async def accepted_overhead(config, port: int, key: str, sequential: int, clients: int, warmup: int,
+                            measure: int, pipeline: dict[str, Any]) -> dict[str, Any]:
     handle, job = model_handle_and_jobs(config)
     wait_for_quiet()
     served = await sequential_http(port, key, sequential)
@@ -285,9 +270,8 @@ async def accepted_overhead(
             "overhead_p50_ms": {
                 "served_minus_pipeline": round(served["p50_ms"] - pipeline["p50_ms"], 2),
                 "served_minus_handle (proxy + ingress)": round(served["p50_ms"] - direct["p50_ms"], 2),
-                "handle_minus_pipeline (replica: batching wait, encode, Serve)": round(
-                    direct["p50_ms"] - pipeline["p50_ms"], 2
-                ),
+                "handle_minus_pipeline (replica: batching wait, encode, Serve)":
+                    round(direct["p50_ms"] - pipeline["p50_ms"], 2),
             },
         },
     }
@@ -328,7 +312,7 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} cores ({m['cpu_model']}), ray {m['versions']['ray']}.",
         "",
         "Rejections. Each kind uses one key; every rejection is the ingress's own answer (nothing repeats it in "
-        'the proxy; floods belong to the gateway in front, README "Operating"). *closed*: every client sends again as soon '
+        "the proxy; floods belong to the gateway in front, README \"Operating\"). *closed*: every client sends again as soon "
         f"as it has its answer (saturation; p50 is then about {c['clients']} / throughput; latency counts the "
         f"requests sent after the first {c['warmup']} answers); *paced*: the same clients offering half the "
         "closed-loop throughput; *1 client*: one request at a time.",
@@ -424,45 +408,33 @@ async def _served_worker(args, pipeline: dict[str, Any], data: Path) -> dict[str
     ok_key = create_key(url, "bench", "100000000")
     for label, (key, expected) in keys.items():
         print(f"  {label}: {args.clients} clients", flush=True)
-        res = await rejection_scenario(port, key, expected, args.clients, args.warmup, args.requests, args.sequential)
+        res = await rejection_scenario(port, key, expected, args.clients, args.warmup, args.requests,
+                                       args.sequential)
         rejections[label] = res
         for mode in ("closed_loop", "paced_half_saturation", "sequential"):
             r = res[mode]
-            print(
-                f"    {mode:22s} {r['requests_per_s']:7.1f} req/s  p50 {r['latency']['p50_ms']:6.1f} ms  "
-                f"p99 {r['latency']['p99_ms']:6.1f} ms  statuses {r['statuses']}",
-                flush=True,
-            )
-        print(
-            f"    cpu ms/request {res['cpu']['cpu_ms_per_request']}  foreign cores {res['cpu']['foreign_cores']}",
-            flush=True,
-        )
+            print(f"    {mode:22s} {r['requests_per_s']:7.1f} req/s  p50 {r['latency']['p50_ms']:6.1f} ms  "
+                  f"p99 {r['latency']['p99_ms']:6.1f} ms  statuses {r['statuses']}", flush=True)
+        print(f"    cpu ms/request {res['cpu']['cpu_ms_per_request']}  foreign cores {res['cpu']['foreign_cores']}",
+              flush=True)
 
     print("  accepted, batch wait 0.05 s", flush=True)
-    accepted.append(
-        await accepted_overhead(
-            config, port, ok_key, args.sequential, args.clients, max(16, args.accepted // 6), args.accepted, pipeline
-        )
-    )
+    accepted.append(await accepted_overhead(config, port, ok_key, args.sequential, args.clients,
+                                            max(16, args.accepted // 6), args.accepted, pipeline))
     print(f"    {json.dumps(accepted[-1]['sequential']['overhead_p50_ms'])}", flush=True)
     conc = accepted[-1]["concurrent"]
     for kind in ("served_http", "model_handle_from_driver"):
         r = conc[kind]
-        print(
-            f"    {kind:26s} {r['requests_per_s']:6.1f} req/s  p50 {r['latency']['p50_ms']:6.1f} ms  "
-            f"cpu ms/request {r['cpu']['cpu_ms_per_request']}",
-            flush=True,
-        )
+        print(f"    {kind:26s} {r['requests_per_s']:6.1f} req/s  p50 {r['latency']['p50_ms']:6.1f} ms  "
+              f"cpu ms/request {r['cpu']['cpu_ms_per_request']}", flush=True)
     config = bench_config(data, max_batch_images=8, batch_wait_timeout_s=0.0, ingress_replicas=replicas)
     serve_graph(config, proxy_port, first=False)
     port = http_port_of_app(proxy_port)
     print("  accepted, batch wait 0 s (shipped)", flush=True)
     accepted.append(await accepted_overhead(config, port, ok_key, args.sequential, 0, 0, 0, pipeline))
     print(f"    {json.dumps(accepted[-1]['sequential']['overhead_p50_ms'])}", flush=True)
-    worst = {
-        mode: max(r[mode]["latency"]["p99_ms"] for r in rejections.values())
-        for mode in ("closed_loop", "paced_half_saturation", "sequential")
-    }
+    worst = {mode: max(r[mode]["latency"]["p99_ms"] for r in rejections.values())
+             for mode in ("closed_loop", "paced_half_saturation", "sequential")}
     return {
         "http": http_front(port, proxy_port),
         "rejections": rejections,
@@ -489,11 +461,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2000, help="rejections discarded first (closed loop)")
     parser.add_argument("--sequential", type=int, default=100, help="one-at-a-time requests per measurement")
     parser.add_argument("--accepted", type=int, default=320, help="accepted requests at full concurrency")
-    parser.add_argument(
-        "--profiles",
-        default="default,haproxy_optimized@2",
-        help=f"comma-separated Serve profiles to measure: {', '.join(SERVE_PROFILES)}",
-    )
+    parser.add_argument("--profiles", default="default,haproxy_optimized@2",
+                        help=f"comma-separated Serve profiles to measure: {', '.join(SERVE_PROFILES)}")
     parser.add_argument("--output", type=Path, default=RESULTS / f"{NAME}.json")
     parser.add_argument("--served-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", type=Path, default=None, help=argparse.SUPPRESS)
@@ -515,16 +484,8 @@ def main() -> int:
 
     forward = [a for a in sys.argv[1:] if a != "--quick"]
     if args.quick:
-        forward += [
-            "--requests",
-            str(args.requests),
-            "--warmup",
-            str(args.warmup),
-            "--sequential",
-            str(args.sequential),
-            "--accepted",
-            str(args.accepted),
-        ]
+        forward += ["--requests", str(args.requests), "--warmup", str(args.warmup), "--sequential",
+                    str(args.sequential), "--accepted", str(args.accepted)]
     forward += ["--pipeline-json", json.dumps(pipeline)]
     profiles: dict[str, Any] = {}
     for profile in [p.strip() for p in args.profiles.split(",") if p.strip()]:
@@ -537,19 +498,11 @@ def main() -> int:
         "duration_s": round(time.time() - started, 1),
         "quick": args.quick,
         "machine": machine_info(),
-        "config": {
-            "model": MODEL,
-            "clients": args.clients,
-            "warmup": args.warmup,
-            "measure": args.requests,
-            "sequential": args.sequential,
-            "accepted_payload": payload(0),
-            "ray_num_cpus": 2,
-            "ingress_replicas": {p: profile_ingress_replicas(p) for p in profiles},
-            "model_replicas": 1,
-            "max_batch_images": 8,
-            "profiles": {p: profile_env(p) for p in profiles},
-        },
+        "config": {"model": MODEL, "clients": args.clients, "warmup": args.warmup, "measure": args.requests,
+                   "sequential": args.sequential, "accepted_payload": payload(0), "ray_num_cpus": 2,
+                   "ingress_replicas": {p: profile_ingress_replicas(p) for p in profiles},
+                   "model_replicas": 1, "max_batch_images": 8,
+                   "profiles": {p: profile_env(p) for p in profiles}},
         "target": {"rejection_p99_ms": TARGET_P99_MS},
         "pipeline_in_process": pipeline,
         "profiles": profiles,

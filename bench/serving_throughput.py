@@ -99,15 +99,12 @@ def measure_direct(batch_sizes, clients: int, warmup: int, measure: int, steps: 
 
     # The replica's CPU budget: num_cpus 1 -> OMP_NUM_THREADS=1 -> one torch thread.
     torch.set_num_threads(1)
-    model = next(
-        m for m in load_app_config(Path(__file__).resolve().parents[1] / "serve_config.yaml").models if m.id == MODEL
-    )
-    pipe = load_pipelines(
-        family=model.family, weights=model.weights, device="cpu", dtype=model.dtype, cache_dir=MODEL_CACHE
-    )
-    shape = CallShape(
-        width=SIZE, height=SIZE, steps=steps, guidance=model.defaults.guidance, with_negative_prompt=False
-    )
+    model = next(m for m in load_app_config(Path(__file__).resolve().parents[1] / "serve_config.yaml").models
+                 if m.id == MODEL)
+    pipe = load_pipelines(family=model.family, weights=model.weights, device="cpu", dtype=model.dtype,
+                         cache_dir=MODEL_CACHE)
+    shape = CallShape(width=SIZE, height=SIZE, steps=steps, guidance=model.defaults.guidance,
+                      with_negative_prompt=False)
 
     def call(prompts: list[str], seeds: list[int]) -> list[bytes]:
         images = run_pipeline(pipe, shape, prompts, None, seeds, "cpu")
@@ -139,20 +136,16 @@ def measure_direct(batch_sizes, clients: int, warmup: int, measure: int, steps: 
         result["cpu"] = meter.stop()
         result["quiet_before"] = quiet
         results[str(batch)] = result
-        print(
-            f"  direct batch {batch:2d}: {result['images_per_s']:6.1f} images/s  "
-            f"p50 {result['latency']['p50_ms']:7.1f} ms  p95 {result['latency']['p95_ms']:7.1f} ms  "
-            f"cpu {result['cpu']}",
-            flush=True,
-        )
+        print(f"  direct batch {batch:2d}: {result['images_per_s']:6.1f} images/s  "
+              f"p50 {result['latency']['p50_ms']:7.1f} ms  p95 {result['latency']['p95_ms']:7.1f} ms  "
+              f"cpu {result['cpu']}", flush=True)
     best = max(results, key=lambda b: results[b]["images_per_s"])
     return {"by_batch_size": results, "best_batch_size": int(best), "best": results[best]}
 
 
 # -- (b), (c) the served graph ----------------------------------------------------------------
-async def measure_served(
-    port: int, key: str, clients: int, warmup: int, measure: int, steps: int = STEPS
-) -> dict[str, Any]:
+async def measure_served(port: int, key: str, clients: int, warmup: int, measure: int,
+                         steps: int = STEPS) -> dict[str, Any]:
     def payload(client: int, seq: int) -> dict[str, Any]:
         return {
             "model": MODEL,
@@ -166,14 +159,8 @@ async def measure_served(
     return await served_load(port, key, clients, warmup, measure, payload)
 
 
-def served_runs(
-    variants: list[tuple[str, int, float, int]],
-    clients: int,
-    warmup: int,
-    measure: int,
-    max_ongoing: int,
-    steps: int = STEPS,
-) -> dict[str, Any]:
+def served_runs(variants: list[tuple[str, int, float, int]], clients: int, warmup: int, measure: int,
+                max_ongoing: int, steps: int = STEPS) -> dict[str, Any]:
     from ray import serve
 
     out: dict[str, Any] = {}
@@ -182,13 +169,8 @@ def served_runs(
         proxy_port = free_port()
         key = None
         for index, (label, batch, wait, ingress) in enumerate(variants):
-            config = bench_config(
-                data,
-                max_batch_images=batch,
-                batch_wait_timeout_s=wait,
-                max_ongoing_requests=max_ongoing,
-                ingress_replicas=ingress,
-            )
+            config = bench_config(data, max_batch_images=batch, batch_wait_timeout_s=wait,
+                                  max_ongoing_requests=max_ongoing, ingress_replicas=ingress)
             started = time.perf_counter()
             serve_graph(config, proxy_port, first=index == 0)
             deploy_s = time.perf_counter() - started
@@ -198,24 +180,16 @@ def served_runs(
             quiet = wait_for_quiet()
             result = asyncio.run(measure_served(port, key, clients, warmup, measure, steps))
             result["quiet_before"] = quiet
-            result["config"] = {
-                "max_batch_images": batch,
-                "batch_wait_timeout_s": wait,
-                "ingress_replicas": ingress,
-                "max_ongoing_requests": max_ongoing,
-                "num_replicas": 1,
-                "replica_num_cpus": config.models[0].deployment.ray_actor_options.get("num_cpus"),
-                "http": http_front(port, proxy_port),
-            }
+            result["config"] = {"max_batch_images": batch, "batch_wait_timeout_s": wait, "ingress_replicas": ingress,
+                                "max_ongoing_requests": max_ongoing, "num_replicas": 1,
+                                "replica_num_cpus": config.models[0].deployment.ray_actor_options.get("num_cpus"),
+                                "http": http_front(port, proxy_port)}
             result["deploy_s"] = round(deploy_s, 1)
             out[label] = result
             lat = result["latency"]
-            print(
-                f"  served {label} (batch {batch}, wait {wait}s, ingress x{ingress}, {result['config']['http']}): "
-                f"{result['images_per_s']:6.1f} images/s  p50 {lat['p50_ms']:7.1f} ms  p95 {lat['p95_ms']:7.1f} ms  "
-                f"statuses {result['statuses']}  foreign cpu {result['cpu']['foreign_cores']}",
-                flush=True,
-            )
+            print(f"  served {label} (batch {batch}, wait {wait}s, ingress x{ingress}, {result['config']['http']}): "
+                  f"{result['images_per_s']:6.1f} images/s  p50 {lat['p50_ms']:7.1f} ms  p95 {lat['p95_ms']:7.1f} ms  "
+                  f"statuses {result['statuses']}  foreign cpu {result['cpu']['foreign_cores']}", flush=True)
         serve.delete("imagegen")
     return out
 
@@ -251,42 +225,31 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for batch, res in direct["by_batch_size"].items():
         best = " **(a)**" if int(batch) == direct["best_batch_size"] else ""
-        lines.append(
-            f"| pipeline in process, batch {batch}{best} | {res['images_per_s']:.1f} | "
-            f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |"
-        )
+        lines.append(f"| pipeline in process, batch {batch}{best} | {res['images_per_s']:.1f} | "
+                     f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |")
     res = doc["direct_after"]["best"]
-    lines.append(
-        f"| pipeline in process, batch {doc['direct_after']['best_batch_size']}, again after the served "
-        f"runs | {res['images_per_s']:.1f} | {res['latency']['p50_ms']:.0f} | "
-        f"{res['latency']['p95_ms']:.0f} |"
-    )
+    lines.append(f"| pipeline in process, batch {doc['direct_after']['best_batch_size']}, again after the served "
+                 f"runs | {res['images_per_s']:.1f} | {res['latency']['p50_ms']:.0f} | "
+                 f"{res['latency']['p95_ms']:.0f} |")
     names = {"(b)": "**(b)**", "(c)": "**(c)**"}
     for profile, served in doc["served"].items():
         short = profile_label(profile)
         for label, res in served.items():
             cfg = res["config"]
-            lines.append(
-                f"| {names.get(label, label)} served, {short}, max_batch_images {cfg['max_batch_images']}, "
-                f"wait {cfg['batch_wait_timeout_s']} s | {res['images_per_s']:.1f} | "
-                f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |"
-            )
+            lines.append(f"| {names.get(label, label)} served, {short}, max_batch_images {cfg['max_batch_images']}, "
+                         f"wait {cfg['batch_wait_timeout_s']} s | {res['images_per_s']:.1f} | "
+                         f"{res['latency']['p50_ms']:.0f} | {res['latency']['p95_ms']:.0f} |")
     lines.append("")
     if c["steps"] != STEPS:
-        lines.append(
-            f"The issue's targets are for {STEPS} steps; this run shows how the same ratios move when "
-            f"each image costs about {c['steps'] / STEPS:.0f}x the denoising work."
-        )
+        lines.append(f"The issue's targets are for {STEPS} steps; this run shows how the same ratios move when "
+                     f"each image costs about {c['steps'] / STEPS:.0f}x the denoising work.")
         lines.append("")
     for profile, r in doc["ratios"].items():
-        line = (
-            f"- {profile_title(profile)}: (b)/(a) = **{r['b_over_a']:.2f}** (target >= 0.85: "
-            f"{'met' if r['b_over_a'] >= 0.85 else 'MISSED'})"
-        )
+        line = (f"- {profile_title(profile)}: (b)/(a) = **{r['b_over_a']:.2f}** (target >= 0.85: "
+                f"{'met' if r['b_over_a'] >= 0.85 else 'MISSED'})")
         if "b_over_c" in r:
-            line += (
-                f", (b)/(c) = **{r['b_over_c']:.2f}** (target >= 1.7: {'met' if r['b_over_c'] >= 1.7 else 'MISSED'})"
-            )
+            line += (f", (b)/(c) = **{r['b_over_c']:.2f}** (target >= 1.7: "
+                     f"{'met' if r['b_over_c'] >= 1.7 else 'MISSED'})")
         lines.append(line + ".")
     default = doc["served"].get("default", {})
     if "(b)" in default:
@@ -325,43 +288,23 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=320, help="measured requests per configuration")
     parser.add_argument("--warmup", type=int, default=64, help="completions discarded before measuring")
-    parser.add_argument(
-        "--batched",
-        type=parse_variant,
-        default=parse_variant("16:0.25"),
-        help="(b) as MAX_BATCH_IMAGES:WAIT_S[:INGRESS_REPLICAS] (default 16:0.25)",
-    )
-    parser.add_argument(
-        "--no-default-variant", action="store_true", help="skip the extra served run with the shipped batching (8:0)"
-    )
-    parser.add_argument(
-        "--extra", type=parse_variant, action="append", default=[], help="more served variants, same syntax; repeatable"
-    )
-    parser.add_argument(
-        "--served-only",
-        action="store_true",
-        help="exploration: only the served runs, printed (no (a), nothing written)",
-    )
+    parser.add_argument("--batched", type=parse_variant, default=parse_variant("16:0.25"),
+                        help="(b) as MAX_BATCH_IMAGES:WAIT_S[:INGRESS_REPLICAS] (default 16:0.25)")
+    parser.add_argument("--no-default-variant", action="store_true",
+                        help="skip the extra served run with the shipped batching (8:0)")
+    parser.add_argument("--extra", type=parse_variant, action="append", default=[],
+                        help="more served variants, same syntax; repeatable")
+    parser.add_argument("--served-only", action="store_true",
+                        help="exploration: only the served runs, printed (no (a), nothing written)")
     parser.add_argument("--no-c", action="store_true", help="exploration: skip the (c) runs")
-    parser.add_argument(
-        "--profiles",
-        default="default,haproxy_optimized@2",
-        help=f"comma-separated Serve profiles to measure: {', '.join(SERVE_PROFILES)}",
-    )
+    parser.add_argument("--profiles", default="default,haproxy_optimized@2",
+                        help=f"comma-separated Serve profiles to measure: {', '.join(SERVE_PROFILES)}")
     parser.add_argument("--max-ongoing", type=int, default=16, help="model deployment max_ongoing_requests")
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=STEPS,
-        help=f"denoising steps per image (default {STEPS}, the issue's; another count is its "
-        "own JSON and docs section: how the ratios move with the work per image)",
-    )
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help=f"JSON result (default bench/results/{NAME}.json, or {NAME}_stepsN.json)",
-    )
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"denoising steps per image (default {STEPS}, the issue's; another count is its "
+                             "own JSON and docs section: how the ratios move with the work per image)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"JSON result (default bench/results/{NAME}.json, or {NAME}_stepsN.json)")
     parser.add_argument("--served-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-output", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -371,14 +314,8 @@ def main() -> int:
     args.output = args.output or RESULTS / f"{section}.json"
 
     if args.served_worker:  # a child process: one Ray instance with this profile's environment
-        served = served_runs(
-            profile_variants(args.served_worker, args),
-            args.clients,
-            args.warmup,
-            args.requests,
-            args.max_ongoing,
-            args.steps,
-        )
+        served = served_runs(profile_variants(args.served_worker, args), args.clients, args.warmup, args.requests,
+                             args.max_ongoing, args.steps)
         args.worker_output.write_text(json.dumps(served))
         return 0
 
@@ -397,15 +334,8 @@ def main() -> int:
     if args.served_only:  # exploration: the served rows and where their CPU went, nothing written
         for profile, runs in served.items():
             for label, res in runs.items():
-                print(
-                    profile,
-                    label,
-                    res["images_per_s"],
-                    "images/s, busy cores",
-                    res["cpu"]["busy_cores"],
-                    "CPU ms/request",
-                    res["cpu"]["cpu_ms_per_request"],
-                )
+                print(profile, label, res["images_per_s"], "images/s, busy cores", res["cpu"]["busy_cores"],
+                      "CPU ms/request", res["cpu"]["cpu_ms_per_request"])
         return 0
 
     print("(a) again, to check the machine stayed comparable", flush=True)
@@ -416,19 +346,11 @@ def main() -> int:
     ratios = {
         profile: {
             "b_over_a": round(runs["(b)"]["images_per_s"] / a, 3),
-            **(
-                {"b_over_c": round(runs["(b)"]["images_per_s"] / runs["(c)"]["images_per_s"], 3)}
-                if "(c)" in runs
-                else {}
-            ),
-            **(
-                {
-                    "b8_over_a": round(runs["(b8)"]["images_per_s"] / a, 3),
-                    "b8_over_c": round(runs["(b8)"]["images_per_s"] / runs["(c)"]["images_per_s"], 3),
-                }
-                if "(b8)" in runs and "(c)" in runs
-                else {}
-            ),
+            **({"b_over_c": round(runs["(b)"]["images_per_s"] / runs["(c)"]["images_per_s"], 3)}
+               if "(c)" in runs else {}),
+            **({"b8_over_a": round(runs["(b8)"]["images_per_s"] / a, 3),
+                "b8_over_c": round(runs["(b8)"]["images_per_s"] / runs["(c)"]["images_per_s"], 3)}
+               if "(b8)" in runs and "(c)" in runs else {}),
         }
         for profile, runs in served.items()
     }
@@ -439,17 +361,9 @@ def main() -> int:
         "quick": args.quick,
         "machine": machine_info(),
         "config": {
-            "model": MODEL,
-            "size": f"{SIZE}x{SIZE}",
-            "steps": args.steps,
-            "n": 1,
-            "output_format": "png",
-            "clients": args.clients,
-            "warmup": args.warmup,
-            "measure": args.requests,
-            "direct_torch_threads": 1,
-            "ray_num_cpus": 2,
-            "profiles": {p: profile_env(p) for p in served},
+            "model": MODEL, "size": f"{SIZE}x{SIZE}", "steps": args.steps, "n": 1, "output_format": "png",
+            "clients": args.clients, "warmup": args.warmup, "measure": args.requests,
+            "direct_torch_threads": 1, "ray_num_cpus": 2, "profiles": {p: profile_env(p) for p in served},
         },
         "targets": {"b_over_a": 0.85, "b_over_c": 1.7},
         "direct": direct,
@@ -461,10 +375,8 @@ def main() -> int:
     }
     drift = doc["a_after_over_a"] - 1
     if abs(drift) > 0.05:
-        doc["notes"].append(
-            f"(a) moved by {100 * drift:+.0f}% between the start and the end of the run: the "
-            "machine was not equally quiet throughout; treat the ratios with care or rerun."
-        )
+        doc["notes"].append(f"(a) moved by {100 * drift:+.0f}% between the start and the end of the run: the "
+                            "machine was not equally quiet throughout; treat the ratios with care or rerun.")
     foreign = max((r["cpu"]["foreign_cores"] for runs in served.values() for r in runs.values()), default=0)
     if foreign > 0.15:
         doc["notes"].append(f"Other processes used up to {foreign} cores during a served measurement: disturbed.")

@@ -99,13 +99,8 @@ def input_images(count: int) -> list[str]:
     uris = []
     for i in range(count):
         image = Image.new("RGB", (INPUT_SIZE, INPUT_SIZE))
-        image.putdata(
-            [
-                ((x * 4 + i * 13) % 256, (y * 4 + i * 29) % 256, (i * 37) % 256)
-                for y in range(INPUT_SIZE)
-                for x in range(INPUT_SIZE)
-            ]
-        )
+        image.putdata([((x * 4 + i * 13) % 256, (y * 4 + i * 29) % 256, (i * 37) % 256)
+                       for y in range(INPUT_SIZE) for x in range(INPUT_SIZE)])
         ImageDraw.Draw(image).rectangle((8, 16 + i % 16, 32, 40 + i % 16), fill=(20 + i * 7 % 200, 40, 60))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
@@ -128,12 +123,8 @@ def plan_request(rng: random.Random, model: str, client: int, seq: int, images: 
         payload = {"model": model, "prompt": f"soak client {client} request {seq}", "soak_unknown_field": True}
         return PlannedRequest("invalid", "b64_json", 1, payload)
     n = rng.randint(1, MAX_N)
-    payload: dict[str, Any] = {
-        "model": model,
-        "prompt": f"soak client {client} request {seq}",
-        "n": n,
-        "seed": rng.randrange(1_000_000),
-    }
+    payload: dict[str, Any] = {"model": model, "prompt": f"soak client {client} request {seq}", "n": n,
+                               "seed": rng.randrange(1_000_000)}
     kind = "text"
     if images and rng.random() < IMAGE_TO_IMAGE_SHARE:
         payload["image"] = images[(client + seq) % len(images)]
@@ -257,13 +248,9 @@ def process_kind(cmdline: str, *, driver: bool = False) -> str:
         return "raylet"
     if base == "gcs_server":
         return "gcs"
-    for marker, kind in (
-        ("dashboard/agent.py", "dashboard_agent"),
-        ("runtime_env/agent", "runtime_env_agent"),
-        ("log_monitor.py", "log_monitor"),
-        ("dashboard/dashboard.py", "dashboard"),
-        ("monitor.py", "monitor"),
-    ):
+    for marker, kind in (("dashboard/agent.py", "dashboard_agent"), ("runtime_env/agent", "runtime_env_agent"),
+                         ("log_monitor.py", "log_monitor"), ("dashboard/dashboard.py", "dashboard"),
+                         ("monitor.py", "monitor")):
         if marker in cmdline:
             return kind
     if cmdline.startswith("ray::"):
@@ -319,14 +306,8 @@ def sample_memory(session_name: str | None) -> list[dict[str, Any]]:
         rss = _rss_bytes(pid)
         if rss is None or (not cmdline and pid != me):
             continue  # gone, or a kernel-less zombie
-        samples.append(
-            {
-                "pid": pid,
-                "kind": process_kind(cmdline, driver=pid == me),
-                "rss_mib": round(rss / 2**20, 1),
-                "cmd": cmdline[:120],
-            }
-        )
+        samples.append({"pid": pid, "kind": process_kind(cmdline, driver=pid == me), "rss_mib": round(rss / 2**20, 1),
+                        "cmd": cmdline[:120]})
     return samples
 
 
@@ -353,11 +334,8 @@ def running_replicas(details: dict[str, Any], app: str = APP) -> dict[str, list[
     out: dict[str, list[dict[str, Any]]] = {}
     for name, deployment in (application.get("deployments") or {}).items():
         out[name] = [
-            {
-                "replica_id": r.get("replica_id"),
-                "pid": r.get("pid"),
-                "actor_name": r.get("actor_name") or f"SERVE_REPLICA::{app}#{name}#{r.get('replica_id')}",
-            }
+            {"replica_id": r.get("replica_id"), "pid": r.get("pid"),
+             "actor_name": r.get("actor_name") or f"SERVE_REPLICA::{app}#{name}#{r.get('replica_id')}"}
             for r in deployment.get("replicas") or ()
             if _state_name(r.get("state")) == "RUNNING"
         ]
@@ -383,14 +361,8 @@ def kill_replica(deployments: list[str], start_index: int) -> dict[str, Any]:
             continue
         victim = replicas[0]
         ray.kill(ray.get_actor(victim["actor_name"], namespace=SERVE_NAMESPACE), no_restart=True)
-        return {
-            "deployment": deployment,
-            "replica_id": victim["replica_id"],
-            "actor_name": victim["actor_name"],
-            "pid": victim["pid"],
-            "running_before": len(replicas),
-            "killed": True,
-        }
+        return {"deployment": deployment, "replica_id": victim["replica_id"], "actor_name": victim["actor_name"],
+                "pid": victim["pid"], "running_before": len(replicas), "killed": True}
     return {"deployment": None, "killed": False, "error": f"no RUNNING replica among {deployments}"}
 
 
@@ -429,16 +401,8 @@ def read_ledger(db_path: Path, stale_after_s: float) -> dict[str, Any]:
         conn.execute("BEGIN")  # one snapshot
         keys = {}
         for key_id, name, balance in conn.execute("SELECT id, name, balance_units FROM keys ORDER BY id"):
-            keys[key_id] = {
-                "name": name,
-                "balance_units": balance,
-                "credited_units": 0,
-                "reserved_units": 0,
-                "refunded_units": 0,
-                "refunds": 0,
-                "charged_images": 0,
-                "ledger_sum_units": 0,
-            }
+            keys[key_id] = {"name": name, "balance_units": balance, "credited_units": 0, "reserved_units": 0,
+                            "refunded_units": 0, "refunds": 0, "charged_images": 0, "ledger_sum_units": 0}
         for key_id, kind, rows, images, amount in conn.execute(
             "SELECT key_id, kind, COUNT(*), SUM(images), SUM(amount_units) FROM ledger GROUP BY key_id, kind"
         ):
@@ -472,13 +436,8 @@ def read_ledger(db_path: Path, stale_after_s: float) -> dict[str, Any]:
             "SELECT COUNT(*), COALESCE(SUM(images), 0), COALESCE(SUM(amount_units), 0) FROM ledger WHERE kind = 'refund'"
         ).fetchone()
         settlements = {
-            request_id: {
-                "model": model,
-                "images": images,
-                "delivered": delivered,
-                "price_units": price,
-                "settled": settled_at is not None,
-            }
+            request_id: {"model": model, "images": images, "delivered": delivered, "price_units": price,
+                         "settled": settled_at is not None}
             for request_id, model, images, delivered, price, settled_at in conn.execute(
                 "SELECT request_id, model, images, delivered, price_units, settled_at FROM reservations"
             )
@@ -498,7 +457,8 @@ def read_ledger(db_path: Path, stale_after_s: float) -> dict[str, Any]:
         "charged_units_by_reservations": sum(k["charged_units_by_reservations"] for k in keys.values()),
         "charged_images": sum(k["charged_images"] for k in keys.values()),
         "charged_by_model": dict(sorted(charged_by_model.items())),
-        "refunds": {"count": refund_rows, "images": refund_images, "units": refund_units, "stale_releases": stale or 0},
+        "refunds": {"count": refund_rows, "images": refund_images, "units": refund_units,
+                    "stale_releases": stale or 0},
         "settlements": settlements,
     }
 
@@ -520,14 +480,8 @@ def client_totals(records: list[Record], price_units: dict[str, int], key_names:
             entry["header_units"] += r.charged_units or 0
         elif r.charged_units:
             header_other += r.charged_units
-    return {
-        "images": images,
-        "expected_units": expected,
-        "header_units_200": header_200,
-        "header_units_not_200": header_other,
-        "200s_without_header": missing_header,
-        "per_key": per_key,
-    }
+    return {"images": images, "expected_units": expected, "header_units_200": header_200,
+            "header_units_not_200": header_other, "200s_without_header": missing_header, "per_key": per_key}
 
 
 def reconcile(records: list[Record], settlements: dict[str, dict[str, Any]], limit: int = 20) -> dict[str, Any]:
@@ -546,26 +500,12 @@ def reconcile(records: list[Record], settlements: dict[str, dict[str, Any]], lim
         delivered = settlement["delivered"] or 0
         if r.status == 200 and delivered != r.images:
             counts["200 with other images than charged"] += 1
-            mismatches.append(
-                {
-                    "request_id": r.request_id,
-                    "what": "200 with other images than charged",
-                    "client_images": r.images,
-                    "charged_images": delivered,
-                }
-            )
+            mismatches.append({"request_id": r.request_id, "what": "200 with other images than charged",
+                               "client_images": r.images, "charged_images": delivered})
         elif r.status != 200 and delivered > 0:
             counts["charged but no 200"] += 1
-            mismatches.append(
-                {
-                    "request_id": r.request_id,
-                    "what": "charged but no 200",
-                    "status": r.status,
-                    "code": r.code,
-                    "charged_images": delivered,
-                    "t_s": round(r.end, 1),
-                }
-            )
+            mismatches.append({"request_id": r.request_id, "what": "charged but no 200", "status": r.status,
+                               "code": r.code, "charged_images": delivered, "t_s": round(r.end, 1)})
     for request_id in settlements:
         if request_id not in seen:
             counts["reservation no client sent"] += 1
@@ -573,9 +513,8 @@ def reconcile(records: list[Record], settlements: dict[str, dict[str, Any]], lim
     return {"counts": dict(counts), "examples": mismatches[:limit]}
 
 
-def ledger_checks(
-    ledger: dict[str, Any], clients: dict[str, Any], initial_units: int, inconsistencies: list[str]
-) -> list[dict[str, Any]]:
+def ledger_checks(ledger: dict[str, Any], clients: dict[str, Any], initial_units: int,
+                  inconsistencies: list[str]) -> list[dict[str, Any]]:
     """The pass/fail checks of the books."""
     checks = []
 
@@ -583,27 +522,18 @@ def ledger_checks(
         checks.append({"check": name, "ok": bool(ok), "detail": detail})
 
     check("no reservation left open", ledger["open_reservations"] == 0, f"{ledger['open_reservations']} open")
-    check(
-        "every balance equals its ledger (store.inconsistencies())",
-        not inconsistencies,
-        "; ".join(inconsistencies[:5]) or "none",
-    )
-    check(
-        "ledger: held - refunded == delivered x price of each reservation",
-        ledger["charged_units"] == ledger["charged_units_by_reservations"],
-        f"{fmt_units(ledger['charged_units'])} vs {fmt_units(ledger['charged_units_by_reservations'])} credits",
-    )
-    check(
-        "credits charged == images delivered to clients x price",
-        ledger["charged_units"] == clients["expected_units"],
-        f"ledger {fmt_units(ledger['charged_units'])} vs clients {fmt_units(clients['expected_units'])}",
-    )
-    check(
-        "credits charged == sum of x-credits-charged of the 200s",
-        ledger["charged_units"] == clients["header_units_200"] and clients["200s_without_header"] == 0,
-        f"ledger {fmt_units(ledger['charged_units'])} vs headers {fmt_units(clients['header_units_200'])}"
-        + (f", {clients['200s_without_header']} 200s without the header" if clients["200s_without_header"] else ""),
-    )
+    check("every balance equals its ledger (store.inconsistencies())", not inconsistencies,
+          "; ".join(inconsistencies[:5]) or "none")
+    check("ledger: held - refunded == delivered x price of each reservation",
+          ledger["charged_units"] == ledger["charged_units_by_reservations"],
+          f"{fmt_units(ledger['charged_units'])} vs {fmt_units(ledger['charged_units_by_reservations'])} credits")
+    check("credits charged == images delivered to clients x price",
+          ledger["charged_units"] == clients["expected_units"],
+          f"ledger {fmt_units(ledger['charged_units'])} vs clients {fmt_units(clients['expected_units'])}")
+    check("credits charged == sum of x-credits-charged of the 200s",
+          ledger["charged_units"] == clients["header_units_200"] and clients["200s_without_header"] == 0,
+          f"ledger {fmt_units(ledger['charged_units'])} vs headers {fmt_units(clients['header_units_200'])}"
+          + (f", {clients['200s_without_header']} 200s without the header" if clients["200s_without_header"] else ""))
     by_name = {k["name"]: k for k in ledger["keys"]}
     wrong = []
     for name, seen in clients["per_key"].items():
@@ -611,11 +541,8 @@ def ledger_checks(
         expected = initial_units - seen["header_units"]
         if key is None or key["balance_units"] != expected:
             wrong.append(f"{name}: balance {key and fmt_units(key['balance_units'])} != {fmt_units(expected)}")
-    check(
-        "each key's balance == its credits - the charges it was told of",
-        not wrong,
-        "; ".join(wrong[:5]) or f"{len(clients['per_key'])} keys",
-    )
+    check("each key's balance == its credits - the charges it was told of", not wrong,
+          "; ".join(wrong[:5]) or f"{len(clients['per_key'])} keys")
     return checks
 
 
@@ -658,14 +585,8 @@ def summarize_load(records: list[Record], duration_s: float) -> dict[str, Any]:
         lo, hi = i * bucket, (i + 1) * bucket
         rows = [r for r in load if lo <= r.end < hi]
         if rows or hi <= duration_s:
-            timeline.append(
-                {
-                    "t_s": lo,
-                    "ok": sum(r.status == 200 for r in rows),
-                    "errors": sum(r.status != 200 for r in rows),
-                    "images": sum(r.images for r in rows),
-                }
-            )
+            timeline.append({"t_s": lo, "ok": sum(r.status == 200 for r in rows),
+                             "errors": sum(r.status != 200 for r in rows), "images": sum(r.images for r in rows)})
     return {
         "requests": len(load),
         "last_end_s": round(max((r.end for r in load), default=0.0), 1),
@@ -697,9 +618,8 @@ def fault_impact(faults: list[dict[str, Any]], records: list[Record], window_s: 
         fault["ok_after"] = sum(r.status == 200 for r in rows)
 
 
-async def run_load(
-    port: int, keys: list[str], models: list[str], args, on_start, faults_task_factory, memory_task_factory
-) -> tuple[list[Record], float]:
+async def run_load(port: int, keys: list[str], models: list[str], args, on_start, faults_task_factory,
+                   memory_task_factory) -> tuple[list[Record], float]:
     """``args.clients`` closed-loop clients for ``args.duration_s``; returns every record
     and the load's start (perf_counter)."""
     images = input_images(8)
@@ -722,25 +642,8 @@ async def run_load(
                 start = time.perf_counter()
                 status, code, got, charged = await send(connection, raw, args.client_timeout_s)
                 end = time.perf_counter()
-                records.append(
-                    Record(
-                        "load",
-                        index,
-                        seq,
-                        key_index,
-                        model,
-                        planned.kind,
-                        planned.response_format,
-                        planned.n,
-                        request_id,
-                        start - t0,
-                        end - t0,
-                        status,
-                        code,
-                        got,
-                        charged,
-                    )
-                )
+                records.append(Record("load", index, seq, key_index, model, planned.kind, planned.response_format,
+                                      planned.n, request_id, start - t0, end - t0, status, code, got, charged))
                 seq += 1
                 if status == 0:
                     await asyncio.sleep(0.2)  # no server to talk to: don't spin
@@ -758,13 +661,8 @@ async def run_load(
     return records, t0
 
 
-async def inject_faults(
-    t0: float,
-    schedule: list[tuple[float, str]],
-    model_deployments: list[str],
-    duration_s: float,
-    log: list[dict[str, Any]],
-) -> None:
+async def inject_faults(t0: float, schedule: list[tuple[float, str]], model_deployments: list[str],
+                        duration_s: float, log: list[dict[str, Any]]) -> None:
     """Kill as scheduled; after each kill, watch the deployment until it runs as many
     replicas as before (bounded by the next fault and RECOVERY_WAIT_MAX_S)."""
     model_turn = 0
@@ -773,7 +671,8 @@ async def inject_faults(
         if delay > 0:
             await asyncio.sleep(delay)
         t_kill = time.perf_counter() - t0
-        entry: dict[str, Any] = {"t_s": round(t_kill, 1), "fault": what, "wall_time": time.strftime("%H:%M:%S")}
+        entry: dict[str, Any] = {"t_s": round(t_kill, 1), "fault": what,
+                                 "wall_time": time.strftime("%H:%M:%S")}
         try:
             if what == "model":
                 entry.update(await asyncio.to_thread(kill_replica, model_deployments, model_turn))
@@ -782,11 +681,8 @@ async def inject_faults(
                 entry.update(await asyncio.to_thread(kill_replica, [INGRESS_DEPLOYMENT], 0))
         except Exception as exc:  # noqa: BLE001 - a failed injection is a finding, not a crash
             entry.update({"killed": False, "error": f"{type(exc).__name__}: {exc}"[:300]})
-        print(
-            f"  t={entry['t_s']:6.1f}s kill {what}: {entry.get('deployment')} {entry.get('replica_id')} "
-            f"pid {entry.get('pid')} {'' if entry.get('killed') else entry.get('error')}",
-            flush=True,
-        )
+        print(f"  t={entry['t_s']:6.1f}s kill {what}: {entry.get('deployment')} {entry.get('replica_id')} "
+              f"pid {entry.get('pid')} {'' if entry.get('killed') else entry.get('error')}", flush=True)
         log.append(entry)
         if not entry.get("killed"):
             continue
@@ -806,20 +702,15 @@ async def inject_faults(
         print(f"  {entry['deployment']} running again after {entry['recovered_after_s']} s", flush=True)
 
 
-async def sample_memory_every(
-    t0: float, end_at: float, every_s: float, session: str | None, timeline: list[dict[str, Any]]
-) -> None:
+async def sample_memory_every(t0: float, end_at: float, every_s: float, session: str | None,
+                              timeline: list[dict[str, Any]]) -> None:
     for _ in range(100_000):
         await asyncio.sleep(min(every_s, max(end_at - time.perf_counter(), 0)))
         if time.perf_counter() >= end_at:
             return
         samples = await asyncio.to_thread(sample_memory, session)
-        timeline.append(
-            {
-                "t_s": round(time.perf_counter() - t0, 1),
-                "rss_mib": {k: v["rss_mib"] for k, v in memory_by_kind(samples).items()},
-            }
-        )
+        timeline.append({"t_s": round(time.perf_counter() - t0, 1),
+                         "rss_mib": {k: v["rss_mib"] for k, v in memory_by_kind(samples).items()}})
 
 
 async def wait_until_ready(port: int, key: str, models: list[str], records: list[Record]) -> dict[str, float]:
@@ -836,25 +727,8 @@ async def wait_until_ready(port: int, key: str, models: list[str], records: list
                 payload = {"model": model, "prompt": "warm-up", "n": 1, "seed": attempt}
                 t = time.perf_counter()
                 status, code, got, charged = await send(connection, request_bytes(port, payload, key, request_id), 120)
-                records.append(
-                    Record(
-                        "warmup",
-                        -1,
-                        attempt,
-                        0,
-                        model,
-                        "text",
-                        "b64_json",
-                        1,
-                        request_id,
-                        t - started,
-                        time.perf_counter() - started,
-                        status,
-                        code,
-                        got,
-                        charged,
-                    )
-                )
+                records.append(Record("warmup", -1, attempt, 0, model, "text", "b64_json", 1, request_id,
+                                      t - started, time.perf_counter() - started, status, code, got, charged))
                 if status == 200:
                     ready[model] = round(time.perf_counter() - started, 1)
                     break
@@ -876,15 +750,12 @@ def soak_config(data_dir: Path, *, release_stale_after_s: float | None, release_
         accounts["release_stale_after_s"] = release_stale_after_s
     if release_stale_every_s is not None:
         accounts["release_stale_every_s"] = release_stale_every_s
-    config = base.model_copy(
-        update={
-            "cache_dir": MODEL_CACHE,
-            "accounts": base.accounts.model_copy(update=accounts),
-            "storage": base.storage.model_copy(
-                update={"local": base.storage.local.model_copy(update={"root": data_dir / "images"})}
-            ),
-        }
-    )
+    config = base.model_copy(update={
+        "cache_dir": MODEL_CACHE,
+        "accounts": base.accounts.model_copy(update=accounts),
+        "storage": base.storage.model_copy(
+            update={"local": base.storage.local.model_copy(update={"root": data_dir / "images"})}),
+    })
     return AppConfig.model_validate(config.model_dump())  # re-run the validators on the changes
 
 
@@ -894,13 +765,9 @@ def create_keys(database_url: str, count: int, credits: str, rpm: int, ipm: int,
 
     store = open_store(database_url)
     try:
-        return [
-            (
-                f"soak-{tag}-{i}",
-                issue_key(store, f"soak-{tag}-{i}", credits_units=parse_credits(credits), rpm=rpm, ipm=ipm).secret,
-            )
-            for i in range(count)
-        ]
+        return [(f"soak-{tag}-{i}", issue_key(store, f"soak-{tag}-{i}", credits_units=parse_credits(credits),
+                                              rpm=rpm, ipm=ipm).secret)
+                for i in range(count)]
     finally:
         store.close()
 
@@ -914,12 +781,8 @@ def settle_wait(db_path: Path, timeout_s: float) -> dict[str, Any]:
     while open_now and time.perf_counter() - started < timeout_s:
         time.sleep(2.0)
         open_now = open_reservations(db_path)
-    return {
-        "open_at_load_end": first,
-        "open_left": open_now,
-        "waited_s": round(time.perf_counter() - started, 1),
-        "timeout_s": round(timeout_s, 1),
-    }
+    return {"open_at_load_end": first, "open_left": open_now, "waited_s": round(time.perf_counter() - started, 1),
+            "timeout_s": round(timeout_s, 1)}
 
 
 def run(args) -> dict[str, Any]:
@@ -929,17 +792,13 @@ def run(args) -> dict[str, Any]:
 
     os.environ.pop("IMAGEGEN_DATABASE_URL", None)  # our own database, whatever the shell says
     started_wall = time.time()
-    doc: dict[str, Any] = {
-        "benchmark": NAME,
-        "quick": args.quick,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_wall)),
-        "machine": machine_info(),
-    }
+    doc: dict[str, Any] = {"benchmark": NAME, "quick": args.quick,
+                           "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started_wall)),
+                           "machine": machine_info()}
     with temp_dir("imagegen-soak-") as tmp, ray_instance(num_cpus=2):
         data = Path(tmp)
-        config = soak_config(
-            data, release_stale_after_s=args.release_stale_after_s, release_stale_every_s=args.release_stale_every_s
-        )
+        config = soak_config(data, release_stale_after_s=args.release_stale_after_s,
+                             release_stale_every_s=args.release_stale_every_s)
         models = [m.id for m in config.models]
         deployments = [m.deployment_name for m in config.models]
         prices = {m.id: m.price_units for m in config.models}
@@ -956,12 +815,11 @@ def run(args) -> dict[str, Any]:
         serve_graph(config, proxy_port, first=True)
         port = http_port_of_app(proxy_port)
         deploy_s = round(time.perf_counter() - t, 1)
-        db_path = Path(config.accounts.database_url[len("sqlite:///") :])
+        db_path = Path(config.accounts.database_url[len("sqlite:///"):])
         tag = f"{int(started_wall):x}"
         keys = create_keys(config.accounts.database_url, args.keys, args.credits, args.key_rpm, args.key_ipm, tag)
-        warm_key = create_keys(
-            config.accounts.database_url, 1, args.credits, args.key_rpm, args.key_ipm, tag + "-warmup"
-        )[0]
+        warm_key = create_keys(config.accounts.database_url, 1, args.credits, args.key_rpm, args.key_ipm,
+                               tag + "-warmup")[0]
         key_names = [name for name, _ in keys] + [warm_key[0]]
         records: list[Record] = []
         ready = asyncio.run(wait_until_ready(port, warm_key[1], models, records))
@@ -971,25 +829,16 @@ def run(args) -> dict[str, Any]:
 
         memory_start = sample_memory(session)
         schedule = fault_schedule(args.duration_s, args.kill_every_s, args.ingress_kill_at_s)
-        print(
-            f"load: {args.clients} clients, {args.keys} keys, {args.duration_s:g} s; faults at "
-            f"{[(round(at), what) for at, what in schedule]}",
-            flush=True,
-        )
+        print(f"load: {args.clients} clients, {args.keys} keys, {args.duration_s:g} s; faults at "
+              f"{[(round(at), what) for at, what in schedule]}", flush=True)
         fault_log: list[dict[str, Any]] = []
         memory_timeline: list[dict[str, Any]] = []
         meter = CpuMeter()
-        load_records, _ = asyncio.run(
-            run_load(
-                port,
-                [secret for _, secret in keys],
-                models,
-                args,
-                meter.start,
-                lambda t0: inject_faults(t0, schedule, deployments, args.duration_s, fault_log),
-                lambda t0, end_at: sample_memory_every(t0, end_at, args.memory_every_s, session, memory_timeline),
-            )
-        )
+        load_records, _ = asyncio.run(run_load(
+            port, [secret for _, secret in keys], models, args, meter.start,
+            lambda t0: inject_faults(t0, schedule, deployments, args.duration_s, fault_log),
+            lambda t0, end_at: sample_memory_every(t0, end_at, args.memory_every_s, session, memory_timeline),
+        ))
         cpu = meter.stop()
         load_end = max((r.end for r in load_records), default=args.duration_s)
         records += load_records
@@ -1000,9 +849,8 @@ def run(args) -> dict[str, Any]:
         ingress_kills = [f["t_s"] for f in fault_log if f["fault"] == "ingress" and f.get("killed")]
         timeout = args.settle_timeout_s
         if timeout is None:
-            timeout = max(
-                60.0, max((at + stale_after + stale_every + 60 - load_end for at in ingress_kills), default=60.0)
-            )
+            timeout = max(60.0, max((at + stale_after + stale_every + 60 - load_end for at in ingress_kills),
+                                    default=60.0))
         settle = settle_wait(db_path, timeout)
         memory_end = sample_memory(session)
         print(f"  settle: {settle}", flush=True)
@@ -1017,60 +865,33 @@ def run(args) -> dict[str, Any]:
         doc["checks"] = ledger_checks(ledger, clients, parse_credits(args.credits), inconsistencies)
         doc["reconciliation"] = reconcile(records, ledger.pop("settlements"))
         fault_impact(fault_log, load_records)
-        doc.update(
-            {
-                "config": {
-                    "duration_s": args.duration_s,
-                    "clients": args.clients,
-                    "keys": args.keys,
-                    "credits_per_key": args.credits,
-                    "key_rpm": args.key_rpm,
-                    "key_ipm": args.key_ipm,
-                    "kill_every_s": args.kill_every_s,
-                    "ingress_kill_at_s": args.ingress_kill_at_s,
-                    "client_timeout_s": args.client_timeout_s,
-                    "seed": args.seed,
-                    "ray_num_cpus": 2,
-                    "release_stale_after_s": stale_after,
-                    "release_stale_every_s": stale_every,
-                    "mix": {
-                        "invalid": INVALID_SHARE,
-                        "image_to_image": IMAGE_TO_IMAGE_SHARE,
-                        "url": URL_SHARE,
-                        "n": f"1..{MAX_N}",
-                        "strength": STRENGTH,
-                        "input": f"{INPUT_SIZE}x{INPUT_SIZE} PNG data URI",
-                    },
-                    "models": [
-                        {
-                            "id": m.id,
-                            "price_per_image": str(m.price_per_image),
+        doc.update({
+            "config": {
+                "duration_s": args.duration_s, "clients": args.clients, "keys": args.keys,
+                "credits_per_key": args.credits, "key_rpm": args.key_rpm, "key_ipm": args.key_ipm,
+                "kill_every_s": args.kill_every_s, "ingress_kill_at_s": args.ingress_kill_at_s,
+                "client_timeout_s": args.client_timeout_s, "seed": args.seed, "ray_num_cpus": 2,
+                "release_stale_after_s": stale_after, "release_stale_every_s": stale_every,
+                "mix": {"invalid": INVALID_SHARE, "image_to_image": IMAGE_TO_IMAGE_SHARE, "url": URL_SHARE,
+                        "n": f"1..{MAX_N}", "strength": STRENGTH, "input": f"{INPUT_SIZE}x{INPUT_SIZE} PNG data URI"},
+                "models": [{"id": m.id, "price_per_image": str(m.price_per_image),
                             "autoscaling_config": m.deployment.autoscaling_config,
-                            "num_cpus": m.deployment.ray_actor_options.get("num_cpus"),
-                        }
-                        for m in config.models
-                    ],
-                    "http": "proxy" if port == proxy_port else "direct ingress",
-                },
-                "deploy_s": deploy_s,
-                "ready_s": ready,
-                "load": summarize_load(records, args.duration_s),
-                "warmup_requests": sum(r.phase == "warmup" for r in records),
-                "cpu": cpu,
-                "faults": fault_log,
-                "settle": settle,
-                "ledger": ledger,
-                "clients": clients,
-                "inconsistencies": inconsistencies[:50],
-                "memory": {
-                    "start": memory_by_kind(memory_start),
-                    "end": memory_by_kind(memory_end),
-                    "timeline": memory_timeline,
-                    "start_processes": memory_start,
-                    "end_processes": memory_end,
-                },
-            }
-        )
+                            "num_cpus": m.deployment.ray_actor_options.get("num_cpus")} for m in config.models],
+                "http": "proxy" if port == proxy_port else "direct ingress",
+            },
+            "deploy_s": deploy_s,
+            "ready_s": ready,
+            "load": summarize_load(records, args.duration_s),
+            "warmup_requests": sum(r.phase == "warmup" for r in records),
+            "cpu": cpu,
+            "faults": fault_log,
+            "settle": settle,
+            "ledger": ledger,
+            "clients": clients,
+            "inconsistencies": inconsistencies[:50],
+            "memory": {"start": memory_by_kind(memory_start), "end": memory_by_kind(memory_end),
+                       "timeline": memory_timeline, "start_processes": memory_start, "end_processes": memory_end},
+        })
     doc["elapsed_s"] = round(time.time() - started_wall, 1)
     doc["notes"] = auto_notes(doc) + list(args.note)
     return doc
@@ -1081,19 +902,15 @@ def auto_notes(doc: dict[str, Any]) -> list[str]:
     notes = []
     counts = doc.get("reconciliation", {}).get("counts", {})
     if counts.get("charged but no 200"):
-        notes.append(
-            f"{counts['charged but no 200']} request(s) were charged although the client got no 200 "
-            "(see reconciliation.examples in the JSON: when, and what the client got)."
-        )
+        notes.append(f"{counts['charged but no 200']} request(s) were charged although the client got no 200 "
+                     "(see reconciliation.examples in the JSON: when, and what the client got).")
     for what, n in doc.get("load", {}).get("unexpected", {}).items():
         if n:
             notes.append(f"Unexpected: {n} x {what}.")
     for fault in doc.get("faults", []):
         if fault.get("killed") and fault.get("recovered_after_s") is None:
-            notes.append(
-                f"{fault['deployment']} killed at {fault['t_s']} s did not show its replicas RUNNING again "
-                "before the next fault (or within the watch)."
-            )
+            notes.append(f"{fault['deployment']} killed at {fault['t_s']} s did not show its replicas RUNNING again "
+                         "before the next fault (or within the watch).")
         if not fault.get("killed"):
             notes.append(f"The {fault['fault']} fault at {fault['t_s']} s was not injected: {fault.get('error')}.")
     settle = doc.get("settle", {})
@@ -1108,12 +925,10 @@ def auto_notes(doc: dict[str, Any]) -> list[str]:
 def markdown(doc: dict[str, Any]) -> str:
     c, load, m = doc["config"], doc["load"], doc["machine"]
     ledger, clients = doc["ledger"], doc["clients"]
-    models = ", ".join(
-        f"{x['id']} ({x['price_per_image']} credit{'s' if x['price_per_image'] != '1' else ''}/image)"
-        for x in c["models"]
-    )
+    models = ", ".join(f"{x['id']} ({x['price_per_image']} credit{'s' if x['price_per_image'] != '1' else ''}/image)"
+                       for x in c["models"])
     lines = [
-        '## Soak with faults (issue "Hardening")',
+        "## Soak with faults (issue \"Hardening\")",
         "",
         f"`python bench/soak.py` — the embedded default ({models}; each 1-2 replicas by autoscaling, "
         f"one ingress replica, Serve's HTTP proxy), its own Ray instance (2 CPUs) and SQLite database. "
@@ -1147,11 +962,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "|---:|---|---:|---|---:|",
     ]
     for f in doc["faults"]:
-        what = (
-            f"{f['fault']}: {f.get('deployment')} (pid {f.get('pid')})"
-            if f.get("killed")
-            else f"{f['fault']}: not injected ({f.get('error')})"
-        )
+        what = f"{f['fault']}: {f.get('deployment')} (pid {f.get('pid')})" if f.get("killed") else \
+            f"{f['fault']}: not injected ({f.get('error')})"
         back = "-" if f.get("recovered_after_s") is None else f"{f['recovered_after_s']:g} s"
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(f.get("errors_after", {}).items())) or "none"
         lines.append(f"| {f['t_s']:g} s | {what} | {back} | {errors} | {f.get('ok_after', 0)} |")
@@ -1165,13 +977,11 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     start, end = doc["memory"]["start"], doc["memory"]["end"]
     for kind in sorted(set(start) | set(end)):
-
         def cell(side: dict[str, Any], kind: str = kind) -> str:
             entry = side.get(kind)
             if not entry:
                 return "-"
             return f"{entry['rss_mib']:.0f}" + (f" ({entry['processes']})" if entry["processes"] > 1 else "")
-
         lines.append(f"| {kind} | {cell(start)} | {cell(end)} |")
     lines += ["", "Checks of the books after the load:", "", "| check | result |", "|---|---|"]
     for check in doc["checks"]:
@@ -1182,58 +992,31 @@ def markdown(doc: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="60 s, a model kill every 20 s, the ingress at 30 s, stale release after 75 s "
-        "(swept every 5 s); prints, writes nothing",
-    )
+    parser.add_argument("--quick", action="store_true",
+                        help="60 s, a model kill every 20 s, the ingress at 30 s, stale release after 75 s "
+                             "(swept every 5 s); prints, writes nothing")
     parser.add_argument("--duration-s", type=float, default=600.0, help="load duration (default 600)")
     parser.add_argument("--clients", type=int, default=12, help="closed-loop HTTP clients (default 12)")
     parser.add_argument("--keys", type=int, default=4, help="API keys the clients share (default 4)")
     parser.add_argument("--credits", default="1000000", help="initial credits per key (default 1000000)")
-    parser.add_argument(
-        "--key-rpm",
-        type=int,
-        default=1_000_000,
-        help="each key's requests per minute (default: high enough that no 429 happens)",
-    )
+    parser.add_argument("--key-rpm", type=int, default=1_000_000,
+                        help="each key's requests per minute (default: high enough that no 429 happens)")
     parser.add_argument("--key-ipm", type=int, default=1_000_000, help="each key's images per minute")
-    parser.add_argument(
-        "--kill-every-s", type=float, default=120.0, help="kill a model replica this often (default 120; 0: never)"
-    )
-    parser.add_argument(
-        "--ingress-kill-at-s",
-        type=float,
-        default=None,
-        help="kill the ingress replica this long after the load starts (default: half the duration; negative: never)",
-    )
-    parser.add_argument(
-        "--client-timeout-s",
-        type=float,
-        default=180.0,
-        help="a client gives up on a request after this (recorded as client_timeout)",
-    )
-    parser.add_argument(
-        "--release-stale-after-s",
-        type=float,
-        default=None,
-        help="accounts.release_stale_after_s (default: the config's, 2 x 60 s + 300 s); must "
-        "exceed every model's timeout_s",
-    )
-    parser.add_argument(
-        "--release-stale-every-s",
-        type=float,
-        default=None,
-        help="accounts.release_stale_every_s (default: the config's, 60 s)",
-    )
-    parser.add_argument(
-        "--settle-timeout-s",
-        type=float,
-        default=None,
-        help="how long to wait for open reservations after the load (default: until the last "
-        "stale release can have happened, plus 60 s)",
-    )
+    parser.add_argument("--kill-every-s", type=float, default=120.0,
+                        help="kill a model replica this often (default 120; 0: never)")
+    parser.add_argument("--ingress-kill-at-s", type=float, default=None,
+                        help="kill the ingress replica this long after the load starts (default: half the "
+                             "duration; negative: never)")
+    parser.add_argument("--client-timeout-s", type=float, default=180.0,
+                        help="a client gives up on a request after this (recorded as client_timeout)")
+    parser.add_argument("--release-stale-after-s", type=float, default=None,
+                        help="accounts.release_stale_after_s (default: the config's, 2 x 60 s + 300 s); must "
+                             "exceed every model's timeout_s")
+    parser.add_argument("--release-stale-every-s", type=float, default=None,
+                        help="accounts.release_stale_every_s (default: the config's, 60 s)")
+    parser.add_argument("--settle-timeout-s", type=float, default=None,
+                        help="how long to wait for open reservations after the load (default: until the last "
+                             "stale release can have happened, plus 60 s)")
     parser.add_argument("--memory-every-s", type=float, default=60.0, help="memory timeline interval (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     parser.add_argument("--note", action="append", default=[], help="a note for the docs section; repeatable")

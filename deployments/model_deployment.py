@@ -83,9 +83,7 @@ class ImageModelDeployment:
         self._failed_fatally: str | None = None
         if self.model.warmup:
             self._warm_up()
-        logger.info(
-            "model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device
-        )
+        logger.info("model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device)
 
     def _warm_up(self) -> None:
         """Generate before traffic so a replica that cannot (out of memory, bad weights) fails
