@@ -265,9 +265,11 @@ def run_family(family: str, args, work: Path) -> dict[str, Any]:
             times.append(elapsed)
         reference = reference or images
         latency = statistics.median(times)
+        compiled = compiled_of_bench(bench)
         rungs.append(
             {
                 "variant": name,
+                "denoiser_calls": None if compiled is None else dict(compiled.calls),
                 "optimisations": options.model_dump(),
                 "warm_up_s": round(warm_s, 3),
                 "batch1_latency_s": round(latency, 4),

@@ -82,7 +82,8 @@ class ImageModelDeployment:
         )
         self._failed_fatally: str | None = None
         if self.model.warmup:
-            self._warm_up()
+            # On the thread that runs every batch: CUDA graphs recorded there are replayed there.
+            self._pipeline_thread.submit(self._warm_up).result()
         logger.info("model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device)
 
     def _warm_up(self) -> None:

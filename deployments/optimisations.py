@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from serve_app.config import ModelConfig, Optimisations
+from serve_app.config import CUDA_GRAPH_COMPILE_MODES, ModelConfig, Optimisations
 from serve_app.work import CallShape
 
 if TYPE_CHECKING:
@@ -205,6 +205,7 @@ class BucketedCompile:
 
         self.module = module
         self.mode = mode
+        self.cuda_graphs = backend == "inductor" and mode in CUDA_GRAPH_COMPILE_MODES
         self.original_forward = module.forward
         # Modes are inductor options; the tracing-only backends take none.
         options = {"mode": mode} if backend == "inductor" else {}
@@ -224,6 +225,12 @@ class BucketedCompile:
             self.calls["eager"] += 1
             return self.original_forward(*args, **kwargs)
         self.calls["compiled"] += 1
+        if self.cuda_graphs:
+            # Each denoiser call is a new step: CUDA graph trees may reuse the previous
+            # call's output memory (the pipeline has consumed it by then).
+            import torch
+
+            torch.compiler.cudagraph_mark_step_begin()
         return self.compiled_forward(*args, **kwargs)
 
     def remove(self) -> None:
