@@ -384,15 +384,23 @@ def results_tables(document: dict[str, Any]) -> list[str]:
             (
                 f"**{result['model']}** ({result['dtype']}, {result['size']}, {result['steps']} steps, guidance "
                 f"{result['guidance']:g})"
+                + (
+                    f"; {result['flops_per_image_measured'] / 1e6:.0f} MFLOP per image, counted while it ran"
+                    if "flops_per_image_measured" in result
+                    else ""
+                )
             ),
             "",
-            "| variant (cumulative) | batch-1 latency s | warm-up s | max pixel difference from all off |",
-            "|---|---:|---:|---:|",
+            "| variant (cumulative) | batch-1 latency s | warm-up s | max pixel difference from all off "
+            "| denoiser calls compiled / uncompiled |",
+            "|---|---:|---:|---:|---:|",
         ]
         for rung in result["ladder"]:
+            calls = rung.get("denoiser_calls")
+            calls_text = "" if calls is None else f"{calls['compiled']} / {calls['eager']}"
             lines.append(
                 f"| {rung['variant']} | {rung['batch1_latency_s']:.3f} | {rung['warm_up_s']:.1f} "
-                f"| {rung['max_pixel_difference_from_all_off']} |"
+                f"| {rung['max_pixel_difference_from_all_off']} | {calls_text} |"
             )
         lines += [
             "",
