@@ -391,8 +391,10 @@ def results_tables(document: dict[str, Any]) -> list[str]:
                 )
             ),
             "",
-            "| variant (cumulative) | batch-1 latency s | warm-up s | max pixel difference from all off "
-            "| denoiser calls compiled / uncompiled |",
+            (
+                "| variant (cumulative) | batch-1 latency s | warm-up s | max pixel difference from all off "
+                "| denoiser calls compiled / uncompiled |"
+            ),
             "|---|---:|---:|---:|---:|",
         ]
         for rung in result["ladder"]:
