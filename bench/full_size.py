@@ -79,13 +79,13 @@ def build_pipeline(family: str, device: str, dtype: str) -> Any:
     from serve_app.families import get_family
 
     rules = get_family(family)
-    modules: dict[str, Any] = {}
+    # Schedulers keep their tables on the CPU (they convert them to numpy): made outside the
+    # device context.
+    modules: dict[str, Any] = {"scheduler": class_of(family, "scheduler").from_config(read_config(family, "scheduler"))}
     with tempfile.TemporaryDirectory() as tmp, torch.device(device), default_dtype(getattr(torch, dtype)):
         torch.manual_seed(0)
         for name in COMPONENTS[family]:
-            if name == "scheduler":
-                modules[name] = class_of(family, name).from_config(read_config(family, name))
-            else:
+            if name != "scheduler":
                 modules[name] = build_module(family, name)
         modules.update(_tokenizers(family, Path(tmp)))
     pipe_class = rules.pipeline_class(rules_mode_text())

@@ -442,8 +442,11 @@ def write_doc() -> None:
             "",
             "(it installs diffusers and pydantic from `.whl/` or PyPI if missing, runs",
             "`bench/gpu_pipeline.py` for all three families, writes `bench/results/gpu_pipeline.json` and",
-            "rewrites this page; about 20-40 minutes, most of it torch.compile warm-ups and Qwen-Image's",
-            "50-step images; `--families sdxl` runs one family).",
+            "rewrites this page). All three families at `--repeats 3` take an estimated 30-40 minutes, most",
+            "of it torch.compile warm-ups and Qwen-Image's 50-step images; where one command may run 10",
+            "minutes at most, run the families one by one with fewer repeats:",
+            "`bench/gpu_run.sh --families sdxl --repeats 2`, then `flux`, then `qwen-image --repeats 1`",
+            "(each run writes its families into `bench/results/gpu_pipeline.json`).",
         ]
     else:
         lines += [f"Measured on **{gpu['device']}** ({gpu['started']}); command: `{RUN_COMMAND}`."]
@@ -540,6 +543,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS
     if args.cpu_smoke and args.out is None:
         raise SystemExit("--cpu-smoke writes only where --out says (it must not replace GPU figures)")
+    previous = _load(out)
+    if previous is not None and previous.get("device") == document["device"]:
+        # Families run one at a time add up in one file (same device only).
+        document["families"] = {**previous.get("families", {}), **document["families"]}
     write_json(out, document)
     print(json.dumps({"written": str(out)}))
     return 0

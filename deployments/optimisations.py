@@ -75,8 +75,9 @@ def apply_optimisations(pipelines: PipelineSet, options: Optimisations, dtype: s
         _swap_vae(pipelines, options.fp16_vae, getattr(torch, dtype))
         applied.fp16_vae = options.fp16_vae
     if options.attention != "default":
-        for module in (denoiser_of(pipe), pipe.vae):
-            set_attention(module, options.attention)
+        set_attention(denoiser_of(pipe), options.attention)
+        # The VAE's attention has one 512-wide head, more than the flash kernel takes.
+        set_attention(pipe.vae, "sdpa" if options.attention == "flash" else options.attention)
         applied.attention = options.attention
     if options.channels_last:
         for name in ("unet", "vae"):
@@ -86,6 +87,7 @@ def apply_optimisations(pipelines: PipelineSet, options: Optimisations, dtype: s
                 applied.channels_last.append(name)
     if options.compile is not None:
         applied.compiled = BucketedCompile(denoiser_of(pipe), options.compile.mode, options.compile.backend)
+    logger.info("optimisations applied: %s", applied.describe())
     return applied
 
 
