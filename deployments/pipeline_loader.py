@@ -94,7 +94,8 @@ def load_pipelines(
     ``weights`` is ``builtin:<name>`` (a tiny model built on first use under ``cache_dir``),
     a local folder in diffusers layout, or a hub id. The pipelines are moved to ``device``
     in ``dtype`` ("float32" | "float16" | "bfloat16") with progress bars off; ``model`` (the
-    served ``ModelConfig``, if any) is checked against the loaded weights by the family.
+    served ``ModelConfig``, if any) is checked against the loaded weights by the family, and its
+    ``optimisations`` are applied (``deployments.optimisations``).
     """
     rules = get_family(family)
     pipeline_class = rules.pipeline_class(Mode.TEXT_TO_IMAGE)
