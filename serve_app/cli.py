@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--models", type=_model_list, default=None, help="comma-separated model ids (default: all)")
     create.add_argument("--rpm", type=_positive_int, default=None, help="requests per minute (default: config)")
     create.add_argument("--ipm", type=_positive_int, default=None, help="images per minute (default: config)")
+    create.add_argument(
+        "--allow-disable-safety-checker",
+        action="store_true",
+        help="let this key send disable_safety_checker: true (default: no; a 403 for the key)",
+    )
     create.set_defaults(handler=cmd_keys_create)
     listing = key_commands.add_parser("list", parents=[leaf], help="list keys (never shows key material)")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
@@ -78,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = key_commands.add_parser("revoke", parents=[leaf], help="revoke a key, immediately and for good")
     revoke.add_argument("name")
     revoke.set_defaults(handler=cmd_keys_revoke)
+    safety = key_commands.add_parser(
+        "safety-checker", parents=[leaf], help="whether a key may turn the safety checker off per request"
+    )
+    safety.add_argument("name")
+    safety.add_argument("permission", choices=["allow-disable", "deny-disable"])
+    safety.set_defaults(handler=cmd_keys_safety_checker)
 
     credits = commands.add_parser("credits", help="add credits to a key")
     credit_commands = credits.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -194,13 +205,20 @@ def cmd_keys_create(ctx: Context, args: argparse.Namespace) -> None:
         if unknown:
             raise CLIError(f"unknown model id(s) {', '.join(unknown)}; the config has: {', '.join(ctx.model_ids)}")
     issued = issue_key(
-        ctx.store, args.name, credits_units=units, allowed_models=args.models, rpm=args.rpm, ipm=args.ipm
+        ctx.store,
+        args.name,
+        credits_units=units,
+        allowed_models=args.models,
+        rpm=args.rpm,
+        ipm=args.ipm,
+        may_disable_safety_checker=args.allow_disable_safety_checker,
     )
     key = issued.record
     rpm, ipm = _limits(ctx, key)
     print(
         f"Created key '{key.name}' (id {key.id}): {_credits(key.balance_units)} credits, "
-        f"models: {_models(key)}, requests/min: {rpm}, images/min: {ipm}."
+        f"models: {_models(key)}, requests/min: {rpm}, images/min: {ipm}, "
+        f"may disable the safety checker: {'yes' if key.may_disable_safety_checker else 'no'}."
     )
     print("Store this API key now; it cannot be shown again:")
     print(issued.secret)
@@ -221,6 +239,7 @@ def cmd_keys_list(ctx: Context, args: argparse.Namespace) -> None:
                         "ipm": k.ipm or ctx.accounts_config.default_images_per_minute,
                         "created": k.created,
                         "revoked_at": k.revoked_at,
+                        "may_disable_safety_checker": k.may_disable_safety_checker,
                     }
                     for k in keys
                 ],
@@ -246,6 +265,12 @@ def cmd_keys_revoke(ctx: Context, args: argparse.Namespace) -> None:
         print(f"Key '{key.name}' was already revoked ({_when(key.revoked_at)}).")
     else:
         print(f"Revoked key '{key.name}'. Requests with it fail with 401 within a couple of seconds.")
+
+
+def cmd_keys_safety_checker(ctx: Context, args: argparse.Namespace) -> None:
+    key = ctx.store.set_safety_permission(args.name, args.permission == "allow-disable")
+    verdict = "may now" if key.may_disable_safety_checker else "may no longer"
+    print(f"Key '{key.name}' {verdict} send disable_safety_checker: true (within a couple of seconds).")
 
 
 def cmd_credits_add(ctx: Context, args: argparse.Namespace) -> None:

@@ -22,6 +22,8 @@ class ApiKey:
     allowed_models: frozenset[str] | None = None  # None: every model
     rpm: int | None = None  # None: the configured default
     ipm: int | None = None
+    # An operator allowed this key to turn the models' safety checker off per request.
+    may_disable_safety_checker: bool = False
 
     @property
     def revoked(self) -> bool:

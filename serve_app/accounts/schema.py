@@ -74,6 +74,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX idempotency_created ON idempotency(created);
     """,
+    # 3: whether a key may send disable_safety_checker: true (an operator's decision per key)
+    """
+    ALTER TABLE keys ADD COLUMN may_disable_safety_checker INTEGER NOT NULL DEFAULT 0
+        CHECK (may_disable_safety_checker IN (0, 1));
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -42,7 +42,7 @@ from serve_app.accounts.store import (
 from serve_app.errors import InvalidAPIKey
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-_KEY_COLUMNS = "id, name, created, revoked_at, balance_units, allowed_models, rpm, ipm"
+_KEY_COLUMNS = "id, name, created, revoked_at, balance_units, allowed_models, rpm, ipm, may_disable_safety_checker"
 
 
 def sqlite_path_from_url(url: str) -> Path:
@@ -141,7 +141,7 @@ class SQLiteAccountStore:
     # -- keys ------------------------------------------------------------------------
     @staticmethod
     def _key(row: tuple) -> ApiKey:
-        key_id, name, created, revoked_at, balance, models, rpm, ipm = row
+        key_id, name, created, revoked_at, balance, models, rpm, ipm, may_disable_safety = row
         return ApiKey(
             id=key_id,
             name=name,
@@ -151,6 +151,7 @@ class SQLiteAccountStore:
             allowed_models=None if models is None else frozenset(json.loads(models)),
             rpm=rpm,
             ipm=ipm,
+            may_disable_safety_checker=bool(may_disable_safety),
         )
 
     def create_key(
@@ -162,6 +163,7 @@ class SQLiteAccountStore:
         allowed_models: Iterable[str] | None = None,
         rpm: int | None = None,
         ipm: int | None = None,
+        may_disable_safety_checker: bool = False,
     ) -> ApiKey:
         validate_key_name(name)
         if credits_units < 0:
@@ -174,9 +176,9 @@ class SQLiteAccountStore:
         try:
             with self._write() as conn:
                 key_id = conn.execute(
-                    "INSERT INTO keys (name, key_hash, created, balance_units, allowed_models, rpm, ipm)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, key_hash, now, credits_units, models, rpm, ipm),
+                    "INSERT INTO keys (name, key_hash, created, balance_units, allowed_models, rpm, ipm,"
+                    " may_disable_safety_checker) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, key_hash, now, credits_units, models, rpm, ipm, int(may_disable_safety_checker)),
                 ).lastrowid
                 if credits_units:
                     self._ledger_row(conn, now, None, key_id, None, "credit", 0, credits_units, None)
@@ -220,6 +222,13 @@ class SQLiteAccountStore:
                 "UPDATE keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL", (time.time(), name)
             )
             if cur.rowcount == 0 and conn.execute("SELECT 1 FROM keys WHERE name = ?", (name,)).fetchone() is None:
+                raise KeyNotFound(f"no key named {name!r}")
+        return self.key_by_name(name)
+
+    def set_safety_permission(self, name: str, allowed: bool) -> ApiKey:
+        with self._write() as conn:
+            cur = conn.execute("UPDATE keys SET may_disable_safety_checker = ? WHERE name = ?", (int(allowed), name))
+            if cur.rowcount == 0:
                 raise KeyNotFound(f"no key named {name!r}")
         return self.key_by_name(name)
 

@@ -47,6 +47,7 @@ class AccountStore(Protocol):
         allowed_models: Iterable[str] | None = None,
         rpm: int | None = None,
         ipm: int | None = None,
+        may_disable_safety_checker: bool = False,
     ) -> ApiKey:
         """Raises DuplicateKeyName. Initial credits are a 'credit' ledger row."""
 
@@ -60,6 +61,9 @@ class AccountStore(Protocol):
         """Raises KeyNotFound."""
 
     def list_keys(self) -> list[ApiKey]: ...
+
+    def set_safety_permission(self, name: str, allowed: bool) -> ApiKey:
+        """Whether the key may send ``disable_safety_checker: true``. Raises KeyNotFound."""
 
     def revoke_key(self, name: str) -> ApiKey:
         """Idempotent: revoking a revoked key returns it unchanged. Raises KeyNotFound."""
