@@ -22,8 +22,11 @@ from typing import Any
 
 from ray import serve
 
+from deployments.adapters import AdapterCache
 from deployments.coalescing import BatchCoalescer
 from deployments.grouping import JobOutcome, PipelineCall, count_images, run_grouped
+from deployments.safety_checker import SafetyChecker
+from deployments.speed_mode import speed_mode
 from serve_app.config import BatchingConfig, ModelConfig
 from serve_app.metrics import LATENCY_BOUNDARIES_S, model_histogram
 from serve_app.work import CallShape, GeneratedImage, GenerationJob, JobResult
@@ -54,6 +57,14 @@ class ImageModelDeployment:
             dtype=self.model.dtype,
             cache_dir=Path(cache_dir),
             model=self.model,
+        )
+        self._adapters = AdapterCache(
+            self._pipelines.text_to_image, self.model.loras, self.model.lora_cache_size, Path(cache_dir)
+        )
+        self._safety = (
+            None
+            if self.model.safety_checker is None
+            else SafetyChecker(self.model.safety_checker.weights, self.model.device, Path(cache_dir))
         )
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
@@ -119,10 +130,13 @@ class ImageModelDeployment:
                 raise outcome.error
             images.extend(outcome.images)
         loop = asyncio.get_running_loop()
+        flags = [False] * len(images)
+        if self._safety is not None and job.check_safety:
+            flags = await loop.run_in_executor(self._pipeline_thread, self._safety.flags, images)
         encoded = await asyncio.gather(
             *(
-                loop.run_in_executor(self._encode_pool, self._encode, image, seed, job)
-                for image, seed in zip(images, job.seeds)
+                loop.run_in_executor(self._encode_pool, self._encode, image, seed, job, flagged)
+                for image, seed, flagged in zip(images, job.seeds, flags)
             )
         )
         return JobResult(images=tuple(encoded))
@@ -152,16 +166,20 @@ class ImageModelDeployment:
 
         started = time.monotonic()
         try:
-            images = run_pipeline(
-                self._pipelines,
-                call.shape,
-                call.prompts,
-                call.negative_prompts,
-                call.seeds,
-                self.model.device,
-                images=call.images,
-                masks=call.masks,
-            )
+            # This call's LoRA set and speed mode, for this call only (deployments/adapters.py,
+            # deployments/speed_mode.py).
+            self._adapters.activate(call.shape.adapters)
+            with speed_mode(self._pipelines.text_to_image, self.model.speed_mode, call.shape):
+                images = run_pipeline(
+                    self._pipelines,
+                    call.shape,
+                    call.prompts,
+                    call.negative_prompts,
+                    call.seeds,
+                    self.model.device,
+                    images=call.images,
+                    masks=call.masks,
+                )
             self._generation.observe(time.monotonic() - started)
             return images
         except RuntimeError as exc:
@@ -172,11 +190,13 @@ class ImageModelDeployment:
             raise
 
     @staticmethod
-    def _encode(image: Any, seed: int, job: GenerationJob) -> GeneratedImage:
+    def _encode(image: Any, seed: int, job: GenerationJob, flagged: bool = False) -> GeneratedImage:
         from deployments.encoding import encode_image
 
         return GeneratedImage(
-            data=encode_image(image, job.output_format, job.output_quality),
+            # A flagged image never leaves the replica.
+            data=b"" if flagged else encode_image(image, job.output_format, job.output_quality),
+            flagged=flagged,
             seed=seed,
             output_format=job.output_format,
             width=image.width,

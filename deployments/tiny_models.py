@@ -27,13 +27,44 @@ BUILTIN_VERSION = "v2"
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    family: str
+    family: str | None  # None: not a pipeline (a LoRA, a safety checker, a prompt enhancer)
     build: Callable[[Path], None]
+
+
+def _tiny_lora(family: str, base_model: str) -> Callable[[Path], None]:
+    def build(work: Path) -> None:
+        from deployments.adapters import build_tiny_lora
+
+        # ``work`` is a temporary folder inside the cache: the base model lives beside it.
+        build_tiny_lora(family, ensure_builtin_model(base_model, work.parent), work)
+
+    return build
+
+
+def _tiny_safety_checker(work: Path) -> None:
+    from deployments.safety_checker import build_tiny_safety_checker
+
+    build_tiny_safety_checker(work)
+
+
+def _tiny_enhancer(work: Path) -> None:
+    from deployments.prompt_enhancer import build_tiny_enhancer
+
+    build_tiny_enhancer(work)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     family.tiny_model: BuiltinModel(family=family.name, build=family.build_tiny) for family in FAMILIES.values()
 }
+# A tiny LoRA per family (``builtin:tiny-sdxl-lora``, ...), and the optional stages' models.
+BUILTIN_MODELS.update(
+    {
+        f"{family.tiny_model}-lora": BuiltinModel(family=None, build=_tiny_lora(family.name, family.tiny_model))
+        for family in FAMILIES.values()
+    }
+)
+BUILTIN_MODELS["tiny-safety-checker"] = BuiltinModel(family=None, build=_tiny_safety_checker)
+BUILTIN_MODELS["tiny-enhancer"] = BuiltinModel(family=None, build=_tiny_enhancer)
 
 
 def builtin_model_dir(name: str, cache_dir: Path) -> Path:

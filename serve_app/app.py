@@ -10,10 +10,12 @@ from typing import Any
 from ray.serve import Application
 
 from deployments.model_deployment import ImageModel
-from serve_app.config import AppConfig, ModelConfig
+from deployments.prompt_enhancer import PromptEnhancer
+from serve_app.config import AppConfig, DeploymentOptions, ModelConfig, PromptEnhancerConfig
 from serve_app.ingress import ImageGenerationIngress
 
 INGRESS_DEPLOYMENT_NAME = "ImageGenerationIngress"
+ENHANCER_DEPLOYMENT_NAME = "PromptEnhancer"
 
 
 def build_app(config: AppConfig) -> Application:
@@ -30,7 +32,34 @@ def build_app(config: AppConfig) -> Application:
         options["autoscaling_config"] = ingress.autoscaling_config
     elif ingress.num_replicas is not None:
         options["num_replicas"] = ingress.num_replicas
-    return ImageGenerationIngress.options(**options).bind(config.model_dump(mode="json"), handles)
+    enhancer = bind_enhancer(config.prompt_enhancer, config.cache_dir)
+    return ImageGenerationIngress.options(**options).bind(config.model_dump(mode="json"), handles, enhancer)
+
+
+def bind_enhancer(enhancer: PromptEnhancerConfig | None, cache_dir: Path) -> Application | None:
+    """The prompt enhancer's own deployment, when it is a model served here (not a URL)."""
+    if enhancer is None or enhancer.weights is None:
+        return None
+    options = _deployment_options(enhancer.deployment)
+    return PromptEnhancer.options(name=ENHANCER_DEPLOYMENT_NAME, **options).bind(
+        enhancer.model_dump(mode="json"), str(cache_dir)
+    )
+
+
+def _deployment_options(deployment: DeploymentOptions) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "ray_actor_options": deployment.ray_actor_options,
+        "max_ongoing_requests": deployment.max_ongoing_requests,
+    }
+    if deployment.autoscaling_config is not None:
+        options["autoscaling_config"] = deployment.autoscaling_config
+    elif deployment.num_replicas is not None:
+        options["num_replicas"] = deployment.num_replicas
+    for optional in ("health_check_period_s", "graceful_shutdown_timeout_s"):
+        value = getattr(deployment, optional)
+        if value is not None:
+            options[optional] = value
+    return options
 
 
 def bind_model(model: ModelConfig, cache_dir: Path) -> Application:

@@ -183,6 +183,38 @@ class DeploymentOptions(StrictModel):
         return self
 
 
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class LoraAdapterConfig(StrictModel):
+    """One LoRA a request may name in ``lora_weights`` / ``extra_lora_weights``."""
+
+    source: str = Field(min_length=1, max_length=512, description="local folder, hub id, or builtin:<name>")
+    weight_name: str | None = Field(None, max_length=256, description="the .safetensors file in source, if several")
+    family: str = Field(description="the model family it was trained for; must be the model's")
+
+
+class GoFastConfig(StrictModel):
+    """What ``go_fast: true`` does on this model (``serve_app.families`` gives each family's
+    default; ``deployments/speed_mode.py`` applies it). Every option is batch-independent,
+    so an image is the same alone or batched."""
+
+    default: bool = Field(True, description="go_fast of a request that does not send it (the qubrid default: true)")
+    cache: Literal["none", "taylorseer"] = Field(
+        "none", description="diffusers' TaylorSeer cache on a transformer: full steps every cache_interval"
+    )
+    cache_interval: int = Field(2, ge=2, le=16)
+    cache_warmup_steps: int = Field(1, ge=0, le=100, description="steps computed in full before caching starts")
+    step_fraction: float = Field(1.0, gt=0, le=1, description="share of the denoising steps run (fewer effective steps)")
+
+
+class SafetyCheckerConfig(StrictModel):
+    """An image classifier run on every image before delivery (diffusers'
+    StableDiffusionSafetyChecker layout: ``safety_checker/`` and ``feature_extractor/``)."""
+
+    weights: str = Field(min_length=1, description="folder or hub id holding the checker; or builtin:tiny-safety-checker")
+
+
 class ModelConfig(StrictModel):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     family: str = Field(description="a model family: " + ", ".join(sorted(FAMILIES)))
@@ -198,6 +230,24 @@ class ModelConfig(StrictModel):
     warmup: bool = Field(True, description="one generation of the fewest steps at the default size before traffic")
     optimisations: Optimisations = Field(default_factory=Optimisations)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+    loras: dict[str, LoraAdapterConfig] = Field(
+        default_factory=dict, max_length=256, description="adapters requests may name, by name"
+    )
+    lora_cache_size: int = Field(4, ge=1, le=64, description="adapters a replica keeps loaded (least recently used out)")
+    go_fast: GoFastConfig | None = Field(None, description="default: the family's speed mode")
+    safety_checker: SafetyCheckerConfig | None = None
+
+    @field_validator("loras")
+    @classmethod
+    def _adapter_names(cls, loras: dict[str, LoraAdapterConfig]) -> dict[str, LoraAdapterConfig]:
+        for name in loras:
+            if not re.fullmatch(ADAPTER_NAME, name):
+                raise ValueError(f"LoRA name {name!r}: letters, digits, '.', '_' and '-', at most 64")
+        return loras
+
+    @property
+    def speed_mode(self) -> GoFastConfig:
+        return self.go_fast if self.go_fast is not None else self.rules.default_go_fast
 
     @field_validator("family")
     @classmethod
@@ -230,6 +280,11 @@ class ModelConfig(StrictModel):
         if self.defaults.steps > self.limits.max_steps:
             raise ValueError("defaults.steps exceeds limits.max_steps")
         self.rules.check_model(self)
+        for name, adapter in self.loras.items():
+            if adapter.family != self.family:
+                raise ValueError(f"loras.{name} is a {adapter.family!r} adapter; model {self.id!r} is {self.family!r}")
+        if self.speed_mode.cache != "none" and not self.rules.transformer_cache:
+            raise ValueError(f"go_fast.cache: a {self.family} model has no transformer to cache; use step_fraction")
         if self.batching.max_batch_images > self.deployment.max_ongoing_requests * self.limits.max_n:
             raise ValueError("batching.max_batch_images can never fill: raise deployment.max_ongoing_requests")
         self._check_optimisations()
@@ -377,6 +432,34 @@ class ImageInputConfig(StrictModel):
         return [host.strip().lower() for host in hosts]
 
 
+class PromptEnhancerConfig(StrictModel):
+    """What ``enhance_prompt: true`` uses: a text-generation model served as its own
+    deployment in this application (``weights``), or an OpenAI-compatible chat endpoint
+    (``url``). Exactly one of the two."""
+
+    weights: str | None = Field(None, description="causal LM: folder, hub id, or builtin:tiny-enhancer")
+    url: str | None = Field(None, max_length=2048, description="base URL of an OpenAI-compatible API (…/v1)")
+    model: str = Field("default", max_length=256, description="the chat model name sent to url")
+    api_key_env: str | None = Field(None, description="environment variable holding the url's API key")
+    instruction: str = Field(
+        "Rewrite this image prompt with more visual detail (subject, style, lighting, composition). "
+        "Answer with the prompt only.",
+        max_length=4000,
+    )
+    max_new_tokens: int = Field(96, ge=1, le=1024)
+    timeout_s: float = Field(20.0, gt=0, le=300, description="past this the original prompt is used")
+    device: str = "cpu"
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptEnhancerConfig:
+        if (self.weights is None) == (self.url is None):
+            raise ValueError("prompt_enhancer: set exactly one of weights (a served model) or url (a chat endpoint)")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError("prompt_enhancer.url must be an http(s) URL")
+        return self
+
+
 class AppConfig(StrictModel):
     models: list[ModelConfig] = Field(min_length=1)
     cache_dir: Path = Field(Path("data/models"), description="where built-in models are built")
@@ -385,6 +468,7 @@ class AppConfig(StrictModel):
     accounts: AccountsConfig = Field(default_factory=AccountsConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     image_input: ImageInputConfig = Field(default_factory=ImageInputConfig)
+    prompt_enhancer: PromptEnhancerConfig | None = Field(None, description="none: enhance_prompt is a 400")
 
     @field_validator("models")
     @classmethod
@@ -451,11 +535,15 @@ __all__ = [
     "BatchingConfig",
     "CompileOptions",
     "DeploymentOptions",
+    "GoFastConfig",
     "ImageInputConfig",
     "LocalStorageConfig",
+    "LoraAdapterConfig",
     "ModelConfig",
     "Optimisations",
+    "PromptEnhancerConfig",
     "S3StorageConfig",
+    "SafetyCheckerConfig",
     "StorageConfig",
     "load_app_config",
     "load_controller_options",

@@ -84,6 +84,22 @@ class Forbidden(APIError):
     code = "forbidden"
 
 
+class PermissionDenied(APIError):
+    """The key may not use a field it sent (``param`` names it)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+class ContentFlagged(APIError):
+    """Every image of the request was flagged by the model's safety checker."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "content_policy_violation"
+
+
 class IdempotencyConflict(APIError):
     """409: an Idempotency-Key reused for a different request, or whose first attempt is
     still running past the wait."""

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
+from serve_app.enhancer import build_enhancer
 from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge, UnsupportedMediaType
 from serve_app.http_errors import REQUEST_ID_HEADER, SAFE_REQUEST_ID, error_response
 from serve_app.metrics import ServeMetrics
@@ -103,7 +104,9 @@ def _scales_from_zero(autoscaling_config: dict[str, Any] | None) -> bool:
 @serve.deployment
 @serve.ingress(api)
 class ImageGenerationIngress:
-    def __init__(self, config: AppConfig | dict[str, Any], handles: dict[str, Any]) -> None:
+    def __init__(
+        self, config: AppConfig | dict[str, Any], handles: dict[str, Any], enhancer_handle: Any = None
+    ) -> None:
         self._config = AppConfig.model_validate(config)
         replicas = ServeReplicaCounter(app_name=lambda: serve.get_replica_context().app_name)
         routes = {
@@ -130,6 +133,7 @@ class ImageGenerationIngress:
             accounts=self._accounts,
             store=self._store,
             metrics=self._metrics,
+            enhancer=build_enhancer(self._config.prompt_enhancer, enhancer_handle),
         )
 
     def _start_background_work(self) -> None:

@@ -43,6 +43,7 @@ class GenerationPlan:
     quality_label: str | None
     image: InputImage | None = None
     mask: InputImage | None = None
+    check_safety: bool = True  # run the model's safety checker (when it has one)
 
     @property
     def size(self) -> str:
@@ -60,6 +61,7 @@ class GenerationPlan:
             output_quality=self.output_quality,
             image=self.image,
             mask=self.mask,
+            check_safety=self.check_safety,
         )
         return job.split(max_images_per_job)
 
@@ -78,7 +80,14 @@ def plan_generation(
 
     mode, strength = resolve_mode(request, model, image, mask)
     width, height = resolve_size(request, model, input_size=None if image is None else image.size)
+    go_fast = model.speed_mode.default if request.go_fast is None else request.go_fast
     steps = resolve_steps(request, model)
+    if go_fast:
+        fewer = fast_steps(steps, model)
+        # Fewer steps must still leave an image-to-image call a denoising step to run.
+        if strength is None or model.rules.denoising_steps(fewer, strength) >= 1:
+            steps = fewer
+    adapters = resolve_adapters(request, model)
     if strength is not None and model.rules.denoising_steps(steps, strength) < 1:
         raise InvalidRequest(
             f"Invalid 'strength': {strength:g} of {steps} steps is no denoising step at all; raise strength or "
@@ -107,6 +116,8 @@ def plan_generation(
             with_negative_prompt=negative_prompt is not None,
             mode=mode,
             strength=strength,
+            adapters=adapters,
+            go_fast=go_fast,
         ),
         seeds=tuple(range(first_seed, first_seed + request.n)),
         output_format=output_format,
@@ -117,7 +128,50 @@ def plan_generation(
         ),
         image=None if image is None else _fitted(image, width, height, "RGB"),
         mask=None if mask is None else _fitted(mask, width, height, "L"),
+        check_safety=not request.disable_safety_checker,
     )
+
+
+def fast_steps(steps: int, model: ModelConfig) -> int:
+    """The steps ``go_fast`` runs: the model's ``step_fraction`` of them, never below the
+    family's minimum (where the family caches instead, the fraction is 1)."""
+    fraction = model.speed_mode.step_fraction
+    return max(model.min_steps, min(steps, math.ceil(steps * fraction - 1e-9)))
+
+
+def resolve_adapters(request: ImageGenerationRequest, model: ModelConfig) -> tuple[tuple[str, float], ...]:
+    """The LoRA adapters of a request with their scales, checked against the model's registry.
+
+    ``lora_weights`` goes with ``lora_scale``; ``extra_lora_weights`` with
+    ``extra_lora_scale``, one scale per adapter. The qubrid document's example sends
+    ``extra_lora_scale: [1, 1]`` with no extra adapters: scales without adapters are only
+    accepted when they are that default, so a client that sends scales for adapters it
+    forgot to name hears about it.
+    """
+    named: list[tuple[str, str, float]] = []
+    if request.lora_weights is not None:
+        named.append(("lora_weights", request.lora_weights, float(request.lora_scale)))
+    elif request.lora_scale != 1:
+        raise InvalidRequest("Invalid 'lora_scale': it needs lora_weights.", param="lora_scale")
+    extras, scales = request.extra_lora_weights, request.extra_lora_scale
+    if len(scales) != len(extras) and not (not extras and list(scales) == [1.0, 1.0]):
+        raise InvalidRequest(
+            f"Invalid 'extra_lora_scale': {len(scales)} scale(s) for {len(extras)} extra_lora_weights; send one each.",
+            param="extra_lora_scale",
+        )
+    named.extend(("extra_lora_weights", name, float(scale)) for name, scale in zip(extras, scales))
+    seen: set[str] = set()
+    for param, name, _ in named:
+        if name not in model.loras:
+            known = ", ".join(sorted(model.loras)) or "none"
+            raise InvalidRequest(
+                f"Invalid '{param}': model '{model.id}' has no LoRA named '{name[:64]}' (available: {known}).",
+                param=param,
+            )
+        if name in seen:
+            raise InvalidRequest(f"Invalid '{param}': the LoRA '{name}' is named twice.", param=param)
+        seen.add(name)
+    return tuple((name, scale) for _, name, scale in named)
 
 
 def resolve_mode(

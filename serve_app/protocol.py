@@ -44,7 +44,8 @@ class ImageGenerationRequest(BaseModel):
     # --- qubrid extensions ----------------------------------------------------------------
     # Generation controls with no OpenAI equivalent; defaults match the qubrid document.
     enhance_prompt: bool = False
-    go_fast: bool = True
+    # None: the model's configured default (go_fast.default, true unless the operator says otherwise).
+    go_fast: bool | None = None
     guidance: float | None = Field(None, ge=0, le=50)
     negative_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     num_inference_steps: int | None = Field(None, ge=1, le=1000)
@@ -72,9 +73,6 @@ class ImageGenerationRequest(BaseModel):
             ("partial_images", bool(self.partial_images), "partial images need streaming, which is not supported"),
             ("background", self.background == "transparent", "transparent backgrounds are not supported"),
             ("style", self.style is not None, "style presets are not supported; describe the style in the prompt"),
-            ("enhance_prompt", self.enhance_prompt, "prompt enhancement is not supported"),
-            ("lora_weights", self.lora_weights is not None, "LoRA weights are not supported yet"),
-            ("extra_lora_weights", bool(self.extra_lora_weights), "LoRA weights are not supported yet"),
         ]
         if not self.prompt.strip():
             raise _FieldError("prompt", "it must contain more than whitespace")
@@ -184,6 +182,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "imagegen"
+    # Extensions of GET /v1/models/{model}: the LoRA names lora_weights / extra_lora_weights
+    # accept, and what the model's optional stages are.
+    adapters: list[str] | None = None
+    safety_checker: bool | None = None
 
 
 class ModelList(BaseModel):

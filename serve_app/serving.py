@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import functools
 import hashlib
 import json
@@ -23,7 +24,15 @@ from typing import Any, Protocol
 
 from serve_app.accounts import Settlement
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.errors import IdempotencyConflict, InvalidRequest, ModelNotFound, UpstreamError
+from serve_app.enhancer import ENHANCE_HEADER, PromptEnhancer, enhance_prompt
+from serve_app.errors import (
+    ContentFlagged,
+    IdempotencyConflict,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    UpstreamError,
+)
 from serve_app.image_input import ImageInputPolicy, decode_image, image_from_field, mask_from_png
 from serve_app.metrics import NoMetrics, ServiceMetrics
 from serve_app.planning import GenerationPlan, plan_generation
@@ -95,7 +104,9 @@ class EditUpload:
 
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, as Stripe and OpenAI take
 # Headers of a first outcome that a replay repeats (the rate-limit headers were of that moment).
-REPLAYED_HEADERS = ("x-credits-charged", "x-credits-remaining")
+# How many images the safety checker withheld (only when it withheld some).
+FLAGGED_HEADER = "x-images-flagged"
+REPLAYED_HEADERS = ("x-credits-charged", "x-credits-remaining", ENHANCE_HEADER, FLAGGED_HEADER)
 IDEMPOTENCY_POLL_S = 0.25
 
 
@@ -120,8 +131,10 @@ class ImageGenerationService:
         store: ImageStorePort | None = None,
         clock: Callable[[], float] = time.time,
         metrics: ServiceMetrics | None = None,
+        enhancer: PromptEnhancer | None = None,
     ) -> None:
         self._config = config
+        self._enhancer = enhancer
         self._router = router
         self._accounts = accounts
         self._store = store
@@ -139,7 +152,12 @@ class ImageGenerationService:
     async def retrieve_model(self, authorization: str | None, model_id: str) -> ModelCard:
         key = await self._accounts.authenticate(authorization)
         model = self._permitted_model(key, model_id)
-        return ModelCard(id=model.id, created=int(self._clock()))
+        return ModelCard(
+            id=model.id,
+            created=int(self._clock()),
+            adapters=sorted(model.loras),
+            safety_checker=model.safety_checker is not None,
+        )
 
     async def usage(self, authorization: str | None) -> dict[str, Any]:
         """Balance, and images and credits by model, for the calling key."""
@@ -284,6 +302,15 @@ class ImageGenerationService:
         base_url: str | None,
     ) -> ServedResponse:
         """Admit, reserve, generate, deliver, and settle exactly what was delivered."""
+        if request.disable_safety_checker and not key.may_disable_safety_checker:
+            raise PermissionDenied(
+                "Invalid 'disable_safety_checker': this API key may not turn the safety checker off.",
+                param="disable_safety_checker",
+            )
+        if request.enhance_prompt and self._enhancer is None:
+            raise InvalidRequest(
+                "Invalid 'enhance_prompt': no prompt enhancer is configured on this service.", param="enhance_prompt"
+            )
         if plan.response_format == "url":
             if self._store is None:
                 raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
@@ -298,7 +325,9 @@ class ImageGenerationService:
         headers = dict(await self._accounts.admit(key, request.n))
         reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
         try:
-            delivered = await self._generate_and_deliver(plan, model, request_id, base_url)
+            if request.enhance_prompt:
+                plan = await self._enhanced(plan, model, headers)
+            delivered, flagged = await self._generate_and_deliver(plan, model, request_id, base_url)
         except BaseException:
             # Failure or client disconnect: refund it all. settle() is shielded, so the
             # cancellation that a disconnect brings cannot stop the refund.
@@ -309,6 +338,8 @@ class ImageGenerationService:
         # cannot know the images arrived), never a charge for images that did not. The
         # headers say what that settlement will be.
         headers.update(reservation.settlement_if(len(delivered)).credit_headers())
+        if flagged:
+            headers[FLAGGED_HEADER] = str(flagged)
         body = ImagesResponse(
             created=int(self._clock()),
             data=delivered,
@@ -320,6 +351,15 @@ class ImageGenerationService:
         return ServedResponse(
             body=body, headers=headers, after_sent=functools.partial(self._settle, reservation, len(delivered), request_id)
         )
+
+    async def _enhanced(self, plan: GenerationPlan, model: ModelConfig, headers: dict[str, str]) -> GenerationPlan:
+        """The plan with the enhancer's prompt (the original one if it fails: the header says which)."""
+        assert self._enhancer is not None and self._config.prompt_enhancer is not None
+        enhancement = await enhance_prompt(
+            self._enhancer, plan.prompt, self._config.prompt_enhancer.timeout_s, model.limits.max_prompt_chars
+        )
+        headers[ENHANCE_HEADER] = "applied" if enhancement.applied else "failed"
+        return dataclasses.replace(plan, prompt=enhancement.prompt)
 
     async def _settle(self, reservation: Any, delivered: int, request_id: str) -> None:
         settlement = await self._accounts.settle(reservation, delivered)
@@ -336,17 +376,26 @@ class ImageGenerationService:
 
     async def _generate_and_deliver(
         self, plan: GenerationPlan, model: ModelConfig, request_id: str, base_url: str | None
-    ) -> list[ImageData]:
+    ) -> tuple[list[ImageData], int]:
+        """The images to deliver, and how many the safety checker withheld."""
         results = await self._router.generate(model.id, plan.jobs(request_id, model.batching.max_batch_images))
         images = [image for result in results for image in result.images]
         if [image.seed for image in images] != list(plan.seeds):
             raise UpstreamError(f"The model '{model.id}' returned an incomplete result.")
+        passed = [image for image in images if not image.flagged]
+        if not passed:
+            raise ContentFlagged(
+                "The safety checker flagged every generated image; nothing was delivered or charged. "
+                "Change the prompt or the seed.",
+            )
+        flagged = len(images) - len(passed)
         if plan.response_format == "url":
-            return await self._store_all(images, plan, request_id, base_url)
-        return [
+            return await self._store_all(passed, plan, request_id, base_url), flagged
+        data = [
             ImageData(b64_json=base64.b64encode(image.data).decode("ascii"), revised_prompt=plan.prompt, seed=image.seed)
-            for image in images
+            for image in passed
         ]
+        return data, flagged
 
     async def _store_all(
         self, images: Sequence[GeneratedImage], plan: GenerationPlan, request_id: str, base_url: str | None

@@ -38,6 +38,10 @@ class CallShape:
     mode: Mode = Mode.TEXT_TO_IMAGE
     # How far an input image is noised (0 < strength <= 1); None for text-to-image.
     strength: float | None = None
+    # LoRA adapters active in the call, (registry name, scale) in request order.
+    adapters: tuple[tuple[str, float], ...] = ()
+    # The model's speed mode (transformer caching) is on for this call.
+    go_fast: bool = False
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class GenerationJob:
     output_quality: int = 80
     image: InputImage | None = None  # image-to-image and inpainting
     mask: InputImage | None = None  # inpainting
+    # Run the model's safety checker on these images (when the model has one).
+    check_safety: bool = True
 
     @property
     def num_images(self) -> int:
@@ -98,6 +104,8 @@ class GeneratedImage:
     output_format: str
     width: int
     height: int
+    # The safety checker flagged it: ``data`` is empty and the image is not delivered.
+    flagged: bool = False
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,10 @@ QWEN = ModelConfig.model_validate(
 
 
 def plan(model=SDXL, **fields):
-    return plan_generation(parse_generation_request({"model": model.id, "prompt": "apple", **fields}), model)
+    # go_fast off: these tests are about the steps asked for (tests/test_extensions_planning.py
+    # covers what go_fast does to them).
+    body = {"model": model.id, "prompt": "apple", "go_fast": False, **fields}
+    return plan_generation(parse_generation_request(body), model)
 
 
 def test_defaults_come_from_the_model():

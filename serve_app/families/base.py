@@ -19,7 +19,7 @@ from serve_app.errors import InvalidRequest
 from serve_app.work import CallShape, Mode
 
 if TYPE_CHECKING:
-    from serve_app.config import ModelConfig
+    from serve_app.config import GoFastConfig, ModelConfig
 
 
 class GuidanceKind(str, Enum):
@@ -50,6 +50,17 @@ class Family:
     # Whether the pipeline decodes with the VAE upcast to float32 when run in float16 (SDXL's
     # VAE overflows in float16), so that an fp16-safe VAE (optimisations.fp16_vae) pays.
     vae_upcast_in_float16: ClassVar[bool] = False
+    # Whether the denoiser is a diffusers transformer with caching hooks (CacheMixin), and
+    # the attribute of the pipeline that holds the denoiser (the LoRA target).
+    transformer_cache: ClassVar[bool] = False
+    denoiser: ClassVar[str] = "transformer"
+
+    @property
+    def default_go_fast(self) -> GoFastConfig:
+        """What ``go_fast: true`` does on this family unless a model's config says otherwise."""
+        from serve_app.config import GoFastConfig
+
+        return GoFastConfig()
 
     # --- the ingress side: plain Python ---------------------------------------------------
 

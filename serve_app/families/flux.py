@@ -93,6 +93,16 @@ class Flux(Family):
     }
     class_name_prefix = "Flux"
     tiny_model = "tiny-flux"
+    transformer_cache = True
+
+    @property
+    def default_go_fast(self):
+        # TaylorSeer: a full transformer pass every other step, a first-order Taylor
+        # extrapolation of the block outputs in between. Its schedule is fixed (not a
+        # threshold on the batch's activations), so an image is the same alone or batched.
+        from serve_app.config import GoFastConfig
+
+        return GoFastConfig(cache="taylorseer", cache_interval=2, cache_warmup_steps=1)
 
     def check_guidance(self, model: ModelConfig, guidance: float, requested: bool, negative_prompt: str | None) -> None:
         if negative_prompt is not None:

@@ -35,6 +35,16 @@ class QwenImage(Family):
     }
     class_name_prefix = "QwenImage"
     tiny_model = "tiny-qwen-image"
+    transformer_cache = True
+
+    @property
+    def default_go_fast(self):
+        # TaylorSeer: a full transformer pass every other step, a first-order Taylor
+        # extrapolation of the block outputs in between. Its schedule is fixed (not a
+        # threshold on the batch's activations), so an image is the same alone or batched.
+        from serve_app.config import GoFastConfig
+
+        return GoFastConfig(cache="taylorseer", cache_interval=2, cache_warmup_steps=1)
 
     def call_arguments(
         self, shape: CallShape, prompts: list[str], negative_prompts: list[str] | None

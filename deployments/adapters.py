@@ -1,0 +1,115 @@
+"""LoRA adapters per request: loaded on first use, a bounded LRU kept on the replica.
+
+The adapters of one pipeline call are the call shape's ``adapters`` (the batcher only puts
+work with the same adapters and scales in one call). Before each call ``activate`` makes
+exactly those adapters active at their scales with diffusers' ``set_adapters``, or turns
+LoRA off for a call without any, so an adapter never touches another request's image.
+The pipelines of a ``PipelineSet`` share their modules, so activating on the
+text-to-image pipeline serves the image modes too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("ray.serve")
+
+BUILTIN_PREFIX = "builtin:"
+# peft's default LoRA targets in diffusers' attention blocks, the same names in a UNet's
+# transformer blocks and in the FLUX.1 / Qwen-Image transformers.
+TINY_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class AdapterLoadError(RuntimeError):
+    """A configured adapter could not be loaded (missing folder, wrong family, broken file)."""
+
+
+class AdapterCache:
+    """The adapters loaded into one pipeline, least recently used evicted past ``capacity``."""
+
+    def __init__(self, pipe: Any, registry: Mapping[str, Any], capacity: int, cache_dir: Path) -> None:
+        self._pipe = pipe
+        self._registry = registry  # name -> LoraAdapterConfig
+        self._capacity = capacity
+        self._cache_dir = Path(cache_dir)
+        self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._lora_on = False
+
+    @property
+    def loaded(self) -> list[str]:
+        """Loaded adapters, least recently used first."""
+        return list(self._loaded)
+
+    def activate(self, adapters: Sequence[tuple[str, float]]) -> None:
+        """Make exactly ``adapters`` (name, scale) active for the next call."""
+        if not adapters:
+            if self._lora_on:
+                self._pipe.disable_lora()
+                self._lora_on = False
+            return
+        names = [name for name, _ in adapters]
+        for name in names:
+            self._ensure_loaded(name, keep=names)
+        self._pipe.enable_lora()
+        self._pipe.set_adapters(names, adapter_weights=[float(scale) for _, scale in adapters])
+        self._lora_on = True
+
+    def _ensure_loaded(self, name: str, keep: Sequence[str]) -> None:
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return
+        # Evict the least recently used adapters the coming call does not need; a call that
+        # needs more than ``capacity`` adapters still gets them all.
+        for victim in [n for n in self._loaded if n not in keep]:
+            if len(self._loaded) < self._capacity:
+                break
+            self._pipe.delete_adapters(victim)
+            del self._loaded[victim]
+            logger.info("LoRA %s unloaded (least recently used)", victim)
+        adapter = self._registry[name]
+        source = resolve_adapter_source(adapter.source, self._cache_dir)
+        kwargs = {} if adapter.weight_name is None else {"weight_name": adapter.weight_name}
+        try:
+            self._pipe.load_lora_weights(source, adapter_name=name, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise AdapterLoadError(f"cannot load LoRA {name!r} from {adapter.source!r}: {exc}") from exc
+        self._loaded[name] = None
+        logger.info("LoRA %s loaded", name)
+
+
+def resolve_adapter_source(source: str, cache_dir: Path) -> str:
+    """A folder or hub id for ``load_lora_weights``; ``builtin:<name>`` is built on first use."""
+    if source.startswith(BUILTIN_PREFIX):
+        from deployments.tiny_models import ensure_builtin_model
+
+        return str(ensure_builtin_model(source[len(BUILTIN_PREFIX) :], cache_dir))
+    return source
+
+
+def build_tiny_lora(family_name: str, base: Path, work: Path) -> None:
+    """A LoRA for a family's tiny model: random rank-4 adapters on the denoiser's attention
+    projections (peft with ``init_lora_weights=False``, so it changes images), saved with
+    the pipeline's own ``save_lora_weights`` as a trained LoRA would be."""
+    import torch
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from serve_app.families import get_family
+    from serve_app.families.tiny_parts import seeded
+    from serve_app.work import Mode
+
+    family = get_family(family_name)
+    pipeline_class = family.pipeline_class(Mode.TEXT_TO_IMAGE)
+    denoiser = getattr(pipeline_class.from_pretrained(base), family.denoiser)
+    seeded(0)
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TINY_LORA_TARGETS, init_lora_weights=False))
+    with torch.no_grad():
+        layers = get_peft_model_state_dict(denoiser)
+    pipeline_class.save_lora_weights(work, **{f"{family.denoiser}_lora_layers": layers})
+    # model_index.json marks a complete built-in folder (deployments.tiny_models).
+    (work / "model_index.json").write_text(json.dumps({"_class_name": "LoRA", "family": family_name}) + "\n")
