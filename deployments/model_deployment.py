@@ -25,9 +25,10 @@ from ray import serve
 from deployments.adapters import AdapterCache
 from deployments.coalescing import BatchCoalescer
 from deployments.grouping import JobOutcome, PipelineCall, count_images, run_grouped
+from deployments.pipeline_loader import PipelineSet
 from deployments.safety_checker import SafetyChecker
 from deployments.speed_mode import speed_mode
-from serve_app.config import BatchingConfig, ModelConfig
+from serve_app.config import BatchingConfig, GoFastConfig, ModelConfig
 from serve_app.metrics import LATENCY_BOUNDARIES_S, model_histogram
 from serve_app.work import CallShape, GeneratedImage, GenerationJob, JobResult
 
@@ -162,24 +163,9 @@ class ImageModelDeployment:
         return self._batching.images_per_call(shape.width, shape.height)
 
     def _run_call(self, call: PipelineCall) -> list[Any]:
-        from deployments.pipeline_runner import run_pipeline
-
         started = time.monotonic()
         try:
-            # This call's LoRA set and speed mode, for this call only (deployments/adapters.py,
-            # deployments/speed_mode.py).
-            self._adapters.activate(call.shape.adapters)
-            with speed_mode(self._pipelines.text_to_image, self.model.speed_mode, call.shape):
-                images = run_pipeline(
-                    self._pipelines,
-                    call.shape,
-                    call.prompts,
-                    call.negative_prompts,
-                    call.seeds,
-                    self.model.device,
-                    images=call.images,
-                    masks=call.masks,
-                )
+            images = run_call(self._pipelines, self._adapters, self.model.speed_mode, call, self.model.device)
             self._generation.observe(time.monotonic() - started)
             return images
         except RuntimeError as exc:
@@ -206,6 +192,27 @@ class ImageModelDeployment:
     def check_health(self) -> None:
         if self._failed_fatally is not None:
             raise RuntimeError(f"pipeline failed fatally: {self._failed_fatally}")
+
+
+def run_call(
+    pipelines: PipelineSet, adapters: AdapterCache, speed: GoFastConfig, call: PipelineCall, device: str
+) -> list[Any]:
+    """One pipeline call with its LoRA set active and its speed mode on, for this call only
+    (``deployments/adapters.py``, ``deployments/speed_mode.py``)."""
+    from deployments.pipeline_runner import run_pipeline
+
+    adapters.activate(call.shape.adapters)
+    with speed_mode(pipelines.text_to_image, speed, call.shape):
+        return run_pipeline(
+            pipelines,
+            call.shape,
+            call.prompts,
+            call.negative_prompts,
+            call.seeds,
+            device,
+            images=call.images,
+            masks=call.masks,
+        )
 
 
 ImageModel = serve.deployment(ImageModelDeployment)

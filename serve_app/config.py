@@ -205,14 +205,18 @@ class GoFastConfig(StrictModel):
     )
     cache_interval: int = Field(2, ge=2, le=16)
     cache_warmup_steps: int = Field(1, ge=0, le=100, description="steps computed in full before caching starts")
-    step_fraction: float = Field(1.0, gt=0, le=1, description="share of the denoising steps run (fewer effective steps)")
+    step_fraction: float = Field(
+        1.0, gt=0, le=1, description="share of the denoising steps run (fewer effective steps)"
+    )
 
 
 class SafetyCheckerConfig(StrictModel):
     """An image classifier run on every image before delivery (diffusers'
     StableDiffusionSafetyChecker layout: ``safety_checker/`` and ``feature_extractor/``)."""
 
-    weights: str = Field(min_length=1, description="folder or hub id holding the checker; or builtin:tiny-safety-checker")
+    weights: str = Field(
+        min_length=1, description="folder or hub id holding the checker; or builtin:tiny-safety-checker"
+    )
 
 
 class ModelConfig(StrictModel):
@@ -233,7 +237,9 @@ class ModelConfig(StrictModel):
     loras: dict[str, LoraAdapterConfig] = Field(
         default_factory=dict, max_length=256, description="adapters requests may name, by name"
     )
-    lora_cache_size: int = Field(4, ge=1, le=64, description="adapters a replica keeps loaded (least recently used out)")
+    lora_cache_size: int = Field(
+        4, ge=1, le=64, description="adapters a replica keeps loaded (least recently used out)"
+    )
     go_fast: GoFastConfig | None = Field(None, description="default: the family's speed mode")
     safety_checker: SafetyCheckerConfig | None = None
 
