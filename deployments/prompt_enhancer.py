@@ -90,6 +90,7 @@ PromptEnhancer = serve.deployment(PromptEnhancerDeployment)
 
 
 def build_tiny_enhancer(work: Path) -> None:
+    import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     from serve_app.families.tiny_parts import build_qwen_tokenizer, seeded
@@ -112,6 +113,14 @@ def build_tiny_enhancer(work: Path) -> None:
     )
     seeded(0)
     model = Qwen2ForCausalLM(config).eval()
+    # Random weights pick any byte; zeroing the (tied) embeddings of tokens that are not
+    # printable text gives them a zero logit, so greedy decoding writes visible characters.
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        for token_id in range(len(tokenizer)):
+            text = tokenizer.decode([token_id])
+            if not text.strip() or not text.isprintable() or "\ufffd" in text:
+                embeddings[token_id] = 0
     model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(work, safe_serialization=True)
     tokenizer.save_pretrained(work)

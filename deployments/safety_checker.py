@@ -137,9 +137,11 @@ def build_tiny_safety_checker(work: Path) -> None:
         size={"shortest_edge": TINY_IMAGE_SIDE}, crop_size={"height": TINY_IMAGE_SIDE, "width": TINY_IMAGE_SIDE}
     )
 
-    def embeds(images: list[Any]) -> torch.Tensor:
-        pixels = processor(images=images, return_tensors="pt").pixel_values
-        pooled = model.vision_model(pixels)[1]
+    def pixels(images: list[Any]) -> torch.Tensor:
+        return processor(images=images, return_tensors="pt").pixel_values
+
+    def embeds(pixel_values: torch.Tensor) -> torch.Tensor:
+        pooled = model.vision_model(pixel_values)[1]
         return torch.nn.functional.normalize(model.visual_projection(pooled), dim=-1)
 
     # A random vision tower does not tell the pattern from anything: train it briefly (a
@@ -147,20 +149,21 @@ def build_tiny_safety_checker(work: Path) -> None:
     # variations (noise, blur, colour drift, as image-to-image leaves them) along one
     # concept direction and ordinary images away from it, as a real checker was trained.
     concept = torch.nn.functional.normalize(torch.randn(config.projection_dim), dim=0)
-    positives, negatives = _pattern_variants(48), _ordinary_images(96)
+    positives, negatives = _pattern_variants(32), _ordinary_images(64)
+    training = pixels(positives + negatives)
     labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     model.train()
-    for _ in range(150):
-        scores = embeds(positives + negatives) @ concept
+    for _ in range(60):
+        scores = embeds(training) @ concept
         loss = torch.nn.functional.binary_cross_entropy_with_logits(8 * (scores - 0.5), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        ordinary_scores = embeds(_ordinary_images(60, side=48)) @ concept  # not trained on
-        pattern_scores = embeds(_pattern_variants(12, seed=1)) @ concept
+        ordinary_scores = embeds(pixels(_ordinary_images(60, side=48))) @ concept  # not trained on
+        pattern_scores = embeds(pixels(_pattern_variants(12, seed=1))) @ concept
     highest_ordinary, lowest_pattern = float(ordinary_scores.max()), float(pattern_scores.min())
     if lowest_pattern <= highest_ordinary:
         raise RuntimeError("tiny safety checker: the pattern does not stand apart from ordinary images")
