@@ -72,10 +72,10 @@ def generate(pipes, adapters, jobs, speed=None):
 def test_a_lora_changes_the_image_scale_zero_does_not_and_it_never_leaks(family):
     name, pipes, registry = family
     adapters = fresh_cache(pipes, registry)
-    (plain,), = generate(pipes, adapters, [job("plain", shape(name))])
-    (styled,), = generate(pipes, adapters, [job("lora", shape(name, adapters=(("style-a", 1.0),)))])
-    (zero,), = generate(pipes, adapters, [job("zero", shape(name, adapters=(("style-a", 0.0),)))])
-    (after,), = generate(pipes, adapters, [job("after", shape(name))])
+    ((plain,),) = generate(pipes, adapters, [job("plain", shape(name))])
+    ((styled,),) = generate(pipes, adapters, [job("lora", shape(name, adapters=(("style-a", 1.0),)))])
+    ((zero,),) = generate(pipes, adapters, [job("zero", shape(name, adapters=(("style-a", 0.0),)))])
+    ((after,),) = generate(pipes, adapters, [job("after", shape(name))])
     assert np.abs(pixels(styled) - pixels(plain)).mean() > 1.0
     assert np.array_equal(pixels(zero), pixels(plain))
     assert np.array_equal(pixels(after), pixels(plain))  # the adapter stayed with its request
@@ -107,8 +107,8 @@ def test_the_replica_keeps_a_bounded_lru_of_adapters(family):
     # One call may need more than the capacity: it gets them all.
     generate(pipes, adapters, [job("ab", shape(name, adapters=(("style-a", 1.0), ("style-b", 1.0))))])
     assert sorted(adapters.loaded) == ["style-a", "style-b"]
-    (plain,), = generate(pipes, adapters, [job("plain", shape(name))])
-    (reference,), = generate(pipes, fresh_cache(pipes, {}), [job("reference", shape(name))])
+    ((plain,),) = generate(pipes, adapters, [job("plain", shape(name))])
+    ((reference,),) = generate(pipes, fresh_cache(pipes, {}), [job("reference", shape(name))])
     assert np.array_equal(pixels(plain), pixels(reference))
 
 
@@ -120,11 +120,11 @@ def test_go_fast_caches_the_transformer_and_stays_batch_independent(name):
     assert speed.cache == "taylorseer"
     slow = shape(name, go_fast=False).__class__(**{**shape(name).__dict__, "steps": 8})
     fast = slow.__class__(**{**slow.__dict__, "go_fast": True})
-    (plain,), = generate(pipes, adapters, [job("slow", slow)], speed)
+    ((plain,),) = generate(pipes, adapters, [job("slow", slow)], speed)
     jobs = [job("fast", fast), job("fast-2", fast, seeds=(4, 5), prompt="a green pear")]
     batched = generate(pipes, adapters, jobs, speed)
     alone = generate(pipes, adapters, [jobs[0]], speed)[0]
-    (after,), = generate(pipes, adapters, [job("slow-again", slow)], speed)
+    ((after,),) = generate(pipes, adapters, [job("slow-again", slow)], speed)
     assert not np.array_equal(pixels(batched[0][0]), pixels(plain))  # the cache really skipped work
     assert psnr(batched[0][0], plain) > 15  # ... and the image is still the same picture
     assert np.abs(pixels(batched[0][0]) - pixels(alone[0])).max() <= 1

@@ -159,7 +159,7 @@ def test_an_openai_compatible_chat_endpoint_enhances(accounts):
     seen = []
 
     class Chat(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's name
+        def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             seen.append((self.path, self.headers.get("Authorization"), body))
             answer = {"choices": [{"message": {"role": "assistant", "content": "an apple, oil painting"}}]}
