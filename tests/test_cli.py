@@ -268,3 +268,20 @@ def test_release_stale_refunds_only_what_no_request_can_still_deliver(run_main):
     assert code == 0 and "Released 0 stale reservation(s)" in out
     assert store.usage(key_id).reserved_units == 1
     store.close()
+
+
+def test_an_operator_decides_who_may_disable_the_safety_checker(env):
+    created = imagegen(env, "keys", "create", "--name", "trusted", "--credits", "1", "--allow-disable-safety-checker")
+    assert created.returncode == 0 and "may disable the safety checker: yes" in created.stdout
+    assert imagegen(env, "keys", "create", "--name", "other", "--credits", "1").returncode == 0
+
+    def permissions():
+        listed = json.loads(imagegen(env, "keys", "list", "--json").stdout)
+        return {key["name"]: key["may_disable_safety_checker"] for key in listed}
+
+    assert permissions() == {"other": False, "trusted": True}
+    assert imagegen(env, "keys", "safety-checker", "trusted", "deny-disable").returncode == 0
+    assert imagegen(env, "keys", "safety-checker", "other", "allow-disable").returncode == 0
+    assert permissions() == {"other": True, "trusted": False}
+    missing = imagegen(env, "keys", "safety-checker", "nobody", "allow-disable")
+    assert missing.returncode == 1 and "no key named 'nobody'" in missing.stderr
