@@ -156,7 +156,7 @@ class ImageGenerationIngress:
             models = await self._service.list_models(request.headers.get("authorization"))
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             return error_for(exc, request)
-        return JSONResponse(models.model_dump())
+        return JSONResponse(models.model_dump(exclude_none=True))
 
     @api.get("/v1/models/{model_id:path}")
     async def retrieve_model(self, model_id: str, request: Request) -> Response:
@@ -164,7 +164,7 @@ class ImageGenerationIngress:
             model = await self._service.retrieve_model(request.headers.get("authorization"), model_id)
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             return error_for(exc, request)
-        return JSONResponse(model.model_dump())
+        return JSONResponse(model.model_dump(exclude_none=True))
 
     @api.get("/v1/usage")
     async def usage(self, request: Request) -> Response:
