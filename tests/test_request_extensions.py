@@ -5,8 +5,8 @@ without Ray: the code the model deployment and the enhancer deployment run
 
 from __future__ import annotations
 
+import functools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,10 +34,21 @@ def psnr(a, b) -> float:
     return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
+@functools.cache
+def pipelines(name: str):
+    """Each family's tiny pipelines, loaded once for this module."""
+    return load_pipelines(name, f"builtin:{get_family(name).tiny_model}", "cpu", "float32", MODEL_CACHE)
+
+
+@functools.cache
+def checker() -> SafetyChecker:
+    return SafetyChecker("builtin:tiny-safety-checker", "cpu", MODEL_CACHE)
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request):
     name = request.param
-    pipes = load_pipelines(name, f"builtin:{get_family(name).tiny_model}", "cpu", "float32", MODEL_CACHE)
+    pipes = pipelines(name)
     source = f"builtin:{get_family(name).tiny_model}-lora"
     # Two names for the one tiny LoRA: enough to watch the LRU load and evict.
     registry = {n: LoraAdapterConfig(source=source, family=name) for n in ("style-a", "style-b")}
@@ -87,7 +98,6 @@ def test_a_batch_of_mixed_adapters_gives_each_request_its_own_image(family):
     shapes = [
         shape(name),
         shape(name, adapters=(("style-a", 1.0),)),
-        shape(name, adapters=(("style-a", 0.5),)),
         shape(name, adapters=(("style-a", 1.0), ("style-b", -0.5))),
     ]
     jobs = [job(f"r{i}", s, seeds=(11 + i,)) for i, s in enumerate(shapes)]
@@ -114,8 +124,8 @@ def test_the_replica_keeps_a_bounded_lru_of_adapters(family):
 
 @pytest.mark.parametrize("name", ["flux", "qwen-image"])
 def test_go_fast_caches_the_transformer_and_stays_batch_independent(name):
-    pipes = load_pipelines(name, f"builtin:{get_family(name).tiny_model}", "cpu", "float32", MODEL_CACHE)
-    adapters = AdapterCache(pipes.text_to_image, {}, capacity=1, cache_dir=MODEL_CACHE)
+    pipes = pipelines(name)
+    adapters = fresh_cache(pipes, {})
     speed = get_family(name).default_go_fast
     assert speed.cache == "taylorseer"
     slow = shape(name, go_fast=False).__class__(**{**shape(name).__dict__, "steps": 8})
@@ -132,24 +142,22 @@ def test_go_fast_caches_the_transformer_and_stays_batch_independent(name):
 
 
 def test_the_tiny_safety_checker_passes_ordinary_images_and_flags_its_pattern():
-    checker = SafetyChecker("builtin:tiny-safety-checker", "cpu", MODEL_CACHE)
-    assert checker.flags([flag_pattern(64, 64), flag_pattern(96, 64)]) == [True, True]
-    assert not any(checker.flags(_ordinary_images(30, side=64)))
-    assert checker.flags([]) == []
+    assert checker().flags([flag_pattern(64, 64), flag_pattern(96, 64)]) == [True, True]
+    assert not any(checker().flags(_ordinary_images(30, side=64)))
+    assert checker().flags([]) == []
 
 
 @pytest.mark.parametrize("name", ["sdxl", "qwen-image"])
 def test_generated_images_pass_and_the_pattern_survives_image_to_image(name):
-    pipes = load_pipelines(name, f"builtin:{get_family(name).tiny_model}", "cpu", "float32", MODEL_CACHE)
-    adapters = AdapterCache(pipes.text_to_image, {}, capacity=1, cache_dir=MODEL_CACHE)
-    checker = SafetyChecker("builtin:tiny-safety-checker", "cpu", MODEL_CACHE)
+    pipes = pipelines(name)
+    adapters = fresh_cache(pipes, {})
     ordinary = generate(pipes, adapters, [job("plain", shape(name), seeds=range(6))])[0]
-    assert not any(checker.flags(ordinary))
+    assert not any(checker().flags(ordinary))
     pattern = InputImage.from_pil(flag_pattern(64, 64))
     from dataclasses import replace
 
     edit = replace(job("edit", shape(name, mode=Mode.IMAGE_TO_IMAGE, strength=0.5)), image=pattern)
-    assert all(checker.flags(generate(pipes, adapters, [edit])[0]))
+    assert all(checker().flags(generate(pipes, adapters, [edit])[0]))
 
 
 def test_the_tiny_enhancer_rewrites_a_prompt_into_printable_text():
@@ -160,7 +168,3 @@ def test_the_tiny_enhancer_rewrites_a_prompt_into_printable_text():
     rewrite = clean_rewrite(enhancer.rewrite("a red apple"), 4000)
     assert rewrite and rewrite != "a red apple"
     assert enhancer.rewrite("a red apple") == enhancer.rewrite("a red apple")  # greedy: reproducible
-
-
-def test_cache_dir_is_the_test_cache():
-    assert Path(MODEL_CACHE).name == "models"
