@@ -38,6 +38,10 @@ def speed_mode(pipe: Any, config: GoFastConfig, shape: CallShape) -> Iterator[No
         )
     )
     try:
-        yield
+        # The cache's state lives in a named context. Text-to-image pipelines open their own
+        # around each denoiser call; some image-to-image and inpainting pipelines (FLUX.1's)
+        # open none, so one spans the whole call (a pipeline's own context takes over inside).
+        with transformer.cache_context("go_fast"):
+            yield
     finally:
         transformer.disable_cache()

@@ -139,6 +139,23 @@ def test_go_fast_caches_the_transformer_and_stays_batch_independent(name):
     assert psnr(batched[0][0], plain) > 15  # ... and the image is still the same picture
     assert np.abs(pixels(batched[0][0]) - pixels(alone[0])).max() <= 1
     assert np.array_equal(pixels(after), pixels(plain))  # the hooks are gone after the call
+    # The image modes too (FLUX.1's image-to-image pipeline opens no cache context itself).
+    from dataclasses import replace
+
+    source = InputImage.from_pil(flag_pattern(64, 64))
+    for mode, extra in ((Mode.IMAGE_TO_IMAGE, {}), (Mode.INPAINT, {"mask": source_mask()})):
+        edit_shape = replace(fast, mode=mode, strength=0.6)
+        edit = replace(job("edit", edit_shape), image=source, **extra)
+        (edited,) = generate(pipes, adapters, [edit], speed)[0]
+        assert edited.size == (64, 64)
+
+
+def source_mask() -> InputImage:
+    from PIL import Image
+
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    return InputImage.from_pil(mask)
 
 
 def test_the_tiny_safety_checker_passes_ordinary_images_and_flags_its_pattern():
