@@ -25,6 +25,7 @@ from ray import serve
 from deployments.adapters import AdapterCache
 from deployments.coalescing import BatchCoalescer
 from deployments.grouping import JobOutcome, PipelineCall, count_images, run_grouped
+from deployments.optimisations import compile_scope
 from deployments.pipeline_loader import PipelineSet
 from deployments.safety_checker import SafetyChecker
 from deployments.speed_mode import speed_mode
@@ -198,11 +199,12 @@ def run_call(
     pipelines: PipelineSet, adapters: AdapterCache, speed: GoFastConfig, call: PipelineCall, device: str
 ) -> list[Any]:
     """One pipeline call with its LoRA set active and its speed mode on, for this call only
-    (``deployments/adapters.py``, ``deployments/speed_mode.py``)."""
+    (``deployments/adapters.py``, ``deployments/speed_mode.py``), on the compiled denoiser
+    only where neither changes it (``deployments/optimisations.py``)."""
     from deployments.pipeline_runner import run_pipeline
 
     adapters.activate(call.shape.adapters)
-    with speed_mode(pipelines.text_to_image, speed, call.shape):
+    with compile_scope(pipelines, call.shape, speed), speed_mode(pipelines.text_to_image, speed, call.shape):
         return run_pipeline(
             pipelines,
             call.shape,

@@ -12,6 +12,9 @@ Each is switched by config and none changes the images beyond float rounding:
 - ``compile``: ``torch.compile`` of the denoiser with static shapes. Compiling happens in the
   replica's warm-up, over the configured sizes x images per call; afterwards a call of a shape
   that was not warmed runs the uncompiled denoiser, so no request ever waits for a compile.
+  So does a call that changes the denoiser per request (LoRA adapters, go_fast's cache hooks:
+  ``compile_scope``), and the request path never traces: a warmed graph whose guards no longer
+  hold runs uncompiled too.
 
 ``apply_optimisations`` sets them; ``warm_up`` runs the warm-up generations through the
 ordinary runner. Kept apart from the per-request speed mode (``go_fast``), which changes the
@@ -27,7 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from serve_app.config import CUDA_GRAPH_COMPILE_MODES, ModelConfig, Optimisations
+from deployments.speed_mode import caches
+from serve_app.config import CUDA_GRAPH_COMPILE_MODES, GoFastConfig, ModelConfig, Optimisations
 from serve_app.work import CallShape
 
 if TYPE_CHECKING:
@@ -200,6 +204,7 @@ class BucketedCompile:
     ``forward`` is replaced by a dispatcher. While ``warming()``, every call goes through the
     compiled forward and its shape is recorded; afterwards only recorded shapes do, the rest
     run the original forward, so a new request shape never compiles on the request path.
+    Inside ``uncompiled()`` every call runs the original forward.
     """
 
     def __init__(self, module: Any, mode: str = "default", backend: str = "inductor") -> None:
@@ -215,6 +220,7 @@ class BucketedCompile:
         self.warmed: set[Any] = set()
         self.calls = {"compiled": 0, "eager": 0}
         self._warming = False
+        self._uncompiled = False
         self._lock = threading.Lock()
         module.forward = self._dispatch
         module._bucketed_compile = self  # found by tests and benchmarks
@@ -223,22 +229,37 @@ class BucketedCompile:
         key = call_signature((args, kwargs))
         if self._warming:
             self.warmed.add(key)
-        elif key not in self.warmed:
+        elif self._uncompiled or key not in self.warmed:
             self.calls["eager"] += 1
             return self.original_forward(*args, **kwargs)
         self.calls["compiled"] += 1
+        import torch
+
         if self.cuda_graphs:
             # Each denoiser call is a new step: CUDA graph trees may reuse the previous
             # call's output memory (the pipeline has consumed it by then).
-            import torch
-
             torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled_forward(*args, **kwargs)
+        if self._warming:
+            return self.compiled_forward(*args, **kwargs)
+        # A request never traces. Where a warmed graph's guards no longer hold, because the
+        # module changed since the warm-up (once a LoRA is loaded, peft's layers wrap the
+        # denoiser's linears, even while LoRA is off), dynamo runs the original forward.
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self.compiled_forward(*args, **kwargs)
 
     def remove(self) -> None:
         """Give the module back its own forward (the compiled code is dropped)."""
         self.module.forward = self.original_forward
         del self.module._bucketed_compile
+
+    @contextlib.contextmanager
+    def uncompiled(self) -> Iterator[None]:
+        """Every denoiser call inside this block runs the original forward."""
+        self._uncompiled = True
+        try:
+            yield
+        finally:
+            self._uncompiled = False
 
     @contextlib.contextmanager
     def warming(self) -> Iterator[None]:
@@ -261,6 +282,22 @@ class BucketedCompile:
 
 def compiled_of(module: Any) -> BucketedCompile | None:
     return getattr(module, "_bucketed_compile", None)
+
+
+@contextlib.contextmanager
+def compile_scope(pipelines: PipelineSet, shape: CallShape, go_fast: GoFastConfig) -> Iterator[None]:
+    """Around one request's pipeline call: the compiled denoiser serves only a call that runs
+    the denoiser as warmed. A call with LoRA adapters (peft layers, their scales) or go_fast's
+    cache (hooks on the transformer's blocks) runs the uncompiled denoiser, as an unwarmed
+    shape does: a graph for them would be traced on the request path, and one traced without
+    them would give another image."""
+    optimisations = pipelines.optimisations
+    compiled = optimisations.compiled if optimisations is not None else None
+    if compiled is None or not (shape.adapters or caches(go_fast, shape)):
+        yield
+        return
+    with compiled.uncompiled():
+        yield
 
 
 # --- warm-up -------------------------------------------------------------------------------

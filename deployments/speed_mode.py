@@ -19,10 +19,15 @@ from serve_app.config import GoFastConfig
 from serve_app.work import CallShape
 
 
+def caches(config: GoFastConfig, shape: CallShape) -> bool:
+    """Whether a call of ``shape`` runs with the cache hooks on."""
+    return shape.go_fast and config.cache != "none"
+
+
 @contextmanager
 def speed_mode(pipe: Any, config: GoFastConfig, shape: CallShape) -> Iterator[None]:
     """Turn the configured cache on for the duration of one call with ``shape.go_fast``."""
-    if not shape.go_fast or config.cache == "none":
+    if not caches(config, shape):
         yield
         return
     from diffusers.hooks import TaylorSeerCacheConfig

@@ -8,17 +8,21 @@ refused on a CPU by the config check.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
+from torch._dynamo.utils import counters
 
-from deployments.grouping import group_jobs, run_grouped
-from deployments.model_deployment import ImageModelDeployment
+from deployments.adapters import AdapterCache
+from deployments.grouping import PipelineCall, group_jobs, run_grouped
+from deployments.model_deployment import ImageModelDeployment, run_call
 from deployments.optimisations import attention_kind, compiled_of, denoiser_of
 from deployments.pipeline_loader import load_pipelines, resolve_weights
 from deployments.pipeline_runner import run_pipeline
-from serve_app.config import ModelConfig, load_app_config
+from serve_app.config import GoFastConfig, ModelConfig, load_app_config
 from serve_app.families import get_family
 from serve_app.work import CallShape, GenerationJob
 from tests.conftest import MODEL_CACHE, ROOT
@@ -166,18 +170,21 @@ def test_sdpa_is_set_on_the_transformer_families():
     assert attention_kind(denoiser_of(load(model).text_to_image)) == {"_native_math"}
 
 
-def test_compiled_denoiser_is_warmed_per_bucket_at_start_and_never_compiles_on_a_request():
-    reference_model = tiny_model("flux")
-    reference = load(reference_model)
+@pytest.fixture(scope="module")
+def compiled_flux():
+    """A tiny FLUX replica with a compiled transformer (the replica class itself, whose
+    warm-up is what compiles, without Ray around it) and the same model uncompiled."""
     model = tiny_model("flux", compile={"backend": "eager", "batch_sizes": [1, 2]})
-
-    # The replica class itself (its warm-up is what compiles), without Ray around it.
     replica = ImageModelDeployment(model.model_dump(mode="json"), str(MODEL_CACHE))
+    return model, replica, load(tiny_model("flux"))
+
+
+def test_compiled_denoiser_is_warmed_per_bucket_at_start_and_never_compiles_on_a_request(compiled_flux):
+    model, replica, reference = compiled_flux
     compiled = compiled_of(denoiser_of(replica._pipelines.text_to_image))
     assert compiled is not None
     assert len(compiled.warmed) == 2  # the default size at 1 and 2 images per call
     warmed = set(compiled.warmed)
-
     shape = shape_of(model)
     before = dict(compiled.calls)
     images = pixels(run_pipeline(replica._pipelines, shape, PROMPTS, None, [3, 4], "cpu"))
@@ -193,3 +200,42 @@ def test_compiled_denoiser_is_warmed_per_bucket_at_start_and_never_compiles_on_a
     assert compiled.warmed == warmed
     expected = pixels(run_pipeline(reference, other, PROMPTS[:1], None, [5], "cpu"))
     assert np.abs(images - expected).max() <= 2
+
+
+def test_lora_and_go_fast_calls_run_uncompiled_and_nothing_compiles_on_a_request(compiled_flux):
+    model, replica, reference = compiled_flux
+    compiled = compiled_of(denoiser_of(replica._pipelines.text_to_image))
+    name = next(iter(model.loras))
+    served = AdapterCache(replica._pipelines.text_to_image, model.loras, 4, MODEL_CACHE)
+    uncompiled = AdapterCache(reference.text_to_image, model.loras, 4, MODEL_CACHE)
+    go_fast = GoFastConfig(cache="taylorseer", cache_interval=3, cache_warmup_steps=1)
+    graphs = counters["stats"]["unique_graphs"]
+
+    def both(shape: CallShape, seed: int):
+        call = PipelineCall(shape=shape, prompts=PROMPTS[:1], negative_prompts=None, seeds=[seed])
+        before = dict(compiled.calls)
+        images = pixels(run_call(replica._pipelines, served, go_fast, call, "cpu"))
+        expected = pixels(run_call(reference, uncompiled, go_fast, call, "cpu"))
+        ran = {kind: compiled.calls[kind] - before[kind] for kind in before}
+        return images, expected, ran
+
+    # A warmed shape (steps are not part of it): with neither, the compiled graph serves it.
+    plain = dataclasses.replace(shape_of(model), steps=8)
+    lora = dataclasses.replace(plain, adapters=((name, 1.0),))
+    fast = dataclasses.replace(plain, go_fast=True)
+    plain_images = pixels(run_pipeline(reference, plain, PROMPTS[:1], None, [6], "cpu"))
+    for shape, seed in ((fast, 5), (lora, 6)):
+        images, expected, ran = both(shape, seed)
+        assert ran == {"compiled": 0, "eager": shape.steps}
+        assert np.abs(images - expected).max() <= 2
+    # The LoRA changes the image well beyond the compile's rounding (the tiny transformer's
+    # cache barely does: that the hooks ran is test_request_extensions' business).
+    assert np.abs(images - plain_images).max() > 8
+
+    # With the LoRA now loaded (peft's layers wrap the transformer's linears, LoRA off), a
+    # plain call goes to the compiled path, which finds its graph's guards broken and runs
+    # the plain forward rather than tracing on the request: the plain image, no new graph.
+    images, expected, ran = both(plain, 7)
+    assert ran == {"compiled": plain.steps, "eager": 0}
+    assert np.abs(images - expected).max() <= 2
+    assert counters["stats"]["unique_graphs"] == graphs
