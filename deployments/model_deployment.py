@@ -97,7 +97,9 @@ class ImageModelDeployment:
         if self.model.warmup:
             # On the thread that runs every batch: CUDA graphs recorded there are replayed there.
             self._pipeline_thread.submit(self._warm_up).result()
-        logger.info("model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device)
+        logger.info(
+            "model %s ready (%s, %s on %s)", self.model.id, self.model.weights, self.model.dtype, self.model.device
+        )
 
     def _warm_up(self) -> None:
         """Generate before traffic so a replica that cannot (out of memory, bad weights) fails
