@@ -507,6 +507,8 @@ def bench_config(
             "models": [sdxl],
             "cache_dir": MODEL_CACHE,
             "ingress": base.ingress.model_copy(update={"num_replicas": ingress_replicas, "autoscaling_config": None}),
+            # Several ingress replicas on the SQLite ledger: all on this one machine.
+            "single_machine": True,
             "accounts": base.accounts.model_copy(
                 update={
                     "database_url": f"sqlite:///{data_dir}/imagegen.db",

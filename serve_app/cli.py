@@ -6,6 +6,11 @@
     imagegen credits add NAME N
     imagegen usage [NAME] [--json]
     imagegen reservations release-stale [--older-than SECONDS]
+    imagegen db upgrade
+
+The database is SQLite (``sqlite:///path``) or PostgreSQL (``postgresql+psycopg://...``);
+every command first brings its schema to this release's (Alembic revisions shipped in the
+package), and ``db upgrade`` does only that.
 
 The database is the one the service uses: ``IMAGEGEN_DATABASE_URL`` if set, otherwise
 ``accounts.database_url`` of the config file. ``keys create`` prints the new key once, as
@@ -116,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         "never less than the longest model timeout_s, when a request may still deliver)",
     )
     stale.set_defaults(handler=cmd_release_stale)
+
+    database = commands.add_parser("db", help="the accounts database itself")
+    database_commands = database.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    upgrade = database_commands.add_parser(
+        "upgrade", parents=[leaf], help="apply the schema migrations of this release (also done at startup)"
+    )
+    upgrade.set_defaults(handler=cmd_db_upgrade)
     return parser
 
 
@@ -191,8 +203,8 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_keys_create(ctx: Context, args: argparse.Namespace) -> None:
-    from serve_app.accounts.keys import issue_key
-    from serve_app.accounts.sqlite_store import validate_key_name
+    from serve_app.accounts.keys import validate_key_name
+    from serve_app.accounts.store import issue_key
     from serve_app.accounts.units import parse_credits
 
     validate_key_name(args.name)
@@ -319,8 +331,10 @@ def cmd_release_stale(ctx: Context, args: argparse.Namespace) -> None:
     # A request can deliver (and be charged) until its model's deadline: refunding a younger
     # reservation would give away the images it is about to deliver.
     longest = max(m.timeout_s for m in config.models) if config else ModelConfig.model_fields["timeout_s"].default
-    older_than = args.older_than if args.older_than is not None else (
-        config.stale_reservation_after_s if config else default_stale_after_s(longest)
+    older_than = (
+        args.older_than
+        if args.older_than is not None
+        else (config.stale_reservation_after_s if config else default_stale_after_s(longest))
     )
     if older_than <= longest:
         raise CLIError(
@@ -332,6 +346,22 @@ def cmd_release_stale(ctx: Context, args: argparse.Namespace) -> None:
     print(f"Released {len(released)} stale reservation(s), refunding {_credits(total)} credits.")
 
 
+def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> None:
+    from serve_app.accounts.migrate import upgrade
+    from serve_app.accounts.store import create_engine
+
+    engine = create_engine(ctx.database_url)
+    try:
+        found, now = upgrade(engine)
+    finally:
+        engine.dispose()
+    where = engine.url.render_as_string(hide_password=True)
+    if found == now:
+        print(f"The accounts database {where} is at the newest schema revision, {now}.")
+    else:
+        print(f"Upgraded the accounts database {where} from revision {found or '(empty)'} to {now}.")
+
+
 def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -340,7 +370,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 
 # -- entry point -------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    from serve_app.accounts.store import AccountsError
+    from serve_app.accounts.errors import AccountsError
 
     args = build_parser().parse_args(argv)
     ctx = None

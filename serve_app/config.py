@@ -356,7 +356,8 @@ class ModelConfig(StrictModel):
 class AccountsConfig(StrictModel):
     database_url: str = Field(
         "sqlite:///data/imagegen.db",
-        description="sqlite:///relative/path or sqlite:////absolute/path; env IMAGEGEN_DATABASE_URL overrides",
+        description="sqlite:///relative/path or sqlite:////absolute/path (one machine), "
+        "postgresql+psycopg://user@host/database (a cluster); env IMAGEGEN_DATABASE_URL overrides",
     )
     default_requests_per_minute: int = Field(60, ge=1)
     default_images_per_minute: int = Field(120, ge=1)
@@ -475,6 +476,11 @@ class AppConfig(StrictModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     image_input: ImageInputConfig = Field(default_factory=ImageInputConfig)
     prompt_enhancer: PromptEnhancerConfig | None = Field(None, description="none: enhance_prompt is a 400")
+    single_machine: bool = Field(
+        False,
+        description="the operator declares that every replica of this application runs on one machine: "
+        "a SQLite ledger and local image files are then allowed with several ingress replicas or GPU models",
+    )
 
     @field_validator("models")
     @classmethod
@@ -497,12 +503,60 @@ class AppConfig(StrictModel):
         configured = self.accounts.release_stale_after_s
         return configured if configured is not None else default_stale_after_s(max(m.timeout_s for m in self.models))
 
+    def multi_node_reasons(self) -> list[str]:
+        """Why this config can put replicas on more than one node (empty: it cannot)."""
+        reasons = []
+        ingress = self.ingress
+        if ingress.num_replicas == "auto":
+            reasons.append("ingress.num_replicas is 'auto'")
+        elif ingress.autoscaling_config is not None:
+            if int(ingress.autoscaling_config.get("max_replicas", 1)) > 1:
+                reasons.append(
+                    f"ingress.autoscaling_config.max_replicas is {ingress.autoscaling_config['max_replicas']}"
+                )
+        elif (ingress.num_replicas or 1) > 1:
+            reasons.append(f"ingress.num_replicas is {ingress.num_replicas}")
+        for index, model in enumerate(self.models):
+            gpus = model.deployment.ray_actor_options.get("num_gpus") or 0
+            if gpus > 0:
+                reasons.append(f"models.{index}.deployment.ray_actor_options.num_gpus is {gpus:g}")
+        return reasons
+
+    @model_validator(mode="after")
+    def _one_ledger_and_one_image_store(self) -> AppConfig:
+        """Two nodes must not get two ledgers (a key would spend its credits once per node)
+        or two image folders (a URL would 404 on the node that did not store the image)."""
+        if self.single_machine:
+            return self
+        reasons = self.multi_node_reasons()
+        if not reasons:
+            return self
+        why = "; ".join(reasons)
+        if not is_server_database_url(self.accounts.resolved_database_url()):
+            raise ValueError(
+                f"accounts.database_url: a SQLite ledger lives on one machine, but this config can run "
+                f"replicas on several nodes ({why}): use postgresql+psycopg://user@host/database "
+                "(or IMAGEGEN_DATABASE_URL), or set single_machine: true if every replica runs on this one machine"
+            )
+        if self.storage.backend == "local":
+            raise ValueError(
+                f"storage.backend: local image files live on one machine, but this config can run replicas "
+                f"on several nodes ({why}): use backend: s3, or set single_machine: true if every replica "
+                "runs on this one machine"
+            )
+        return self
+
     @model_validator(mode="after")
     def _stale_after_outlasts_requests(self) -> AppConfig:
         longest = max(m.timeout_s for m in self.models)
         if self.stale_reservation_after_s <= longest:
             raise ValueError(f"accounts.release_stale_after_s must exceed the longest model timeout_s ({longest:g})")
         return self
+
+
+def is_server_database_url(url: str) -> bool:
+    """Whether a database URL names a server every node can reach (not a local file)."""
+    return url.split(":", 1)[0] in ("postgresql", "postgresql+psycopg")
 
 
 def default_stale_after_s(longest_timeout_s: float) -> float:

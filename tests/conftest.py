@@ -99,7 +99,11 @@ def failure_app(served):
         update={
             "id": "needs-gpu",
             "deployment": tiny.deployment.model_copy(
-                update={"ray_actor_options": {"num_cpus": 0, "num_gpus": 1}, "autoscaling_config": None, "num_replicas": 1}
+                update={
+                    "ray_actor_options": {"num_cpus": 0, "num_gpus": 1},
+                    "autoscaling_config": None,
+                    "num_replicas": 1,
+                }
             ),
         }
     )
@@ -111,7 +115,8 @@ def failure_app(served):
         }
     )
     models = [needs_gpu.model_dump(), tight_deadline.model_dump()]
-    config = AppConfig.model_validate({**served.config.model_dump(), "models": models})
+    # A model asking for a GPU: the config must say the SQLite ledger is on one machine.
+    config = AppConfig.model_validate({**served.config.model_dump(), "models": models, "single_machine": True})
     serve.run_many(
         [serve.RunTarget(build_app(config), name="failure-app", route_prefix="/failures")],
         wait_for_applications_running=False,
@@ -188,3 +193,25 @@ def run_node_sdk(script: str, *args: str) -> dict:
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server for the session (tests/postgres_server.py); skips
+    where PostgreSQL is not installed (.ci/run installs it)."""
+    from tests.postgres_server import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("needs PostgreSQL's binaries (Debian: apt-get install postgresql; done by .ci/run)")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """A fresh accounts database URL, once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'nested' / 'dir' / 'accounts.db'}"
+    return request.getfixturevalue("postgres").create_database()

@@ -112,7 +112,9 @@ def test_credit_headers_and_usage(served):
     assert len(raw.parse().data) == 2
     usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
     assert usage["balance"] == 6
-    assert usage["data"] == [{"object": "usage.model", "model": "tiny-qwen-image", "requests": 1, "images": 2, "credits": 4}]
+    assert usage["data"] == [
+        {"object": "usage.model", "model": "tiny-qwen-image", "requests": 1, "images": 2, "credits": 4}
+    ]
 
 
 def test_concurrent_requests_never_overdraw(served):
@@ -142,7 +144,9 @@ def test_concurrent_requests_never_overdraw(served):
         store.close()
 
 
-@pytest.mark.parametrize("model, status, code", [("needs-gpu", 503, "model_unavailable"), ("tight-deadline", 504, "timeout")])
+@pytest.mark.parametrize(
+    "model, status, code", [("needs-gpu", 503, "model_unavailable"), ("tight-deadline", 504, "timeout")]
+)
 def test_failed_generation_refunds(served, failure_app, model, status, code):
     key = served.create_key("3")
     headers = {"Authorization": f"Bearer {key}"}
@@ -180,18 +184,19 @@ def test_client_disconnect_refunds(served):
 def test_credits_held_by_a_request_that_died_come_back_by_themselves(served):
     """A replica that dies mid-request leaves its reservation open; the ingress refunds it
     once it is older than any live request can be (2 x the longest timeout_s + 300 s)."""
-    import sqlite3
+    import sqlalchemy as sa
 
-    from serve_app.accounts.sqlite_store import SQLiteAccountStore, sqlite_path_from_url
+    from serve_app.accounts import open_store
 
     key = served.create_key("5")
-    path = sqlite_path_from_url(served.database_url)
-    store = SQLiteAccountStore(path)
+    store = open_store(served.database_url)
     record = store.key_by_name(f"key-{served._key_count}")
     held = store.reserve(record.id, "req-died", "tiny-sdxl", 3, record.balance_units // 5)  # as a replica would
-    with sqlite3.connect(path) as conn:  # ... one that died this long ago
+    with store.engine.begin() as conn:  # ... one that died this long ago
         age = served.config.stale_reservation_after_s + 60
-        conn.execute("UPDATE reservations SET created = created - ? WHERE id = ?", (age, held.id))
+        conn.execute(
+            sa.text("UPDATE reservations SET created = created - :age WHERE id = :id"), {"age": age, "id": held.id}
+        )
 
     deadline = time.monotonic() + 15
     while True:

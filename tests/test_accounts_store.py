@@ -1,4 +1,7 @@
-"""The accounts store and facade: keys, the ledger, reservations under concurrency."""
+"""The accounts store and facade: keys, the ledger, reservations under concurrency.
+
+Every test taking ``store`` or ``database_url`` runs on SQLite and on PostgreSQL (the
+``database_url`` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -12,21 +15,24 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from serve_app.accounts import (
     Accounts,
     DuplicateKeyName,
+    InsufficientCredits,
     KeyNotFound,
     KeyRevoked,
     LocalRateLimiter,
+    SchemaTooNew,
     format_credits,
     issue_key,
+    open_store,
     parse_credits,
 )
 from serve_app.accounts.keys import bearer_token, generate_key, hash_key, looks_like_key
-from serve_app.accounts.schema import SCHEMA_VERSION, SchemaTooNew
-from serve_app.accounts.sqlite_store import SQLiteAccountStore, sqlite_path_from_url
-from serve_app.accounts.store import open_store
+from serve_app.accounts.migrate import head_revision
+from serve_app.accounts.store import sqlite_path_from_url
 from serve_app.config import CREDIT_UNITS
 from serve_app.errors import (
     InsufficientFunds,
@@ -41,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = SQLiteAccountStore(tmp_path / "nested" / "dir" / "accounts.db")
+def store(database_url):
+    s = open_store(database_url)
     yield s
     s.close()
 
@@ -89,37 +95,146 @@ def test_records_never_show_key_material(store):
     assert hash_key(issued.secret) not in repr(issued)
     assert hash_key(issued.secret) not in repr(store.key_by_name("alice"))
     # only the hash is stored
-    raw = sqlite3.connect(store.path).execute("SELECT * FROM keys").fetchall()
+    with store.engine.connect() as conn:
+        raw = conn.execute(sa.text("SELECT * FROM keys")).all()
     assert issued.secret not in repr(raw)
     assert store.key_by_hash(hash_key(issued.secret)).name == "alice"
     assert store.key_by_hash(hash_key(generate_key())) is None
 
 
-# -- the database file -------------------------------------------------------------------
-def test_database_is_created_with_wal_and_a_schema_version(tmp_path):
+# -- the database: migrations -------------------------------------------------------------
+def _revision(store) -> str:
+    with store.engine.connect() as conn:
+        return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
+
+
+def test_sqlite_database_is_created_in_wal_mode_at_the_newest_revision(tmp_path):
     path = tmp_path / "a" / "b" / "x.db"
     store = open_store(f"sqlite:///{path}")
     try:
-        assert path.exists()
+        assert path.exists() and _revision(store) == head_revision()
         conn = sqlite3.connect(path)
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         conn.close()
     finally:
         store.close()
     # reopening is a no-op migration and keeps the data
-    issue_key(SQLiteAccountStore(path), "k1")
-    assert [k.name for k in SQLiteAccountStore(path).list_keys()] == ["k1"]
+    issue_key(open_store(f"sqlite:///{path}"), "k1")
+    assert [k.name for k in open_store(f"sqlite:///{path}").list_keys()] == ["k1"]
 
 
-def test_a_newer_schema_is_refused(tmp_path):
-    path = tmp_path / "x.db"
-    SQLiteAccountStore(path).close()
+def test_the_tables_match_their_migrations(store):
+    """schema.py (what the queries use) and the Alembic revisions (what builds the
+    database) describe the same tables, columns and indexes."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from serve_app.accounts.schema import metadata
+
+    with store.engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_a_newer_schema_is_refused(database_url):
+    open_store(database_url).close()
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_from_the_future'"))
+    engine.dispose()
+    with pytest.raises(SchemaTooNew, match="9999_from_the_future"):
+        open_store(database_url)
+
+
+def test_concurrent_first_opens_migrate_once(database_url):
+    """Every ingress replica opens the database at startup: on a fresh one, all at once."""
+    errors: list[BaseException] = []
+    stores = []
+
+    def opener() -> None:
+        try:
+            stores.append(open_store(database_url))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    issue_key(stores[0], "alice", credits_units=PRICE)
+    assert [k.name for k in stores[-1].list_keys()] == ["alice"]
+    for s in stores:
+        s.close()
+
+
+# What the hand-written SQLite migrations (PRAGMA user_version) of the previous release
+# created, frozen here: a database made by that code must upgrade in place.
+LEGACY_SQLITE_V1 = """
+CREATE TABLE keys (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, key_hash TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL, revoked_at REAL,
+    balance_units INTEGER NOT NULL DEFAULT 0 CHECK (balance_units >= 0), allowed_models TEXT,
+    rpm INTEGER CHECK (rpm IS NULL OR rpm > 0), ipm INTEGER CHECK (ipm IS NULL OR ipm > 0));
+CREATE TABLE reservations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, key_id INTEGER NOT NULL REFERENCES keys(id),
+    request_id TEXT NOT NULL, model TEXT NOT NULL, images INTEGER NOT NULL CHECK (images > 0),
+    price_units INTEGER NOT NULL CHECK (price_units >= 0), created REAL NOT NULL, settled_at REAL,
+    delivered INTEGER CHECK (delivered IS NULL OR delivered BETWEEN 0 AND images));
+CREATE INDEX reservations_open ON reservations(created) WHERE settled_at IS NULL;
+CREATE INDEX reservations_key_model ON reservations(key_id, model);
+CREATE TABLE ledger (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, request_id TEXT,
+    key_id INTEGER NOT NULL REFERENCES keys(id), model TEXT,
+    kind TEXT NOT NULL CHECK (kind IN ('reserve', 'charge', 'refund', 'credit')),
+    images INTEGER NOT NULL DEFAULT 0 CHECK (images >= 0), amount_units INTEGER NOT NULL,
+    reservation_id INTEGER REFERENCES reservations(id));
+CREATE INDEX ledger_key ON ledger(key_id);
+CREATE INDEX ledger_request ON ledger(request_id);
+CREATE UNIQUE INDEX ledger_once ON ledger(reservation_id, kind) WHERE reservation_id IS NOT NULL;
+PRAGMA user_version = 1;
+"""
+LEGACY_SQLITE_V2 = """
+ALTER TABLE reservations ADD COLUMN owner TEXT;
+CREATE INDEX reservations_open_owner ON reservations(owner) WHERE settled_at IS NULL;
+CREATE TABLE idempotency (
+    key_id INTEGER NOT NULL REFERENCES keys(id), idem_key TEXT NOT NULL, fingerprint TEXT NOT NULL,
+    owner TEXT, created REAL NOT NULL, outcome BLOB, PRIMARY KEY (key_id, idem_key));
+CREATE INDEX idempotency_created ON idempotency(created);
+PRAGMA user_version = 2;
+"""
+LEGACY_DATA = f"""
+INSERT INTO keys (name, key_hash, created, balance_units) VALUES ('old', '{"a" * 64}', 1.0, 7000000);
+INSERT INTO reservations (key_id, request_id, model, images, price_units, created) VALUES (1, 'r1', 'm1', 3, 1000000, 2.0);
+INSERT INTO ledger (ts, key_id, kind, amount_units) VALUES (1.0, 1, 'credit', 10000000);
+INSERT INTO ledger (ts, request_id, key_id, model, kind, images, amount_units, reservation_id)
+    VALUES (2.0, 'r1', 1, 'm1', 'reserve', 3, -3000000, 1);
+"""
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_database_of_the_previous_release_upgrades_in_place(tmp_path, version):
+    path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
-    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.executescript(LEGACY_SQLITE_V1 + LEGACY_DATA + (LEGACY_SQLITE_V2 if version == 2 else ""))
     conn.close()
-    with pytest.raises(SchemaTooNew):
-        SQLiteAccountStore(path)
+
+    store = open_store(f"sqlite:///{path}")
+    try:
+        assert _revision(store) == head_revision()
+        old = store.key_by_name("old")
+        assert not old.may_disable_safety_checker  # revision 0003: existing keys may not
+        assert old.balance_units == 7 * PRICE and store.usage(old.id).reserved_units == 3 * PRICE
+        assert store.settle(1, 2).refunded_units == PRICE  # the open reservation settles
+        held = store.reserve(old.id, "r2", "m1", 1, PRICE, owner="app:ingress:replica-1")
+        assert store.open_owners() == {"app:ingress:replica-1"}
+        assert store.claim_idempotency(old.id, "idem", "digest", None, 60) == ("claimed", None)
+        store.settle(held.id, 1)
+        assert_sound(store)
+    finally:
+        store.close()
+    # and again: nothing left to do
+    open_store(f"sqlite:///{path}").close()
 
 
 def test_database_urls(tmp_path):
@@ -129,7 +244,7 @@ def test_database_urls(tmp_path):
         with pytest.raises(ValueError):
             sqlite_path_from_url(bad)
     with pytest.raises(ValueError, match="unsupported"):
-        open_store("postgresql://db/imagegen")
+        open_store("mysql://db/imagegen")
 
 
 # -- credits -----------------------------------------------------------------------------
@@ -213,7 +328,7 @@ def test_reserve_then_settle_charges_delivered_and_refunds_the_rest(store):
 
 def test_insufficient_funds_writes_nothing(store):
     key = issue_key(store, "alice", credits_units=3 * PRICE).record
-    with pytest.raises(InsufficientFunds, match="balance is 3"):
+    with pytest.raises(InsufficientCredits, match="balance is 3"):
         store.reserve(key.id, "req-1", "m1", 4, PRICE)
     assert store.key_by_id(key.id).balance_units == 3 * PRICE
     assert [e.kind for e in store.ledger(key.id)] == ["credit"]
@@ -225,7 +340,7 @@ def test_insufficient_funds_writes_nothing(store):
 def test_a_revoked_key_cannot_reserve(store):
     key = issue_key(store, "alice", credits_units=3 * PRICE).record
     store.revoke_key("alice")
-    with pytest.raises(InvalidAPIKey):
+    with pytest.raises(KeyRevoked):
         store.reserve(key.id, "req-1", "m1", 1, PRICE)
 
 
@@ -277,10 +392,9 @@ def test_release_stale_refunds_abandoned_reservations(store):
 # -- concurrency: 40 requests of 2 images, credits for exactly 30 images -------------------
 _WORKER = r"""
 import os, sys, time
-from serve_app.accounts.sqlite_store import SQLiteAccountStore
-from serve_app.errors import InsufficientFunds
-path, key_id, count, gate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-store = SQLiteAccountStore(path)
+from serve_app.accounts import InsufficientCredits, open_store
+url, key_id, count, gate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+store = open_store(url)
 open(gate + "." + str(os.getpid()), "w").close()  # ready
 while not os.path.exists(gate):
     time.sleep(0.001)
@@ -289,22 +403,21 @@ for i in range(count):
     try:
         store.reserve(key_id, "p%d-%d" % (os.getpid(), i), "m1", 2, 1_000_000)
         ok += 1
-    except InsufficientFunds:
+    except InsufficientCredits:
         pass
 print(ok)
 """
 
 
-def test_concurrent_reservations_across_processes(tmp_path):
+def test_concurrent_reservations_across_processes(database_url, tmp_path):
     """4 processes x 10 reservations of 2 images, credits for 30 images: exactly 15 hold."""
-    path = tmp_path / "x.db"
-    store = SQLiteAccountStore(path)
+    store = open_store(database_url)
     key = issue_key(store, "alice", credits_units=30 * PRICE).record
     gate = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(path), str(key.id), "10", str(gate)],
+            [sys.executable, "-c", _WORKER, database_url, str(key.id), "10", str(gate)],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
@@ -315,7 +428,7 @@ def test_concurrent_reservations_across_processes(tmp_path):
     while len(list(tmp_path.glob("go.*"))) < len(workers) and time.monotonic() < deadline:
         time.sleep(0.005)
     gate.touch()  # all start reserving at once
-    successes = [int(w.communicate(timeout=30)[0]) for w in workers]
+    successes = [int(w.communicate(timeout=60)[0]) for w in workers]
     assert all(w.returncode == 0 for w in workers)
     assert sum(successes) == 15
     assert store.key_by_id(key.id).balance_units == 0
@@ -333,7 +446,7 @@ def test_concurrent_reservations_and_settlements_across_threads(store):
         start.wait()
         try:
             reservation = store.reserve(key.id, f"t-{i}", "m1", 2, PRICE)
-        except InsufficientFunds:
+        except InsufficientCredits:
             outcomes.append("402")
             return
         store.settle(reservation.id, 2)
@@ -558,7 +671,7 @@ def test_build_accounts_uses_the_anchored_url(tmp_path, monkeypatch):
     app_config = type("Cfg", (), {"accounts": AccountsConfig(database_url=f"sqlite:///{tmp_path / 'app.db'}")})()
     facade = build_accounts(app_config, rate_limiter=LocalRateLimiter())
     try:
-        assert facade.store.path == tmp_path / "app.db"
+        assert facade.store.engine.url.database == str(tmp_path / "app.db")
         assert facade.limits_for(issue_key(facade.store, "k").record) == (60, 120)
     finally:
         facade.close()
@@ -570,7 +683,7 @@ def test_facade_usage_and_from_config(tmp_path, monkeypatch):
     monkeypatch.setenv("IMAGEGEN_DATABASE_URL", f"sqlite:///{tmp_path / 'env.db'}")
     facade = Accounts.from_config(AccountsConfig(default_requests_per_minute=7))
     try:
-        assert facade.store.path == tmp_path / "env.db"
+        assert facade.store.engine.url.database == str(tmp_path / "env.db")
         key = issue_key(facade.store, "alice", credits_units=PRICE).record
         assert facade.limits_for(key) == (7, 120)
         usage = asyncio.run(facade.usage(key))
@@ -579,13 +692,11 @@ def test_facade_usage_and_from_config(tmp_path, monkeypatch):
         facade.close()
 
 
-def test_bounded_caches_drop_expired_entries_first_then_everything():
-    from serve_app.accounts.expiring import put_bounded
-
-    cache = {"old": (5.0, "a"), "live": (20.0, "b")}
-    put_bounded(cache, "new", (30.0, "c"), now=10.0, max_size=2)
-    assert cache == {"live": (20.0, "b"), "new": (30.0, "c")}
-    put_bounded(cache, "newer", (40.0, "d"), now=10.0, max_size=2)  # nothing expired: start over
-    assert cache == {"newer": (40.0, "d")}
-    put_bounded(cache, "more", (50.0, "e"), now=10.0, max_size=2)  # room left: just added
-    assert len(cache) == 2
+def test_the_key_cache_is_bounded_dropping_expired_entries_first(accounts):
+    accounts._cache_max = 2
+    accounts._remember("old", None, now=1000.0 - 5)  # expires at 996
+    accounts._remember("live", None, now=1000.0)
+    accounts._remember("new", None, now=1000.0)
+    assert set(accounts._cache) == {"live", "new"}
+    accounts._remember("newer", None, now=1000.0)  # nothing expired: start over
+    assert set(accounts._cache) == {"newer"}

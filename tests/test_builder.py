@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from serve_app.app import INGRESS_DEPLOYMENT_NAME, build_app
 from serve_app.config import load_app_config
 
@@ -24,8 +23,9 @@ def test_embedded_default_binds_one_deployment_per_model():
     sdxl = models["tiny-sdxl"]
     assert sdxl.name == "model-tiny-sdxl"
     # Every model at its most replicas fits on 2 cores.
-    most = sum(m.ray_actor_options["num_cpus"] * m._deployment_config.autoscaling_config.max_replicas
-               for m in models.values())
+    most = sum(
+        m.ray_actor_options["num_cpus"] * m._deployment_config.autoscaling_config.max_replicas for m in models.values()
+    )
     assert most <= 2
     assert sdxl.max_ongoing_requests == 16
     assert sdxl.user_config == {"max_batch_images": 8, "batch_wait_timeout_s": 0.0, "max_images_by_size": {}}
@@ -63,11 +63,15 @@ def test_gpu_config_is_a_valid_serve_config_with_the_proxy_guard():
 
     schema = serve_schema((ROOT / "serve_config.gpu.yaml").read_text())
     assert [app.import_path for app in schema.applications] == ["serve_app.app:build_app"]
-    assert schema.controller_options.runtime_env["env_vars"] == {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK}
+    assert schema.controller_options.runtime_env["env_vars"] == {
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK
+    }
 
 
 def test_ingress_package_imports_without_torch():
-    code = "import sys, serve_app.app, serve_app.cli; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    code = (
+        "import sys, serve_app.app, serve_app.cli; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -100,3 +104,52 @@ def test_the_proxy_callback_gives_serve_a_valid_middleware_list():
 
     middlewares = validate_http_proxy_callback_return(call_function_from_import_path(PROXY_CALLBACK))
     assert [middleware.cls for middleware in middlewares] == [ProxyGuard]
+
+
+# -- configs that could split the ledger or the image store --------------------------------
+def _gpu_args(**changes):
+    import yaml
+
+    args = yaml.safe_load((ROOT / "serve_config.gpu.yaml").read_text())["applications"][0]["args"]
+    args.update(changes)
+    return args
+
+
+def test_gpu_config_uses_one_server_ledger_and_object_storage():
+    config = load_app_config(ROOT / "serve_config.gpu.yaml")
+    assert config.accounts.database_url.startswith("postgresql+psycopg://")
+    assert "@" in config.accounts.database_url and ":" not in config.accounts.database_url.split("//")[1].split("@")[0]
+    assert config.storage.backend == "s3" and config.storage.s3.endpoint_url is None  # from the environment
+    assert not config.single_machine
+
+
+def test_a_config_that_can_run_on_several_nodes_refuses_a_local_ledger_or_image_store(monkeypatch):
+    import pytest
+    from pydantic import ValidationError
+
+    from serve_app.config import AppConfig
+
+    monkeypatch.delenv("IMAGEGEN_DATABASE_URL", raising=False)
+    sqlite = {"database_url": "sqlite:////var/lib/imagegen/imagegen.db"}
+    with pytest.raises(ValidationError, match=r"accounts.database_url: a SQLite ledger .*models.0.deployment"):
+        AppConfig.model_validate(_gpu_args(accounts=sqlite))
+    with pytest.raises(ValidationError, match=r"storage.backend: local image files .*max_replicas is 4"):
+        AppConfig.model_validate(_gpu_args(storage={"backend": "local"}))
+    # the operator says it is one machine
+    assert AppConfig.model_validate(_gpu_args(accounts=sqlite, storage={"backend": "local"}, single_machine=True))
+    # the environment's database URL is the one that counts
+    monkeypatch.setenv("IMAGEGEN_DATABASE_URL", "postgresql+psycopg://imagegen@db/imagegen")
+    assert AppConfig.model_validate(_gpu_args(accounts=sqlite, storage=_gpu_args()["storage"]))
+
+    # CPU models, but an ingress that can scale out
+    monkeypatch.delenv("IMAGEGEN_DATABASE_URL")
+    embedded = load_app_config(ROOT / "serve_config.yaml").model_dump(mode="json")
+    assert AppConfig.model_validate(embedded).multi_node_reasons() == []
+    for ingress, reason in [
+        ({"num_replicas": 2}, "ingress.num_replicas is 2"),
+        ({"num_replicas": "auto"}, "ingress.num_replicas is 'auto'"),
+        ({"autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}, "max_replicas is 3"),
+    ]:
+        with pytest.raises(ValidationError, match=reason):
+            AppConfig.model_validate({**embedded, "ingress": ingress})
+    assert AppConfig.model_validate({**embedded, "ingress": {"num_replicas": 2}, "single_machine": True})

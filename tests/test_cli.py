@@ -227,7 +227,7 @@ def test_config_errors(tmp_path, monkeypatch, capsys):
     (tmp_path / "serve_config.yaml").write_text("applications:\n  - args:\n      models: []\n")
     assert cli.main(["keys", "list"]) == 1
     assert "invalid config serve_config.yaml: models" in capsys.readouterr().err
-    (tmp_path / "serve_config.yaml").write_text(CONFIG.replace("{db}", "postgresql://x/y").replace("sqlite:///", ""))
+    (tmp_path / "serve_config.yaml").write_text(CONFIG.replace("{db}", "mysql://x/y").replace("sqlite:///", ""))
     assert cli.main(["keys", "list"]) == 1
     assert "unsupported accounts database URL" in capsys.readouterr().err
 
@@ -285,3 +285,31 @@ def test_an_operator_decides_who_may_disable_the_safety_checker(env):
     assert permissions() == {"other": True, "trusted": False}
     missing = imagegen(env, "keys", "safety-checker", "nobody", "allow-disable")
     assert missing.returncode == 1 and "no key named 'nobody'" in missing.stderr
+
+
+def test_the_same_commands_on_postgresql_and_db_upgrade(env, postgres):
+    """The CLI is not tied to SQLite: a PostgreSQL URL works the same, and ``db upgrade``
+    reports the schema revision without showing the URL's password."""
+    from serve_app.accounts.migrate import head_revision
+
+    env = {**env, "IMAGEGEN_DATABASE_URL": postgres.create_database().replace("imagegen@", "imagegen:s3cret@")}
+    first = ok(env, "db", "upgrade")
+    assert f"from revision (empty) to {head_revision()}" in first and "s3cret" not in first
+    assert f"at the newest schema revision, {head_revision()}" in ok(env, "db", "upgrade")
+    secret = ok(env, "keys", "create", "--name", "alice", "--credits", "3").strip().splitlines()[-1]
+    assert "balance 4.5" in ok(env, "credits", "add", "alice", "1.5")
+    assert json.loads(ok(env, "keys", "list", "--json"))[0]["balance"] == "4.5"
+    assert secret not in ok(env, "usage")
+
+
+def test_db_upgrade_of_a_database_of_the_previous_release(env, tmp_path):
+    import sqlite3
+
+    from tests.test_accounts_store import LEGACY_DATA, LEGACY_SQLITE_V1
+
+    path = tmp_path / "db" / "accounts.db"
+    path.parent.mkdir()
+    with sqlite3.connect(path) as conn:
+        conn.executescript(LEGACY_SQLITE_V1 + LEGACY_DATA)
+    assert "from revision 0001 to" in ok(env, "db", "upgrade")
+    assert "old: balance 7 credits" in ok(env, "usage", "old")

@@ -180,6 +180,22 @@ def test_retry_after_is_whole_seconds_at_least_one():
     assert [retry_after_header(s) for s in (0.01, 1.0, 1.2, 30)] == ["1", "1", "2", "30"]
 
 
+def test_restored_buckets_hold_what_the_last_minute_took(clock):
+    book = RateLimitBook(clock=clock)
+    # 2 requests of 3 images, 40 s and 10 s ago, on limits of 2 requests and 10 images a minute:
+    # requests: 2 -> 1 (40 s ago), + 30 s x 2/60 -> 2 (capped) - 1 = 1 (10 s ago), + 10 s -> 1.33
+    book.restore(1, 2, 10, [(40.0, 3), (10.0, 3), (75.0, 5)])  # 75 s ago: outside the window
+    decision = book.check(1, 2, 10, images=1)
+    assert decision.allowed and decision.remaining_requests == 0
+    # images: 10 -> 7, refilled to 10 (capped) -> 7, + 10 s x 10/60 -> 8.67, - 1 -> 7.67
+    assert decision.remaining_images == 7
+    assert not book.check(1, 2, 10, images=1).allowed
+    # nothing in the window: a full bucket, as for a key never seen
+    book.restore(2, 3, 10, [])
+    assert book.check(2, 3, 10, images=10).allowed
+    assert 1 in book and 3 not in book
+
+
 def test_local_limiter_and_decision_round_trip(clock):
     limiter = LocalRateLimiter(clock=clock)
     decision = asyncio.run(limiter.check(1, 1, 1, 1))
@@ -241,3 +257,46 @@ def test_ray_actor_is_shared_between_clients(ray_session):
         asyncio.run(main())
     finally:
         kill_rate_limiter_actor(name)
+
+
+def test_rate_limits_survive_the_actor_being_killed(ray_session, tmp_path):
+    """Ray restarts the killed actor; the keys' buckets come back from the ledger."""
+    import ray
+
+    from serve_app.accounts import issue_key, open_store
+    from serve_app.accounts.limiter_actor import NAMESPACE, RayRateLimiter, kill_rate_limiter_actor
+
+    name = "imagegen_rate_limiter_restart_test"
+    url = f"sqlite:///{tmp_path / 'accounts.db'}"
+    store = open_store(url)
+    key = issue_key(store, "alice", credits_units=100).record
+    other = issue_key(store, "bob", credits_units=100).record
+
+    async def admitted(limiter, key_id: int) -> bool:
+        decision = await limiter.check(key_id, rpm=3, ipm=100, images=1)
+        if decision.allowed:  # as the ingress does next
+            store.settle(store.reserve(key_id, "r", "m1", 1, 1).id, 1)
+        return decision.allowed
+
+    async def main():
+        limiter = RayRateLimiter(name, detached=False, database_url=url)
+        assert [await admitted(limiter, key.id) for _ in range(4)] == [True, True, True, False]
+        actor = ray.get_actor(name, namespace=NAMESPACE)
+        pid = await actor.__ray_call__.remote(lambda self: __import__("os").getpid())
+        ray.kill(actor, no_restart=False)  # a crash: Ray restarts it, memory lost
+        while True:
+            try:
+                new_pid = await actor.__ray_call__.remote(lambda self: __import__("os").getpid())
+                break
+            except ray.exceptions.RayActorError:
+                await asyncio.sleep(0.1)
+        assert new_pid != pid
+        after = await limiter.check(key.id, rpm=3, ipm=100, images=1)
+        assert not after.allowed and not after.degraded and after.retry_after_s > 0
+        assert await admitted(limiter, other.id)  # a key without history starts full
+
+    try:
+        asyncio.run(main())
+    finally:
+        kill_rate_limiter_actor(name)
+        store.close()

@@ -192,20 +192,3 @@ def test_an_openai_compatible_chat_endpoint_enhances(accounts):
     path, _, body = seen[0]
     assert path == "/v1/chat/completions" and body["model"] == "small-instruct"
     assert body["messages"][-1] == {"role": "user", "content": "apple"}
-
-
-def test_migration_3_gives_existing_keys_no_permission(tmp_path):
-    import sqlite3
-
-    from serve_app.accounts import schema
-
-    path = tmp_path / "old.db"
-    conn = sqlite3.connect(path, isolation_level=None)
-    for version, script in enumerate(schema.MIGRATIONS[:2]):
-        for statement in schema._statements(script):
-            conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {version + 1}")
-    conn.execute("INSERT INTO keys (name, key_hash, created) VALUES ('old', 'h', 0)")
-    assert schema.migrate(conn) == 2
-    assert conn.execute("SELECT may_disable_safety_checker FROM keys").fetchone() == (0,)
-    conn.close()

@@ -79,6 +79,19 @@ def put(store: S3ImageStore, name: str, data: bytes, content_type: str) -> str:
     return asyncio.run(store.put(name, data, content_type, "http://ignored-by-s3"))
 
 
+def test_endpoint_and_credentials_from_the_environment(aws_env, moto_endpoint: str, monkeypatch) -> None:
+    """As serve_config.gpu.yaml runs it: no endpoint in the config, boto3's variables set
+    on the node; a custom endpoint gets path-style URLs (no wildcard DNS needed)."""
+    make_bucket(moto_endpoint, "images-env")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    store = S3ImageStore(S3StorageConfig(bucket="images-env"), url_ttl_s=60)
+    url = put(store, "req_env/0.png", PNG, "image/png")
+    assert url.startswith(f"{moto_endpoint}/images-env/images/req_env/0-")
+    assert httpx.get(url).content == PNG
+    asyncio.run(store.close())
+
+
 def signed_at(url: str) -> int:
     date = parse_qs(urlsplit(url).query)["X-Amz-Date"][0]
     return timegm(time.strptime(date, "%Y%m%dT%H%M%SZ"))

@@ -35,12 +35,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from serve_app.accounts.expiring import put_bounded
+from serve_app.accounts.errors import InsufficientCredits, KeyRevoked
 from serve_app.accounts.keys import bearer_token, hash_key, looks_like_key
 from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter
 from serve_app.accounts.records import ApiKey, Reservation, Settlement, Usage
 from serve_app.accounts.store import AccountStore, open_store
-from serve_app.errors import InvalidAPIKey, MissingAPIKey, ModelNotPermitted
+from serve_app.errors import InsufficientFunds, InvalidAPIKey, MissingAPIKey, ModelNotPermitted
 from serve_app.periodic import run_periodically
 
 T = TypeVar("T")
@@ -50,6 +50,7 @@ MISSING_KEY_MESSAGE = (
     "You didn't provide an API key. Send it in the Authorization header: 'Authorization: Bearer qbt_...'."
 )
 INVALID_KEY_MESSAGE = "Incorrect API key provided."
+REVOKED_KEY_MESSAGE = "The API key provided has been revoked."
 
 
 class Accounts:
@@ -130,7 +131,14 @@ class Accounts:
         return key
 
     def _remember(self, digest: str, key: ApiKey | None, now: float) -> None:
-        put_bounded(self._cache, digest, (now + self._ttl, key), now, self._cache_max)
+        """Cache a lookup. A full cache first drops its expired entries, then everything if
+        that was not enough: a client spraying random keys costs lookups, never memory."""
+        if len(self._cache) >= self._cache_max:
+            for stale in [d for d, (expires, _) in self._cache.items() if expires <= now]:
+                del self._cache[stale]
+            if len(self._cache) >= self._cache_max:
+                self._cache.clear()
+        self._cache[digest] = (now + self._ttl, key)
 
     # -- 403 -------------------------------------------------------------------------
     @staticmethod
@@ -159,7 +167,8 @@ class Accounts:
     # -- 402 and billing -------------------------------------------------------------
     async def reserve(self, key: ApiKey, request_id: str, model_id: str, images: int, price_units: int) -> Reservation:
         """Hold ``images x price_units`` or raise InsufficientFunds (InvalidAPIKey if the key
-        was revoked since it authenticated); nothing is held when it raises."""
+        was revoked since it authenticated): the store's domain errors, as the client sees
+        them. Nothing is held when it raises."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(
             self._executor,
@@ -170,6 +179,10 @@ class Accounts:
         except asyncio.CancelledError:
             future.add_done_callback(self._refund_orphan)
             raise
+        except InsufficientCredits as exc:
+            raise InsufficientFunds(str(exc)) from None
+        except KeyRevoked:
+            raise InvalidAPIKey(REVOKED_KEY_MESSAGE) from None
 
     def _refund_orphan(self, future: asyncio.Future[Reservation]) -> None:
         if future.cancelled() or future.exception() is not None:
@@ -292,7 +305,7 @@ def _default_rate_limiter(database_url: str) -> RateLimiter:
             # Buckets are keyed by key id, which is only unique within one database:
             # applications on other databases in the same cluster get their own actor.
             database_tag = hashlib.sha256(database_url.encode()).hexdigest()[:12]
-            return RayRateLimiter(name=f"{ACTOR_NAME}-{database_tag}")
+            return RayRateLimiter(name=f"{ACTOR_NAME}-{database_tag}", database_url=database_url)
     except ImportError:  # pragma: no cover - ray is a dependency
         pass
     return LocalRateLimiter()

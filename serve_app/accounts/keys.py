@@ -12,17 +12,14 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import TYPE_CHECKING, Any
 
-from serve_app.accounts.records import IssuedKey
-
-if TYPE_CHECKING:
-    from serve_app.accounts.store import AccountStore
+from serve_app.accounts.errors import AccountsError
 
 KEY_PREFIX = "qbt_"
 KEY_RANDOM_BYTES = 32  # token_urlsafe(32) gives 43 characters
 MAX_KEY_CHARS = 128
 _KEY_SHAPE = re.compile(r"^qbt_[A-Za-z0-9_-]{32,124}$")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 
 
 def generate_key() -> str:
@@ -58,11 +55,14 @@ def bearer_token(authorization: str | None) -> str | None:
     return token or None
 
 
-def issue_key(store: AccountStore, name: str, **kwargs: Any) -> IssuedKey:
-    """Create a key with a fresh secret; the secret is returned here and nowhere else."""
-    secret = generate_key()
-    record = store.create_key(name, hash_key(secret), **kwargs)
-    return IssuedKey(record=record, secret=secret)
+def validate_key_name(name: str) -> str:
+    """A key's name: what the operator types in the CLI, shown in usage reports."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise AccountsError(
+            f"invalid key name {name!r}: use 1-64 letters, digits, '.', '_', '-' or '@', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 __all__ = [
@@ -71,6 +71,6 @@ __all__ = [
     "generate_key",
     "hash_key",
     "hashes_match",
-    "issue_key",
     "looks_like_key",
+    "validate_key_name",
 ]

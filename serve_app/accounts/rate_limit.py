@@ -177,6 +177,24 @@ class RateLimitBook:
     def __len__(self) -> int:
         return len(self._keys)
 
+    def __contains__(self, key_id: int) -> bool:
+        return key_id in self._keys
+
+    def restore(self, key_id: int, rpm: int, ipm: int, admissions: list[tuple[float, int]]) -> None:
+        """Rebuild a key's buckets from what it was admitted for in the last window:
+        ``(seconds ago, images)`` pairs. A bucket is full one window after its last take
+        whatever it held before, so replaying that window from full gives at most the
+        tokens the lost book had: a restart never grants a key a fresh allowance."""
+        buckets = self._keys[key_id] = _KeyBuckets(rpm, ipm, self._clock)
+        now = self._clock()
+        recent = sorted(((-ago, images) for ago, images in admissions if 0 <= ago <= WINDOW_S))
+        for bucket, cost in ((buckets.requests, lambda images: 1), (buckets.images, lambda images: images)):
+            tokens, at = bucket.capacity, -bucket.window_s
+            for when, images in recent:
+                tokens = max(0.0, min(bucket.capacity, tokens + (when - at) * bucket.rate) - cost(images))
+                at = when
+            bucket.tokens, bucket.updated = tokens, now + at
+
     def check(self, key_id: int, rpm: int, ipm: int, images: int = 1) -> RateLimitDecision:
         """Admit (taking 1 request and ``images`` image tokens) or reject (taking nothing)."""
         if images < 1:

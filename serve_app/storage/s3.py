@@ -2,7 +2,9 @@
 
 Credentials come from boto3's standard chain (environment, shared config/credentials
 files, container or instance role, ...); never from the service config. ``endpoint_url``
-points the client at another S3-compatible store. All boto3 calls run in worker threads
+points the client at another S3-compatible store; unset, boto3's own
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` environment variables do (the GPU config
+takes endpoint and credentials from the environment). All boto3 calls run in worker threads
 (a boto3 client is thread-safe; its session is not, so the client is made once, here).
 
 Retention is the bucket's business: configure a lifecycle rule on the prefix that expires
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from serve_app.config import S3StorageConfig
 
@@ -79,11 +82,12 @@ def _make_client(config: S3StorageConfig) -> object:
     # AWS itself: virtual-hosted URLs on the bucket's regional endpoint (botocore's "auto"
     # presigns against the global endpoint, which redirects for young buckets outside
     # us-east-1). A custom endpoint: path-style, which needs no wildcard DNS.
-    style = config.addressing_style or ("path" if config.endpoint_url else "virtual")
+    endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    style = config.addressing_style or ("path" if endpoint else "virtual")
     return boto3.session.Session().client(
         "s3",
         region_name=config.region,
-        endpoint_url=config.endpoint_url,
+        endpoint_url=endpoint,
         config=Config(
             signature_version="s3v4",
             s3={"addressing_style": style},
