@@ -43,8 +43,13 @@ def ray_session():
     ray.shutdown()
 
 
+# The ledger of the served application: SQLite (the embedded default) unless
+# IMAGEGEN_TEST_DATABASE=postgresql (.ci/run's second pass over the Serve tests).
+TEST_DATABASE = os.environ.get("IMAGEGEN_TEST_DATABASE", "sqlite")
+
+
 @pytest.fixture(scope="session")
-def served(ray_session, tmp_path_factory):
+def served(ray_session, tmp_path_factory, request):
     """The embedded default config, served on a free port, with its own database."""
     from ray import serve
 
@@ -52,6 +57,12 @@ def served(ray_session, tmp_path_factory):
     from serve_app.config import load_app_config, load_controller_options
 
     data = tmp_path_factory.mktemp("served")
+    if TEST_DATABASE == "postgresql":
+        database_url = request.getfixturevalue("postgres").create_database()
+    elif TEST_DATABASE == "sqlite":
+        database_url = f"sqlite:///{data}/imagegen.db"
+    else:
+        raise ValueError(f"IMAGEGEN_TEST_DATABASE: sqlite or postgresql, not {TEST_DATABASE!r}")
     base = load_app_config(ROOT / "serve_config.yaml")
     config = base.model_copy(
         update={
@@ -59,7 +70,7 @@ def served(ray_session, tmp_path_factory):
             # Sweep for stale reservations every second, so a test can watch one go.
             "accounts": base.accounts.model_copy(
                 update={
-                    "database_url": f"sqlite:///{data}/imagegen.db",
+                    "database_url": database_url,
                     "release_stale_every_s": 1.0,
                     "orphan_check_every_s": 2.0,
                 }

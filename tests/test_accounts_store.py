@@ -389,6 +389,46 @@ def test_release_stale_refunds_abandoned_reservations(store):
     assert_sound(store)
 
 
+# -- Idempotency-Key claims ----------------------------------------------------------------
+def test_idempotency_claims(store):
+    key = issue_key(store, "alice").record
+    claim = store.claim_idempotency
+    assert claim(key.id, "order-1", "digest-a", "replica-1", 60) == ("claimed", None)
+    assert claim(key.id, "order-1", "digest-a", "replica-2", 60) == ("running", None)
+    assert claim(key.id, "order-1", "digest-b", "replica-2", 60) == ("conflict", None)
+    store.complete_idempotency(key.id, "order-1", b'{"body": 1}')
+    assert claim(key.id, "order-1", "digest-a", "replica-2", 60) == ("done", b'{"body": 1}')
+    # a failed attempt is forgotten: its retry runs anew; an outcome is never forgotten so
+    assert claim(key.id, "order-2", "digest-c", "replica-1", 60) == ("claimed", None)
+    store.release_idempotency(key.id, "order-2")
+    store.release_idempotency(key.id, "order-1")
+    assert claim(key.id, "order-2", "digest-c", "replica-1", 60) == ("claimed", None)
+    # an attempt that died without an outcome is taken over once it is stale, by one claimant
+    time.sleep(0.05)
+    assert claim(key.id, "order-2", "digest-c", "replica-2", 0.01) == ("claimed", None)
+    assert claim(key.id, "order-2", "digest-c", "replica-3", 60) == ("running", None)
+    assert store.forget_idempotency(3600) == 0
+    assert store.forget_idempotency(0) == 2
+    assert claim(key.id, "order-1", "digest-z", "replica-1", 60) == ("claimed", None)
+
+
+def test_concurrent_idempotency_claims_have_one_winner(store):
+    key = issue_key(store, "alice").record
+    start = threading.Barrier(8)
+    states: list[str] = []
+
+    def claimant(i: int) -> None:
+        start.wait()
+        states.append(store.claim_idempotency(key.id, "order-1", "digest", f"replica-{i}", 60)[0])
+
+    threads = [threading.Thread(target=claimant, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(states) == ["claimed"] + ["running"] * 7
+
+
 # -- concurrency: 40 requests of 2 images, credits for exactly 30 images -------------------
 _WORKER = r"""
 import os, sys, time

@@ -453,12 +453,13 @@ class AccountStore:
         i = idempotency.c
         this = (i.key_id == key_id, i.idem_key == idem_key)
         with self._write() as conn:
+            # RETURNING, not rowcount: psycopg does not report this INSERT's row count.
             inserted = conn.execute(
-                self._insert_if_absent(idempotency).values(
-                    key_id=key_id, idem_key=idem_key, fingerprint=fingerprint, owner=owner, created=now
-                )
-            ).rowcount
-            if inserted == 1:
+                self._insert_if_absent(idempotency)
+                .values(key_id=key_id, idem_key=idem_key, fingerprint=fingerprint, owner=owner, created=now)
+                .returning(i.key_id)
+            ).first()
+            if inserted is not None:
                 return "claimed", None
             row = conn.execute(sa.select(i.fingerprint, i.created, i.outcome).where(*this)).one()
             if row.fingerprint != fingerprint:
