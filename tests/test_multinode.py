@@ -183,6 +183,9 @@ def _gpu_shaped_config(data: Path, database_url: str, port: int) -> dict:
     args["accounts"]["database_url"] = database_url
     args["storage"]["local"]["root"] = str(data / "images")
     args["ingress"]["ray_actor_options"] = {"num_cpus": 1}
+    # A model asking for a GPU on a SQLite ledger and local image files: both Ray nodes run
+    # on this one machine and share its disk, which the config must declare.
+    args["single_machine"] = True
     (model,) = [m for m in args["models"] if m["id"] == MODEL]
     model["deployment"]["ray_actor_options"] = {"num_cpus": 0, "num_gpus": 1}
     model["deployment"]["autoscaling_config"] = None
