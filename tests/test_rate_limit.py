@@ -284,13 +284,16 @@ def test_rate_limits_survive_the_actor_being_killed(ray_session, tmp_path):
         actor = ray.get_actor(name, namespace=NAMESPACE)
         pid = await actor.__ray_call__.remote(lambda self: __import__("os").getpid())
         ray.kill(actor, no_restart=False)  # a crash: Ray restarts it, memory lost
-        while True:
+        # ray.kill is asynchronous: wait until a call lands in the restarted process.
+        new_pid, deadline = pid, time.monotonic() + 60
+        while new_pid == pid:
+            assert time.monotonic() < deadline, "the actor was not restarted"
             try:
                 new_pid = await actor.__ray_call__.remote(lambda self: __import__("os").getpid())
-                break
             except ray.exceptions.RayActorError:
+                pass
+            if new_pid == pid:
                 await asyncio.sleep(0.1)
-        assert new_pid != pid
         after = await limiter.check(key.id, rpm=3, ipm=100, images=1)
         assert not after.allowed and not after.degraded and after.retry_after_s > 0
         assert await admitted(limiter, other.id)  # a key without history starts full
