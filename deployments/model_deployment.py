@@ -8,6 +8,10 @@ the jobs that queue while the pipeline is busy into the next full batch (see
 load). A batch is grouped by call shape and each group is one pipeline call. The pipeline
 runs on a dedicated thread so the event loop keeps accepting work; encoding runs on another
 pool so the pipeline thread goes straight on to the next batch.
+
+``generate_stream(job)`` is the same work as a stream (Serve's streaming handle calls): the
+job takes the same batch path, and previews (``deployments/previews.py``) and then the final
+images are yielded as they are ready.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,15 @@ from deployments.safety_checker import SafetyChecker
 from deployments.speed_mode import speed_mode
 from serve_app.config import BatchingConfig, GoFastConfig, ModelConfig
 from serve_app.metrics import LATENCY_BOUNDARIES_S, model_histogram
-from serve_app.work import CallShape, GeneratedImage, GenerationJob, JobResult
+from serve_app.work import (
+    CallShape,
+    GeneratedImage,
+    GenerationJob,
+    JobResult,
+    PreviewImage,
+    StreamedImage,
+    StreamItem,
+)
 
 logger = logging.getLogger("ray.serve")
 
@@ -94,6 +107,9 @@ class ImageModelDeployment:
             "imagegen_generation_seconds", "One pipeline call, encoding excluded.", self.model.id, LATENCY_BOUNDARIES_S
         )
         self._failed_fatally: str | None = None
+        from deployments.previews import build_relay
+
+        self._previews = build_relay(self._pipelines, self.model.device)
         if self.model.warmup:
             # On the thread that runs every batch: CUDA graphs recorded there are replayed there.
             self._pipeline_thread.submit(self._warm_up).result()
@@ -145,6 +161,82 @@ class ImageModelDeployment:
         )
         return JobResult(images=tuple(encoded))
 
+    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[StreamItem]:
+        """``generate`` as a stream: each image's previews as the pipeline reaches them, then
+        each final image as soon as it is encoded. Image indexes count within ``job``."""
+        arrived = time.monotonic()
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue[asyncio.Future[StreamItem]] = asyncio.Queue()
+        parts = job.split(self._max_batch_images)
+        offsets = [sum(part.num_images for part in parts[:i]) for i in range(len(parts))]
+
+        def preview_sink(offset: int, part: GenerationJob):
+            def on_loop(image_index: int, partial: int, pixels: Any, step: int, total: int) -> None:
+                encode = self._encode_preview
+                args = (pixels, offset + image_index, partial, step, total, part)
+                ready.put_nowait(loop.run_in_executor(self._encode_pool, encode, *args))
+
+            # Called on the pipeline thread: only hand the pixels over to the event loop.
+            return lambda *args: loop.call_soon_threadsafe(on_loop, *args)
+
+        def failed(error: BaseException) -> None:
+            future: asyncio.Future[StreamItem] = loop.create_future()
+            future.set_exception(error)
+            ready.put_nowait(future)
+
+        async def finish(part: GenerationJob, offset: int) -> None:
+            try:
+                outcome = await (await self._gather_batch(part))
+            except Exception as exc:  # noqa: BLE001 - ends the stream with it
+                failed(exc)
+                return
+            if outcome.started_at is not None:
+                self._queue_wait.observe(max(0.0, outcome.started_at - arrived))
+            if outcome.error is not None:
+                failed(outcome.error)
+                return
+            for index, (image, seed) in enumerate(zip(outcome.images, part.seeds)):
+                encoded = loop.run_in_executor(self._encode_pool, self._encode_final, image, seed, offset + index, part)
+                ready.put_nowait(encoded)
+
+        for part, offset in zip(parts, offsets):
+            self._previews.register(part, preview_sink(offset, part))
+        runs = [asyncio.ensure_future(finish(part, offset)) for part, offset in zip(parts, offsets)]
+        try:
+            expected = job.num_images
+            while expected:
+                item = await (await ready.get())
+                if isinstance(item, StreamedImage):
+                    expected -= 1
+                yield item
+        finally:
+            for part in parts:
+                self._previews.unregister(part)
+            for run in runs:
+                run.cancel()
+
+    @staticmethod
+    def _encode_preview(
+        pixels: Any, image_index: int, partial: int, step: int, total: int, job: GenerationJob
+    ) -> PreviewImage:
+        """A preview at the final size (the latent grid is 8x smaller), in the job's format."""
+        from PIL import Image
+
+        from deployments.encoding import encode_image
+
+        image = Image.fromarray(pixels, "RGB").resize((job.shape.width, job.shape.height), Image.BILINEAR)
+        return PreviewImage(
+            image_index=image_index,
+            partial_image_index=partial,
+            data=encode_image(image, job.output_format, job.output_quality),
+            step=step,
+            total_steps=total,
+        )
+
+    @classmethod
+    def _encode_final(cls, image: Any, seed: int, image_index: int, job: GenerationJob) -> StreamedImage:
+        return StreamedImage(image_index=image_index, image=cls._encode(image, seed, job))
+
     @serve.batch(
         max_batch_size=_INITIAL_BATCH.max_batch_images,
         batch_wait_timeout_s=_INITIAL_BATCH.batch_wait_timeout_s,
@@ -157,7 +249,11 @@ class ImageModelDeployment:
 
     def _run_batch(self, jobs: list[GenerationJob]) -> list[JobOutcome]:
         started = time.monotonic()
-        outcomes = run_grouped(jobs, self._run_call, max_call_images=self._images_per_call)
+        outcomes = run_grouped(
+            jobs,
+            lambda call: self._run_call(call, self._previews.for_call(jobs, call)),
+            max_call_images=self._images_per_call,
+        )
         for outcome in outcomes:
             outcome.started_at = started
         return outcomes
@@ -165,10 +261,12 @@ class ImageModelDeployment:
     def _images_per_call(self, shape: CallShape) -> int:
         return self._batching.images_per_call(shape.width, shape.height)
 
-    def _run_call(self, call: PipelineCall) -> list[Any]:
+    def _run_call(self, call: PipelineCall, on_step_end: Any = None) -> list[Any]:
         started = time.monotonic()
         try:
-            images = run_call(self._pipelines, self._adapters, self.model.speed_mode, call, self.model.device)
+            images = run_call(
+                self._pipelines, self._adapters, self.model.speed_mode, call, self.model.device, on_step_end
+            )
             self._generation.observe(time.monotonic() - started)
             return images
         except RuntimeError as exc:
@@ -198,7 +296,12 @@ class ImageModelDeployment:
 
 
 def run_call(
-    pipelines: PipelineSet, adapters: AdapterCache, speed: GoFastConfig, call: PipelineCall, device: str
+    pipelines: PipelineSet,
+    adapters: AdapterCache,
+    speed: GoFastConfig,
+    call: PipelineCall,
+    device: str,
+    on_step_end: Any = None,
 ) -> list[Any]:
     """One pipeline call with its LoRA set active and its speed mode on, for this call only
     (``deployments/adapters.py``, ``deployments/speed_mode.py``), on the compiled denoiser
@@ -216,6 +319,7 @@ def run_call(
             device,
             images=call.images,
             masks=call.masks,
+            on_step_end=on_step_end,
         )
 
 

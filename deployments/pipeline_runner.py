@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from deployments.pipeline_loader import PipelineSet
 from serve_app.work import CallShape, InputImage, Mode
@@ -18,6 +18,7 @@ def run_pipeline(
     device: str,
     images: Sequence[InputImage] | None = None,
     masks: Sequence[InputImage] | None = None,
+    on_step_end: Callable[..., dict] | None = None,
 ) -> list:
     """Generate ``len(prompts)`` images in one pipeline call; image i uses ``seeds[i]``
     (and ``images[i]`` / ``masks[i]`` in the image modes).
@@ -26,7 +27,8 @@ def run_pipeline(
     image a call with only ``prompts[i]`` and ``seeds[i]`` gives (the batch-vs-single
     identity the service promises). Inpainted images keep the input's pixels outside the
     mask exactly, as OpenAI's edits do (the pipelines blend in latent space, which blurs
-    them). Returns PIL images.
+    them). ``on_step_end`` is diffusers' ``callback_on_step_end`` (streamed previews: it
+    reads the latents and changes nothing). Returns PIL images.
     """
     import torch
 
@@ -45,6 +47,8 @@ def run_pipeline(
         generator=generators,
         output_type="pil",
     )
+    if on_step_end is not None:
+        kwargs.update(callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
     inputs = None if images is None else [image.to_pil() for image in images]
     keep_masks = None if masks is None else [mask.to_pil() for mask in masks]
     pipe = pipelines[shape.mode]

@@ -18,8 +18,8 @@ REQUEST_ID_HEADER = "x-request-id"
 SAFE_REQUEST_ID = r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}"
 
 
-def error_response(exc: BaseException, request_id: str) -> JSONResponse:
-    """Render any exception in the documented error shape.
+def error_body(exc: BaseException, request_id: str) -> tuple[APIError, ErrorResponse]:
+    """``exc`` as the client may see it, and its documented JSON body.
 
     An ``APIError`` is the client's to see; anything else is a bug, logged with the
     request id and shown as a bare 500 so no internals leak.
@@ -28,10 +28,14 @@ def error_response(exc: BaseException, request_id: str) -> JSONResponse:
         logger.error("request %s failed with an unexpected error", request_id, exc_info=exc)
         exc = InternalError("The server had an error while processing your request.")
     body = ErrorResponse(
-        error=ErrorBody(
-            message=exc.message, type=exc.error_type, code=exc.code, param=exc.param, request_id=request_id
-        )
+        error=ErrorBody(message=exc.message, type=exc.error_type, code=exc.code, param=exc.param, request_id=request_id)
     )
+    return exc, body
+
+
+def error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    """Render any exception in the documented error shape (see ``error_body``)."""
+    exc, body = error_body(exc, request_id)
     # x-request-id itself is added by Serve's proxy (the same id), not here.
     headers = dict(exc.headers)
     if exc.retry_after_s is not None:

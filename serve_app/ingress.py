@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -216,10 +216,15 @@ class ImageGenerationIngress:
                 base_url=_loopback_base_url(request),
                 idempotency_key=request.headers.get("idempotency-key"),
             )
-            settle = None if served.after_sent is None else BackgroundTask(served.after_sent)
-            response: Response = JSONResponse(
-                served.body.model_dump(exclude_none=True), headers=served.headers, background=settle
-            )
+            response: Response
+            if served.events is not None:  # stream: true
+                headers = {**served.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
+                response = StreamingResponse(served.events, media_type="text/event-stream", headers=headers)
+            else:
+                settle = None if served.after_sent is None else BackgroundTask(served.after_sent)
+                response = JSONResponse(
+                    served.body.model_dump(exclude_none=True), headers=served.headers, background=settle
+                )
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             response = error_for(exc, request)
         self._metrics.answered(endpoint, self._model_tag(payload), response.status_code)

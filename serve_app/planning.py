@@ -44,6 +44,7 @@ class GenerationPlan:
     image: InputImage | None = None
     mask: InputImage | None = None
     check_safety: bool = True  # run the model's safety checker (when it has one)
+    partial_images: int = 0  # previews per image, streamed requests only
 
     @property
     def size(self) -> str:
@@ -62,6 +63,7 @@ class GenerationPlan:
             image=self.image,
             mask=self.mask,
             check_safety=self.check_safety,
+            partial_images=self.partial_images,
         )
         return job.split(max_images_per_job)
 
@@ -129,6 +131,7 @@ def plan_generation(
         image=None if image is None else _fitted(image, width, height, "RGB"),
         mask=None if mask is None else _fitted(mask, width, height, "L"),
         check_safety=not request.disable_safety_checker,
+        partial_images=(request.partial_images or 0) if request.stream else 0,
     )
 
 

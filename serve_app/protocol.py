@@ -69,8 +69,12 @@ class ImageGenerationRequest(BaseModel):
     def _honourable(self) -> ImageGenerationRequest:
         """Reject what no model here can do, rather than silently ignoring it."""
         unsupported = [
-            ("stream", self.stream is True, "streaming responses are not supported"),
-            ("partial_images", bool(self.partial_images), "partial images need streaming, which is not supported"),
+            ("partial_images", bool(self.partial_images) and not self.stream, "partial images need stream: true"),
+            (
+                "response_format",
+                self.stream is True and self.response_format == "url",
+                "a stream carries its images as b64_json; url needs stream: false",
+            ),
             ("background", self.background == "transparent", "transparent backgrounds are not supported"),
             ("style", self.style is not None, "style presets are not supported; describe the style in the prompt"),
         ]

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from serve_app.errors import APIError, GenerationTimeout, ModelUnavailable, UpstreamError
-from serve_app.work import GenerationJob, JobResult
+from serve_app.work import GenerationJob, JobResult, StreamItem
 
 logger = logging.getLogger("ray.serve")
 
@@ -165,6 +165,60 @@ class ModelRouter:
         while True:
             await asyncio.sleep(self._watch_every_s)
             await self._ensure_available(route)
+
+    async def ensure_available(self, model_id: str) -> None:
+        """503 now if the model has no running replica (a stream checks before its first byte)."""
+        await self._ensure_available(self._routes[model_id])
+
+    async def stream(self, model_id: str, jobs: list[GenerationJob]) -> AsyncIterator[StreamItem]:
+        """Run every job of one request as a stream (the deployment's ``generate_stream``
+        through a streaming handle), yielding previews and images as they come, image
+        indexes counted across the request. Fails as ``generate`` does, with the same deadline."""
+        route = self._routes[model_id]
+        handle = route.handle.options(stream=True)
+        generators = [handle.generate_stream.remote(job) for job in jobs]
+        offsets = [sum(job.num_images for job in jobs[:i]) for i in range(len(jobs))]
+        merged: asyncio.Queue[tuple[int, StreamItem | BaseException | None]] = asyncio.Queue()
+
+        async def pump(generator: Any, offset: int) -> None:
+            try:
+                async for item in generator:
+                    merged.put_nowait((offset, item))
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                merged.put_nowait((offset, exc))
+                return
+            merged.put_nowait((offset, None))
+
+        pumps = [asyncio.ensure_future(pump(g, offset)) for g, offset in zip(generators, offsets)]
+        deadline = asyncio.get_running_loop().time() + route.timeout_s
+        open_streams = len(pumps)
+        finished = False
+        try:
+            while open_streams:
+                remaining = deadline - asyncio.get_running_loop().time()
+                try:
+                    offset, item = await asyncio.wait_for(merged.get(), timeout=max(0.0, remaining))
+                except asyncio.TimeoutError:
+                    raise GenerationTimeout(
+                        f"Generation with model '{model_id}' did not finish within {route.timeout_s:g} s."
+                    ) from None
+                if item is None:
+                    open_streams -= 1
+                elif isinstance(item, APIError):
+                    raise item
+                elif isinstance(item, BaseException):
+                    logger.warning("model %s failed a streamed request: %s", model_id, _short(item))
+                    raise UpstreamError(f"The model '{model_id}' failed to generate the image.") from item
+                else:
+                    yield replace(item, image_index=item.image_index + offset)
+            finished = True
+        finally:
+            # Failure, deadline or a client that went away: stop the replicas' work too.
+            for task in pumps:
+                task.cancel()
+            if not finished:
+                for generator in generators:
+                    generator.cancel()
 
     async def _ensure_available(self, route: ModelRoute) -> None:
         if route.scales_from_zero:

@@ -18,11 +18,12 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from serve_app.accounts import Settlement
+from serve_app.accounts.units import format_credits
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.enhancer import ENHANCE_HEADER, PromptEnhancer, enhance_prompt
 from serve_app.errors import (
@@ -47,9 +48,11 @@ from serve_app.protocol import (
 )
 from serve_app.routing import ModelRouter
 from serve_app.storage import CONTENT_TYPES
-from serve_app.work import GeneratedImage
+from serve_app.streaming import CompletedEvent, EventPrefix, PartialImageEvent, error_event, sse
+from serve_app.work import GeneratedImage, PreviewImage
 
 logger = logging.getLogger("ray.serve")
+
 
 class AccountsPort(Protocol):
     """What the service needs from accounts (``serve_app.accounts.Accounts``)."""
@@ -85,6 +88,9 @@ class ServedResponse:
     headers: dict[str, str] = field(default_factory=dict)
     # Run once the response is handed to the client: settles the charge.
     after_sent: Callable[[], Awaitable[None]] | None = None
+    # ``stream: true``: the server-sent events to answer with (``body`` is then None); the
+    # stream settles the charge itself as it ends.
+    events: AsyncIterator[bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,15 @@ def _replayed(outcome: bytes | None) -> ServedResponse:
     return ServedResponse(
         body=ImagesResponse.model_validate(stored["body"]), headers={**stored["headers"], "idempotent-replayed": "true"}
     )
+
+
+def _check_streamable(idempotency_key: str | None) -> None:
+    # A replay would have to store and resend every event; a stream is not repeatable.
+    if idempotency_key is not None:
+        raise InvalidRequest(
+            "Invalid 'Idempotency-Key': not supported with stream: true; retry a stream without it.",
+            param="Idempotency-Key",
+        )
 
 
 class ImageGenerationService:
@@ -189,6 +204,9 @@ class ImageGenerationService:
                 policy = self._policy(model)
                 image = await asyncio.to_thread(image_from_field, request.image, param="image", policy=policy)
                 plan = await asyncio.to_thread(plan_generation, request, model, image)
+            if request.stream:
+                _check_streamable(idempotency_key)
+                return await self._serve_stream(key, request, model, plan, request_id, "image_generation")
             return await self._serve(key, request, model, plan, request_id, base_url)
 
         return await self._once(key, idempotency_key, fingerprint, run)
@@ -217,6 +235,9 @@ class ImageGenerationService:
                     param="image",
                 )
             plan = await asyncio.to_thread(self._plan_edit, request, model, upload)
+            if request.stream:
+                _check_streamable(idempotency_key)
+                return await self._serve_stream(key, request, model, plan, request_id, "image_edit")
             return await self._serve(key, request, model, plan, request_id, base_url)
 
         return await self._once(key, idempotency_key, upload.fingerprint, run)
@@ -360,6 +381,76 @@ class ImageGenerationService:
         )
         headers[ENHANCE_HEADER] = "applied" if enhancement.applied else "failed"
         return dataclasses.replace(plan, prompt=enhancement.prompt)
+
+    async def _serve_stream(
+        self,
+        key: Any,
+        request: ImageGenerationRequest,
+        model: ModelConfig,
+        plan: GenerationPlan,
+        request_id: str,
+        prefix: EventPrefix,
+    ) -> ServedResponse:
+        """Admit and reserve as ``_serve`` does, all before the first byte (so a refusal is
+        still a plain HTTP error), then answer with the events of ``_stream_events``."""
+        await self._router.ensure_available(model.id)
+        headers = dict(await self._accounts.admit(key, request.n))
+        reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
+        headers["x-credits-reserved"] = format_credits(reservation.amount_units)
+        events = self._stream_events(reservation, plan, model, request_id, prefix)
+        return ServedResponse(body=None, headers=headers, events=events)
+
+    async def _stream_events(
+        self, reservation: Any, plan: GenerationPlan, model: ModelConfig, request_id: str, prefix: EventPrefix
+    ) -> AsyncIterator[bytes]:
+        """Previews and images as the model yields them; settles, as the stream ends, exactly
+        the images whose ``completed`` event was handed over (a client that goes away is
+        refunded the rest). A failure after the first byte is an ``error`` event."""
+        delivered = 0
+        common = {
+            "background": "opaque",
+            "output_format": plan.output_format,
+            "quality": plan.quality_label or "auto",
+            "size": plan.size,
+        }
+        try:
+            jobs = plan.jobs(request_id, model.batching.max_batch_images)
+            async for item in self._router.stream(model.id, jobs):
+                b64 = base64.b64encode(item.data if isinstance(item, PreviewImage) else item.image.data).decode("ascii")
+                if isinstance(item, PreviewImage):
+                    event: PartialImageEvent | CompletedEvent = PartialImageEvent(
+                        type=f"{prefix}.partial_image",
+                        b64_json=b64,
+                        created_at=int(self._clock()),
+                        image_index=item.image_index,
+                        partial_image_index=item.partial_image_index,
+                        step=item.step,
+                        total_steps=item.total_steps,
+                        **common,
+                    )
+                else:
+                    if not 0 <= item.image_index < len(plan.seeds) or item.image.seed != plan.seeds[item.image_index]:
+                        raise UpstreamError(f"The model '{model.id}' returned an inconsistent result.")
+                    settlement = reservation.settlement_if(delivered + 1)
+                    event = CompletedEvent(
+                        type=f"{prefix}.completed",
+                        b64_json=b64,
+                        created_at=int(self._clock()),
+                        image_index=item.image_index,
+                        seed=item.image.seed,
+                        revised_prompt=plan.prompt,
+                        credits_charged=format_credits(settlement.charged_units),
+                        credits_remaining=format_credits(settlement.balance_units),
+                        **common,
+                    )
+                yield sse(event)
+                # The consumer asked for the next event: this one was handed over.
+                if isinstance(event, CompletedEvent):
+                    delivered += 1
+        except Exception as exc:  # noqa: BLE001 - the stream's last event, in the documented shape
+            yield error_event(exc, request_id)
+        finally:
+            await self._settle(reservation, delivered, request_id)
 
     async def _settle(self, reservation: Any, delivered: int, request_id: str) -> None:
         settlement = await self._accounts.settle(reservation, delivered)

@@ -82,6 +82,9 @@ class GenerationJob:
     mask: InputImage | None = None  # inpainting
     # Run the model's safety checker on these images (when the model has one).
     check_safety: bool = True
+    # Previews to stream per image (OpenAI's partial_images, 0-3); 0 for a plain request.
+    # Not part of the CallShape: previews read the latents, they do not change the math.
+    partial_images: int = 0
 
     @property
     def num_images(self) -> int:
@@ -106,6 +109,29 @@ class GeneratedImage:
     height: int
     # The safety checker flagged it: ``data`` is empty and the image is not delivered.
     flagged: bool = False
+
+
+@dataclass(frozen=True)
+class PreviewImage:
+    """A streamed preview of image ``image_index`` (of its job or request, 0-based): the
+    latents after denoising step ``step`` of ``total_steps``, decoded cheaply and encoded."""
+
+    image_index: int
+    partial_image_index: int
+    data: bytes
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class StreamedImage:
+    """A streamed final image: image ``image_index`` of its job or request."""
+
+    image_index: int
+    image: GeneratedImage
+
+
+StreamItem = PreviewImage | StreamedImage
 
 
 @dataclass(frozen=True)

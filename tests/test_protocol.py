@@ -83,8 +83,9 @@ def test_jpg_is_an_alias_of_jpeg():
         ("background", "green"),
         ("style", "vivid"),
         ("moderation", "none"),
-        ("stream", True),
-        ("partial_images", 2),
+        ("stream", "yes"),
+        ("partial_images", 2),  # without stream: true
+        ("partial_images", 4),
         ("enhance_prompt", "yes"),
         ("go_fast", "yes"),
         ("guidance", -1),

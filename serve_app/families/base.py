@@ -95,6 +95,12 @@ class Family:
         """Family-specific keyword arguments of one pipeline call (prompts, guidance)."""
         raise NotImplementedError
 
+    def preview_latents(self, pipe: Any, latents: Any, height: int, width: int) -> Any:
+        """The latents a step callback sees (``callback_kwargs["latents"]``) as
+        [B, C, height / 8, width / 8] in the VAE's pipeline space, for previews
+        (``deployments.previews``): families that pack latent patches unpack them here."""
+        raise NotImplementedError
+
     def after_load(self, pipe: Any, model: ModelConfig | None) -> None:
         """Fixes and checks once the text-to-image pipeline is loaded (``model`` is None
         when loaded outside a served model, e.g. in a benchmark)."""

@@ -152,6 +152,10 @@ class Flux(Family):
                 "(as FLUX.1-schnell)"
             )
 
+    def preview_latents(self, pipe: Any, latents: Any, height: int, width: int) -> Any:
+        # The transformer works on packed 2x2 latent patches: unpack to [B, C, h, w].
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
     def build_tiny(self, work: Path) -> None:
         """FLUX.1-dev's shapes, shrunk: an 8x VAE with FLUX's shift/scale and no quant convs,
         a transformer packing 2x2 latent patches (sides multiple of 16) with a guidance

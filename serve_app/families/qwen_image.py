@@ -68,6 +68,11 @@ class QwenImage(Family):
             )
         pipe.prompt_template_encode_start_idx = start_idx
 
+    def preview_latents(self, pipe: Any, latents: Any, height: int, width: int) -> Any:
+        # The transformer works on packed 2x2 latent patches: unpack them; the VAE is a
+        # video VAE, [B, C, 1, h, w], and an image is its one frame.
+        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)[:, :, 0]
+
     def build_tiny(self, work: Path) -> None:
         import torch
         from diffusers import (

@@ -46,6 +46,9 @@ class SDXL(Family):
             "negative_prompt": None if negative_prompts is None else list(negative_prompts),
         }
 
+    def preview_latents(self, pipe: Any, latents: Any, height: int, width: int) -> Any:
+        return latents  # the UNet's latents are already [B, C, h, w]
+
     def build_tiny(self, work: Path) -> None:
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
