@@ -12,10 +12,11 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -37,6 +38,15 @@ SAFE_REQUEST_ID_RE = re.compile(SAFE_REQUEST_ID)
 # Bounds of an edits form: OpenAI's image[] takes up to 16 files, plus the mask.
 EDIT_MAX_FILES = 17
 EDIT_MAX_FIELDS = 64
+
+# The playground page (serve_app/playground/): static, read once. Its policy lets it load
+# nothing but itself, and talk to nothing but this server.
+PLAYGROUND = Path(__file__).parent / "playground"
+PLAYGROUND_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'",
+    "x-content-type-options": "nosniff",
+    "cache-control": "no-cache",
+}
 
 api = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", docs_url="/docs")
 install_openapi(api)  # the document from the protocol models (serve_app/openapi.py)
@@ -108,6 +118,8 @@ class ImageGenerationIngress:
         self, config: AppConfig | dict[str, Any], handles: dict[str, Any], enhancer_handle: Any = None
     ) -> None:
         self._config = AppConfig.model_validate(config)
+        self._playground_page = (PLAYGROUND / "index.html").read_text()
+        self._playground_script = (PLAYGROUND / "playground.js").read_text()
         replicas = ServeReplicaCounter(app_name=lambda: serve.get_replica_context().app_name)
         routes = {
             model.id: ModelRoute(
@@ -149,6 +161,15 @@ class ImageGenerationIngress:
     @api.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    @api.get("/playground", include_in_schema=False)
+    async def playground(self) -> Response:
+        """A page to try the service in a browser (the key stays in the browser)."""
+        return HTMLResponse(self._playground_page, headers=PLAYGROUND_HEADERS)
+
+    @api.get("/playground/playground.js", include_in_schema=False)
+    async def playground_script(self) -> Response:
+        return Response(self._playground_script, media_type="text/javascript", headers=PLAYGROUND_HEADERS)
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:

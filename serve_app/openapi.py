@@ -231,7 +231,15 @@ def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _images_ok(_: dict[str, Any]) -> dict[str, Any]:
-    return _json_ok(ImagesResponse, {**_CREDIT_HEADERS, **_RATE_LIMIT_HEADERS}, "The generated images.")
+    response = _json_ok(ImagesResponse, {**_CREDIT_HEADERS, **_RATE_LIMIT_HEADERS}, "The generated images.")
+    response["description"] += (
+        " With `stream: true`, server-sent events instead (OpenAI's image streaming, serve_app/streaming.py):"
+        " `image_generation.partial_image` / `image_edit.partial_image` previews, one `*.completed` event per"
+        " image, and an `error` event if generation fails after the stream started. The credit headers are then"
+        " replaced by `x-credits-reserved`; each completed event carries `credits_charged` and `credits_remaining`."
+    )
+    response["content"]["text/event-stream"] = {"schema": _STRING}
+    return response
 
 
 def _json_ok(model: type[BaseModel], headers: dict[str, Any] | None = None, description: str = "OK") -> dict[str, Any]:
