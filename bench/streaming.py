@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     RESULTS,
     HttpConnection,
     Meters,
@@ -86,7 +86,9 @@ async def load(port: int, key: str, clients: int, warmup: int, measure_n: int, p
         }
         if partial is not None:
             payload.update(stream=True, partial_images=partial)
-        response = await connections[client].request(post_json_bytes(host, port, "/v1/images/generations", payload, key))
+        response = await connections[client].request(
+            post_json_bytes(host, port, "/v1/images/generations", payload, key)
+        )
         if response.status != 200:
             if len(bad) < 3:
                 bad.append(response.body[:300].decode("utf-8", "replace"))
@@ -146,12 +148,14 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         "## Streaming throughput (issue 15)",
         "",
-        f"`python bench/streaming.py` — tiny SDXL, {SIZE}x{SIZE}, {STEPS} steps, n=1, {c['clients']} closed-loop "
-        f"clients, each with its own prompt and seed; {c['measure']} measured requests after {c['warmup']} warm-up per "
-        f"row, rows in the order below in one Ray instance. Serve defaults (HTTP proxy), one ingress replica, one "
-        f"model replica (one torch thread), shipped batching (max 8 images, wait 0 s). Machine: {m['nproc']} cores "
-        f"({m['cpu_model']}), ray {m['versions']['ray']}, torch {m['versions']['torch']}, "
-        f"diffusers {m['versions']['diffusers']}.",
+        (
+            f"`python bench/streaming.py` — tiny SDXL, {SIZE}x{SIZE}, {STEPS} steps, n=1, {c['clients']} closed-loop "
+            f"clients, each with its own prompt and seed; {c['measure']} measured requests after {c['warmup']} warm-up per "
+            f"row, rows in the order below in one Ray instance. Serve defaults (HTTP proxy), one ingress replica, one "
+            f"model replica (one torch thread), shipped batching (max 8 images, wait 0 s). Machine: {m['nproc']} cores "
+            f"({m['cpu_model']}), ray {m['versions']['ray']}, torch {m['versions']['torch']}, "
+            f"diffusers {m['versions']['diffusers']}."
+        ),
         "",
         "| row | images/s | p50 ms | p95 ms | previews received |",
         "|---|---:|---:|---:|---:|",
@@ -164,11 +168,15 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        f"- Streaming with 3 previews per image over plain responses: **{doc['ratio_p3_over_plain']:.2f}x** the "
-        f"images/s (means of the two rows each); streaming without previews: {doc['ratio_p0_over_plain']:.2f}x.",
-        "- A preview is a linear map of the latents (fitted to the model's VAE at load) on the pipeline thread, "
-        "then a resize and an encode on the replica's encode pool; on this tiny model a denoising step costs "
-        "little, so the previews' share here is an upper bound of what they cost next to a real model's steps.",
+        (
+            f"- Streaming with 3 previews per image over plain responses: **{doc['ratio_p3_over_plain']:.2f}x** the "
+            f"images/s (means of the two rows each); streaming without previews: {doc['ratio_p0_over_plain']:.2f}x."
+        ),
+        (
+            "- A preview is a linear map of the latents (fitted to the model's VAE at load) on the pipeline thread, "
+            "then a resize and an encode on the replica's encode pool; on this tiny model a denoising step costs "
+            "little, so the previews' share here is an upper bound of what they cost next to a real model's steps."
+        ),
     ]
     return "\n".join(lines)
 

@@ -391,3 +391,41 @@ def test_flux_refuses_a_guidance_setting_its_weights_cannot_honour(built, cache_
     )
     with pytest.raises(ValueError, match="defaults.guidance must be above 0"):
         load_pipelines("flux", "builtin:tiny-flux", "cpu", "float32", cache_dir, model=schnell_like)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_previews_decode_the_latents_and_leave_the_images_alone(pipes, family):
+    """The linear latent-to-RGB map fitted at load reproduces what the VAE would show for
+    latents of real images (held-out ones), and the step callback that takes previews
+    changes nothing in the generated images."""
+    import torch.nn.functional as F
+
+    from deployments.grouping import group_jobs
+    from deployments.previews import build_relay
+    from serve_app.families.tiny_vae import encode_like_pipeline, synthetic_images
+    from serve_app.work import GenerationJob
+
+    relay = build_relay(pipes[family], "cpu")
+    vae = pipes[family].text_to_image.vae
+    held_out = synthetic_images(4, 64, torch.Generator().manual_seed(123)).clamp(-1, 1)
+    with torch.inference_mode():
+        latents = encode_like_pipeline(vae, held_out, sample=False)
+    if latents.dim() == 5:
+        latents = latents[:, :, 0]
+    decoded = relay._to_rgb.to_pixels(latents).astype(np.float32)
+    blocks = ((F.adaptive_avg_pool2d(held_out, latents.shape[-2:]) + 1) * 127.5).permute(0, 2, 3, 1).numpy()
+    # Measured: 0.7 to 2.2 levels of 255 (an image against its own mean colour: 44).
+    assert np.abs(decoded - blocks).mean() < 6, "the linear preview does not follow the VAE"
+
+    shape = CallShape(width=128, height=64, steps=4, guidance=GUIDANCE[family], with_negative_prompt=False)
+    job = GenerationJob("r", "a cat", None, shape, (3, 4), partial_images=2)
+    seen = []
+    relay.register(job, lambda *args: seen.append(args))
+    call = group_jobs([job])[0]
+    with_previews = run_pipeline(pipes[family], shape, call.prompts, None, call.seeds, "cpu",
+                                 on_step_end=relay.for_call([job], call))
+    without = run_pipeline(pipes[family], shape, call.prompts, None, call.seeds, "cpu")
+    for a, b in zip(with_previews, without):
+        assert np.array_equal(pixels(a), pixels(b))
+    assert [(image, partial, step) for image, partial, _, step, _ in seen] == [(0, 0, 2), (1, 0, 2), (0, 1, 3), (1, 1, 3)]
+    assert all(preview.shape == (8, 16, 3) and preview.dtype == np.uint8 for _, _, preview, _, _ in seen)
