@@ -172,6 +172,8 @@ class ImageModelDeployment:
 
         def preview_sink(offset: int, part: GenerationJob):
             def on_loop(image_index: int, partial: int, pixels: Any, step: int, total: int) -> None:
+                if finished:  # the caller went away while its batch ran on: encode nothing for it
+                    return
                 encode = self._encode_preview
                 args = (pixels, offset + image_index, partial, step, total, part)
                 ready.put_nowait(loop.run_in_executor(self._encode_pool, encode, *args))
@@ -199,6 +201,7 @@ class ImageModelDeployment:
                 encoded = loop.run_in_executor(self._encode_pool, self._encode_final, image, seed, offset + index, part)
                 ready.put_nowait(encoded)
 
+        finished = False
         for part, offset in zip(parts, offsets):
             self._previews.register(part, preview_sink(offset, part))
         runs = [asyncio.ensure_future(finish(part, offset)) for part, offset in zip(parts, offsets)]
@@ -210,6 +213,7 @@ class ImageModelDeployment:
                     expected -= 1
                 yield item
         finally:
+            finished = True
             for part in parts:
                 self._previews.unregister(part)
             for run in runs:
