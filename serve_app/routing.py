@@ -184,6 +184,8 @@ class ModelRouter:
             try:
                 async for item in generator:
                     merged.put_nowait((offset, item))
+            except asyncio.CancelledError:
+                raise
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 merged.put_nowait((offset, exc))
                 return
