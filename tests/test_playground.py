@@ -121,8 +121,34 @@ def test_playground_generates_with_previews_and_shows_the_credits(served, browse
     )
     assert (np.asarray(credits.convert("L")) < 100).sum() > 100, "the credits line is not drawn"
 
+    # Image-to-image: an input image from the file picker, with a strength.
+    source = io.BytesIO()
+    Image.new("RGB", (128, 128), (30, 160, 220)).save(source, format="PNG")
+    page.set_input_files("#image", files=[{"name": "blue.png", "mimeType": "image/png", "buffer": source.getvalue()}])
+    page.fill("#strength", "0.5")
+    page.fill("#n", "1")
+    page.fill("#seed", "9")
+    page.click("#generate")
+    expect(page.locator("#status")).to_have_text(re.compile(r"^(Done|Failed)"), timeout=60_000)
+    assert page.text_content("#status") == "Done: 1 image."
+    assert page.text_content("#credits") == "Credits charged: 1 · remaining: 7"
+    shown = data_uri_image(page.get_attribute("figure[data-index='0'] img", "src"))
+    plain = served.client(served.create_key("5")).images.generate(
+        model="tiny-sdxl",
+        prompt="a small red apple on a white background",
+        size="128x128",
+        extra_body={
+            "seed": 9,
+            "num_inference_steps": 12,
+            "strength": 0.5,
+            "image": "data:image/png;base64," + base64.b64encode(source.getvalue()).decode(),
+        },
+    )
+    expected = Image.open(io.BytesIO(base64.b64decode(plain.data[0].b64_json))).convert("RGB")
+    assert np.abs(np.asarray(shown, np.int16) - np.asarray(expected, np.int16)).max() <= 1
+
     usage = httpx.get(f"{served.base_url}/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
-    assert float(usage["balance"]) == 8
+    assert float(usage["balance"]) == 7
     assert errors == []
     assert requested_hosts == {served.base_url.split("/")[2]}, "the page fetched from another host"
     page.close()
