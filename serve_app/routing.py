@@ -173,7 +173,8 @@ class ModelRouter:
     async def stream(self, model_id: str, jobs: list[GenerationJob]) -> AsyncIterator[StreamItem]:
         """Run every job of one request as a stream (the deployment's ``generate_stream``
         through a streaming handle), yielding previews and images as they come, image
-        indexes counted across the request. Fails as ``generate`` does, with the same deadline."""
+        indexes counted across the request. Fails as ``generate`` does: the same deadline, and
+        a 503 if the last replica goes away meanwhile."""
         route = self._routes[model_id]
         handle = route.handle.options(stream=True)
         generators = [handle.generate_stream.remote(job) for job in jobs]
@@ -192,18 +193,25 @@ class ModelRouter:
             merged.put_nowait((offset, None))
 
         pumps = [asyncio.ensure_future(pump(g, offset)) for g, offset in zip(generators, offsets)]
+        watch = asyncio.create_task(self._until_unavailable(route))
         deadline = asyncio.get_running_loop().time() + route.timeout_s
         open_streams = len(pumps)
         finished = False
+        getter: asyncio.Future[tuple[int, StreamItem | BaseException | None]] | None = None
         try:
             while open_streams:
                 remaining = deadline - asyncio.get_running_loop().time()
-                try:
-                    offset, item = await asyncio.wait_for(merged.get(), timeout=max(0.0, remaining))
-                except asyncio.TimeoutError:
+                getter = asyncio.ensure_future(merged.get())
+                done, _ = await asyncio.wait(
+                    {getter, watch}, timeout=max(0.0, remaining), return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter not in done:
+                    if watch in done:
+                        watch.result()  # raises ModelUnavailable: the last replica went away
                     raise GenerationTimeout(
                         f"Generation with model '{model_id}' did not finish within {route.timeout_s:g} s."
-                    ) from None
+                    )
+                offset, item = getter.result()
                 if item is None:
                     open_streams -= 1
                 elif isinstance(item, APIError):
@@ -216,6 +224,9 @@ class ModelRouter:
             finished = True
         finally:
             # Failure, deadline or a client that went away: stop the replicas' work too.
+            watch.cancel()
+            if getter is not None:
+                getter.cancel()
             for task in pumps:
                 task.cancel()
             if not finished:

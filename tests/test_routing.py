@@ -8,6 +8,7 @@ import pytest
 
 from serve_app.errors import GenerationTimeout, ModelUnavailable
 from serve_app.routing import ModelRoute, ModelRouter
+from serve_app.work import CallShape, GenerationJob
 
 
 class Counts:
@@ -79,5 +80,69 @@ def test_a_model_that_scales_from_zero_waits_for_its_cold_start():
         router = ModelRouter({"m": route(handle, timeout_s=0.3, scales_from_zero=True)}, Counts(0), watch_every_s=0.05)
         with pytest.raises(GenerationTimeout):  # queued until the deadline, not refused
             await router.generate("m", [object()])
+
+    asyncio.run(scenario())
+
+
+def job() -> GenerationJob:
+    shape = CallShape(width=64, height=64, steps=4, guidance=5.0, with_negative_prompt=False)
+    return GenerationJob("r", "a cat", None, shape, (1,), partial_images=2)
+
+
+class StreamingHandle:
+    """A streaming handle whose replica yields nothing (it is on a node that went away)."""
+
+    def __init__(self) -> None:
+        self.generators: list[Generator] = []
+        self.generate_stream = self
+
+    def options(self, stream: bool) -> StreamingHandle:
+        assert stream
+        return self
+
+    def remote(self, job) -> Generator:
+        self.generators.append(Generator())
+        return self.generators[-1]
+
+
+class Generator:
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        await asyncio.get_running_loop().create_future()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def test_a_waiting_stream_ends_in_503_when_the_last_replica_goes():
+    async def scenario():
+        handle, counts = StreamingHandle(), Counts(running=1)
+        router = ModelRouter({"m": route(handle)}, counts, watch_every_s=0.05)
+
+        async def consume():
+            return [item async for item in router.stream("m", [job(), job()])]
+
+        waiting = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        counts.running = 0
+        with pytest.raises(ModelUnavailable):
+            await asyncio.wait_for(waiting, timeout=2)
+        assert len(handle.generators) == 2 and all(generator.cancelled for generator in handle.generators)
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_keeps_the_deadline():
+    async def scenario():
+        router = ModelRouter({"m": route(StreamingHandle(), timeout_s=0.3)}, Counts(running=1), watch_every_s=0.05)
+        with pytest.raises(GenerationTimeout):
+            async for _ in router.stream("m", [job()]):
+                pass
 
     asyncio.run(scenario())
