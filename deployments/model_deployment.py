@@ -197,13 +197,23 @@ class ImageModelDeployment:
             if outcome.error is not None:
                 failed(outcome.error)
                 return
-            for index, (image, seed) in enumerate(zip(outcome.images, part.seeds)):
-                encoded = loop.run_in_executor(self._encode_pool, self._encode_final, image, seed, offset + index, part)
-                ready.put_nowait(encoded)
+            flags = [False] * len(outcome.images)
+            if checked:
+                try:
+                    flags = await loop.run_in_executor(self._pipeline_thread, self._safety.flags, outcome.images)
+                except Exception as exc:  # noqa: BLE001 - ends the stream with it
+                    failed(exc)
+                    return
+            for index, (image, seed, flagged) in enumerate(zip(outcome.images, part.seeds, flags)):
+                encode = self._encode_final
+                ready.put_nowait(loop.run_in_executor(self._encode_pool, encode, image, seed, offset + index, part, flagged))
 
         finished = False
+        checked = self._safety is not None and job.check_safety
         for part, offset in zip(parts, offsets):
-            self._previews.register(part, preview_sink(offset, part))
+            # No previews of what the safety checker has not seen yet: it sees final images only.
+            if not checked:
+                self._previews.register(part, preview_sink(offset, part))
         runs = [asyncio.ensure_future(finish(part, offset)) for part, offset in zip(parts, offsets)]
         try:
             expected = job.num_images
@@ -238,8 +248,10 @@ class ImageModelDeployment:
         )
 
     @classmethod
-    def _encode_final(cls, image: Any, seed: int, image_index: int, job: GenerationJob) -> StreamedImage:
-        return StreamedImage(image_index=image_index, image=cls._encode(image, seed, job))
+    def _encode_final(
+        cls, image: Any, seed: int, image_index: int, job: GenerationJob, flagged: bool = False
+    ) -> StreamedImage:
+        return StreamedImage(image_index=image_index, image=cls._encode(image, seed, job, flagged))
 
     @serve.batch(
         max_batch_size=_INITIAL_BATCH.max_batch_images,

@@ -323,15 +323,7 @@ class ImageGenerationService:
         base_url: str | None,
     ) -> ServedResponse:
         """Admit, reserve, generate, deliver, and settle exactly what was delivered."""
-        if request.disable_safety_checker and not key.may_disable_safety_checker:
-            raise PermissionDenied(
-                "Invalid 'disable_safety_checker': this API key may not turn the safety checker off.",
-                param="disable_safety_checker",
-            )
-        if request.enhance_prompt and self._enhancer is None:
-            raise InvalidRequest(
-                "Invalid 'enhance_prompt': no prompt enhancer is configured on this service.", param="enhance_prompt"
-            )
+        self._check_extensions(key, request)
         if plan.response_format == "url":
             if self._store is None:
                 raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
@@ -373,6 +365,17 @@ class ImageGenerationService:
             body=body, headers=headers, after_sent=functools.partial(self._settle, reservation, len(delivered), request_id)
         )
 
+    def _check_extensions(self, key: Any, request: ImageGenerationRequest) -> None:
+        if request.disable_safety_checker and not key.may_disable_safety_checker:
+            raise PermissionDenied(
+                "Invalid 'disable_safety_checker': this API key may not turn the safety checker off.",
+                param="disable_safety_checker",
+            )
+        if request.enhance_prompt and self._enhancer is None:
+            raise InvalidRequest(
+                "Invalid 'enhance_prompt': no prompt enhancer is configured on this service.", param="enhance_prompt"
+            )
+
     async def _enhanced(self, plan: GenerationPlan, model: ModelConfig, headers: dict[str, str]) -> GenerationPlan:
         """The plan with the enhancer's prompt (the original one if it fails: the header says which)."""
         assert self._enhancer is not None and self._config.prompt_enhancer is not None
@@ -391,12 +394,20 @@ class ImageGenerationService:
         request_id: str,
         prefix: EventPrefix,
     ) -> ServedResponse:
-        """Admit and reserve as ``_serve`` does, all before the first byte (so a refusal is
-        still a plain HTTP error), then answer with the events of ``_stream_events``."""
+        """Check, admit and reserve as ``_serve`` does, and enhance the prompt, all before the
+        first byte (so a refusal is still a plain HTTP error), then answer with the events of
+        ``_stream_events``."""
+        self._check_extensions(key, request)
         await self._router.ensure_available(model.id)
         headers = dict(await self._accounts.admit(key, request.n))
         reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
         headers["x-credits-reserved"] = format_credits(reservation.amount_units)
+        if request.enhance_prompt:
+            try:
+                plan = await self._enhanced(plan, model, headers)
+            except BaseException:
+                await self._settle(reservation, 0, request_id)
+                raise
         events = self._stream_events(reservation, plan, model, request_id, prefix)
         return ServedResponse(body=None, headers=headers, events=events)
 
@@ -406,7 +417,7 @@ class ImageGenerationService:
         """Previews and images as the model yields them; settles, as the stream ends, exactly
         the images whose ``completed`` event was handed over (a client that goes away is
         refunded the rest). A failure after the first byte is an ``error`` event."""
-        delivered = 0
+        delivered = flagged = 0
         common = {
             "background": "opaque",
             "output_format": plan.output_format,
@@ -431,6 +442,9 @@ class ImageGenerationService:
                 else:
                     if not 0 <= item.image_index < len(plan.seeds) or item.image.seed != plan.seeds[item.image_index]:
                         raise UpstreamError(f"The model '{model.id}' returned an inconsistent result.")
+                    if item.image.flagged:  # withheld by the safety checker: no event, no charge
+                        flagged += 1
+                        continue
                     settlement = reservation.settlement_if(delivered + 1)
                     event = CompletedEvent(
                         type=f"{prefix}.completed",
@@ -447,6 +461,11 @@ class ImageGenerationService:
                 # The consumer asked for the next event: this one was handed over.
                 if isinstance(event, CompletedEvent):
                     delivered += 1
+            if flagged and not delivered:
+                raise ContentFlagged(
+                    "The safety checker flagged every generated image; nothing was delivered or charged. "
+                    "Change the prompt or the seed.",
+                )
         except Exception as exc:  # noqa: BLE001 - the stream's last event, in the documented shape
             yield error_event(exc, request_id)
         finally:
