@@ -35,8 +35,9 @@ class FakeStreamingRouter:
     """Streams, per image: ``partial_images`` previews, then the image; fails after
     ``fail_after`` items if set."""
 
-    def __init__(self, fail_after=None):
+    def __init__(self, fail_after=None, flag_seeds=()):
         self.fail_after = fail_after
+        self.flag_seeds = set(flag_seeds)
         self.jobs = []
 
     async def ensure_available(self, model_id):
@@ -55,9 +56,9 @@ class FakeStreamingRouter:
                     sent += 1
                 if sent == self.fail_after:
                     raise UpstreamError("The model 'm' failed to generate the image.")
-                image = GeneratedImage(
-                    data=b"img%d" % seed, seed=seed, output_format=job.output_format, width=64, height=64
-                )
+                flagged = seed in self.flag_seeds
+                data = b"" if flagged else b"img%d" % seed
+                image = GeneratedImage(data, seed, job.output_format, 64, 64, flagged=flagged)
                 yield StreamedImage(offset + index, image)
                 sent += 1
             offset += job.num_images
@@ -214,3 +215,16 @@ def test_the_relay_previews_only_the_rows_that_asked_at_their_steps():
     ]
     relay.unregister(watched)
     assert relay.for_call(jobs, call) is None
+
+
+def test_a_flagged_image_gets_no_completed_event_and_no_charge(accounts):
+    key = make_key(accounts, 10)
+    svc = ImageGenerationService(CONFIG, FakeStreamingRouter(flag_seeds={6}), accounts)
+    _, events = asyncio.run(stream(svc, key, n=3, seed=5))
+    assert [data["seed"] for _, data in events] == [5, 7]
+    assert asyncio.run(balance(accounts, key)) == 10 - 3
+
+    svc = ImageGenerationService(CONFIG, FakeStreamingRouter(flag_seeds={1}), accounts)
+    _, events = asyncio.run(stream(svc, key, n=1, seed=1))
+    assert [name for name, _ in events] == ["error"] and events[0][1]["error"]["code"] == "content_policy_violation"
+    assert asyncio.run(balance(accounts, key)) == 10 - 3
