@@ -211,9 +211,8 @@ class ImageModelDeployment:
         finished = False
         checked = self._safety is not None and job.check_safety
         for part, offset in zip(parts, offsets):
-            # No previews of what the safety checker has not seen yet: it sees final images only.
-            if not checked:
-                self._previews.register(part, preview_sink(offset, part))
+            # Previews are not safety-checked (the checker sees final images): see README, Streaming.
+            self._previews.register(part, preview_sink(offset, part))
         runs = [asyncio.ensure_future(finish(part, offset)) for part, offset in zip(parts, offsets)]
         try:
             expected = job.num_images
