@@ -175,7 +175,7 @@ class ImageModelDeployment:
                 if finished:  # the caller went away while its batch ran on: encode nothing for it
                     return
                 encode = self._encode_preview
-                args = (pixels, offset + image_index, partial, step, total, part)
+                args = (pixels, offset + image_index, partial, step, total, part, self._safety if checked else None)
                 ready.put_nowait(loop.run_in_executor(self._encode_pool, encode, *args))
 
             # Called on the pipeline thread: only hand the pixels over to the event loop.
@@ -206,18 +206,21 @@ class ImageModelDeployment:
                     return
             for index, (image, seed, flagged) in enumerate(zip(outcome.images, part.seeds, flags)):
                 encode = self._encode_final
-                ready.put_nowait(loop.run_in_executor(self._encode_pool, encode, image, seed, offset + index, part, flagged))
+                ready.put_nowait(
+                    loop.run_in_executor(self._encode_pool, encode, image, seed, offset + index, part, flagged)
+                )
 
         finished = False
         checked = self._safety is not None and job.check_safety
         for part, offset in zip(parts, offsets):
-            # Previews are not safety-checked (the checker sees final images): see README, Streaming.
             self._previews.register(part, preview_sink(offset, part))
         runs = [asyncio.ensure_future(finish(part, offset)) for part, offset in zip(parts, offsets)]
         try:
             expected = job.num_images
             while expected:
                 item = await (await ready.get())
+                if item is None:  # a preview the safety checker flagged
+                    continue
                 if isinstance(item, StreamedImage):
                     expected -= 1
                 yield item
@@ -230,14 +233,25 @@ class ImageModelDeployment:
 
     @staticmethod
     def _encode_preview(
-        pixels: Any, image_index: int, partial: int, step: int, total: int, job: GenerationJob
-    ) -> PreviewImage:
-        """A preview at the final size (the latent grid is 8x smaller), in the job's format."""
+        pixels: Any,
+        image_index: int,
+        partial: int,
+        step: int,
+        total: int,
+        job: GenerationJob,
+        safety: SafetyChecker | None = None,
+    ) -> PreviewImage | None:
+        """A preview at the final size (the latent grid is 8x smaller), in the job's format;
+        None when the request's safety checker flags it. Previews are checked like final
+        images: otherwise a stream would show what the checker withholds at the end. (The
+        checker runs on the encode pool, beside the pipeline: one CLIP pass per preview.)"""
         from PIL import Image
 
         from deployments.encoding import encode_image
 
         image = Image.fromarray(pixels, "RGB").resize((job.shape.width, job.shape.height), Image.BILINEAR)
+        if safety is not None and safety.flags([image])[0]:
+            return None
         return PreviewImage(
             image_index=image_index,
             partial_image_index=partial,

@@ -185,3 +185,21 @@ def test_the_tiny_enhancer_rewrites_a_prompt_into_printable_text():
     rewrite = clean_rewrite(enhancer.rewrite("a red apple"), 4000)
     assert rewrite and rewrite != "a red apple"
     assert enhancer.rewrite("a red apple") == enhancer.rewrite("a red apple")  # greedy: reproducible
+
+
+def test_a_preview_the_safety_checker_flags_is_not_sent():
+    """Previews pass the request's checker like final images: a stream never shows what the
+    checker would withhold at the end."""
+    import numpy as np
+
+    from deployments.model_deployment import ImageModelDeployment
+    from serve_app.work import CallShape, GenerationJob
+
+    encode_preview = ImageModelDeployment._encode_preview
+    job = GenerationJob("r1", "a", None, CallShape(64, 64, 4, 5.0, with_negative_prompt=False), (1,), partial_images=2)
+    flagged = np.asarray(flag_pattern(64, 64))
+    ordinary = np.asarray(_ordinary_images(1, side=64)[0].convert("RGB"))
+    assert encode_preview(flagged, 0, 0, 1, 4, job, checker()) is None
+    sent = encode_preview(ordinary, 0, 1, 3, 4, job, checker())
+    assert (sent.partial_image_index, sent.step) == (1, 3) and sent.data
+    assert encode_preview(flagged, 0, 0, 1, 4, job, None) is not None  # no checker for this request
