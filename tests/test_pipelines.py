@@ -366,7 +366,13 @@ def test_image_modes_batch_equals_singles(pipes, family, mode):
     batch = run_pipeline(pipes[family], shape, prompts, None, seeds, "cpu", images=images, masks=masks)
     for i in range(3):
         single = run_pipeline(
-            pipes[family], shape, [prompts[i]], None, [seeds[i]], "cpu", images=[images[i]],
+            pipes[family],
+            shape,
+            [prompts[i]],
+            None,
+            [seeds[i]],
+            "cpu",
+            images=[images[i]],
             masks=None if masks is None else [masks[i]],
         )[0]
         assert np.abs(pixels(batch[i]) - pixels(single)).max() <= 1, f"image {i}"
