@@ -437,10 +437,16 @@ def test_previews_decode_the_latents_and_leave_the_images_alone(pipes, family):
     seen = []
     relay.register(job, lambda *args: seen.append(args))
     call = group_jobs([job])[0]
-    with_previews = run_pipeline(pipes[family], shape, call.prompts, None, call.seeds, "cpu",
-                                 on_step_end=relay.for_call([job], call))
+    with_previews = run_pipeline(
+        pipes[family], shape, call.prompts, None, call.seeds, "cpu", on_step_end=relay.for_call([job], call)
+    )
     without = run_pipeline(pipes[family], shape, call.prompts, None, call.seeds, "cpu")
     for a, b in zip(with_previews, without):
         assert np.array_equal(pixels(a), pixels(b))
-    assert [(image, partial, step) for image, partial, _, step, _ in seen] == [(0, 0, 2), (1, 0, 2), (0, 1, 3), (1, 1, 3)]
+    assert [(image, partial, step) for image, partial, _, step, _ in seen] == [
+        (0, 0, 2),
+        (1, 0, 2),
+        (0, 1, 3),
+        (1, 1, 3),
+    ]
     assert all(preview.shape == (8, 16, 3) and preview.dtype == np.uint8 for _, _, preview, _, _ in seen)
