@@ -63,23 +63,11 @@ def _deployment_options(deployment: DeploymentOptions) -> dict[str, Any]:
 
 
 def bind_model(model: ModelConfig, cache_dir: Path) -> Application:
-    deployment = model.deployment
-    options: dict[str, Any] = {
-        "name": model.deployment_name,
-        "ray_actor_options": deployment.ray_actor_options,
-        "max_ongoing_requests": deployment.max_ongoing_requests,
-        # Batch limits travel as user_config so operators can change them without a restart.
-        "user_config": model.batching.model_dump(),
-    }
-    if deployment.autoscaling_config is not None:
-        options["autoscaling_config"] = deployment.autoscaling_config
-    elif deployment.num_replicas is not None:
-        options["num_replicas"] = deployment.num_replicas
-    for optional in ("health_check_period_s", "graceful_shutdown_timeout_s"):
-        value = getattr(deployment, optional)
-        if value is not None:
-            options[optional] = value
-    return ImageModel.options(**options).bind(model.model_dump(mode="json"), str(cache_dir))
+    options = _deployment_options(model.deployment)
+    # Batch limits travel as user_config so operators can change them without a restart.
+    return ImageModel.options(name=model.deployment_name, user_config=model.batching.model_dump(), **options).bind(
+        model.model_dump(mode="json"), str(cache_dir)
+    )
 
 
 def anchor_paths(config: AppConfig, base: Path) -> AppConfig:

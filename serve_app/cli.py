@@ -328,9 +328,9 @@ def cmd_release_stale(ctx: Context, args: argparse.Namespace) -> None:
     from serve_app.config import ModelConfig, default_stale_after_s
 
     config = ctx.app_config
-    # A request can deliver (and be charged) until its model's deadline: refunding a younger
-    # reservation would give away the images it is about to deliver.
-    longest = max(m.timeout_s for m in config.models) if config else ModelConfig.model_fields["timeout_s"].default
+    # A request can deliver (and be charged) until its deadlines have passed: refunding a
+    # younger reservation would give away the images it is about to deliver.
+    longest = config.longest_request_s if config else ModelConfig.model_fields["timeout_s"].default
     older_than = (
         args.older_than
         if args.older_than is not None
@@ -339,7 +339,7 @@ def cmd_release_stale(ctx: Context, args: argparse.Namespace) -> None:
     if older_than <= longest:
         raise CLIError(
             f"--older-than {older_than:g} s: a request that young may still be running (the longest model "
-            f"timeout_s is {longest:g} s); refunding it would give its images away"
+            f"timeout_s, plus the prompt enhancer's, is {longest:g} s); refunding it would give its images away"
         )
     released = ctx.store.release_stale(older_than)
     total = sum(s.refunded_units for s in released)

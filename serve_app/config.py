@@ -215,15 +215,17 @@ class SafetyCheckerConfig(StrictModel):
     StableDiffusionSafetyChecker layout: ``safety_checker/`` and ``feature_extractor/``)."""
 
     weights: str = Field(
-        min_length=1, description="folder or hub id holding the checker; or builtin:tiny-safety-checker"
+        min_length=1,
+        max_length=1024,
+        description="folder or hub id holding the checker; or builtin:tiny-safety-checker",
     )
 
 
 class ModelConfig(StrictModel):
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
     family: str = Field(description="a model family: " + ", ".join(sorted(FAMILIES)))
-    weights: str = Field(min_length=1, description="hub id, local folder, or builtin:<name>")
-    device: str = "cpu"
+    weights: str = Field(min_length=1, max_length=1024, description="hub id, local folder, or builtin:<name>")
+    device: str = Field("cpu", max_length=64)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     limits: ModelLimits = Field(default_factory=ModelLimits)
@@ -444,10 +446,12 @@ class PromptEnhancerConfig(StrictModel):
     deployment in this application (``weights``), or an OpenAI-compatible chat endpoint
     (``url``). Exactly one of the two."""
 
-    weights: str | None = Field(None, description="causal LM: folder, hub id, or builtin:tiny-enhancer")
+    weights: str | None = Field(
+        None, max_length=1024, description="causal LM: folder, hub id, or builtin:tiny-enhancer"
+    )
     url: str | None = Field(None, max_length=2048, description="base URL of an OpenAI-compatible API (…/v1)")
     model: str = Field("default", max_length=256, description="the chat model name sent to url")
-    api_key_env: str | None = Field(None, description="environment variable holding the url's API key")
+    api_key_env: str | None = Field(None, max_length=256, description="environment variable holding the url's API key")
     instruction: str = Field(
         "Rewrite this image prompt with more visual detail (subject, style, lighting, composition). "
         "Answer with the prompt only.",
@@ -455,7 +459,7 @@ class PromptEnhancerConfig(StrictModel):
     )
     max_new_tokens: int = Field(96, ge=1, le=1024)
     timeout_s: float = Field(20.0, gt=0, le=300, description="past this the original prompt is used")
-    device: str = "cpu"
+    device: str = Field("cpu", max_length=64)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="after")
@@ -501,7 +505,14 @@ class AppConfig(StrictModel):
         that is still running (its images are due within its model's ``timeout_s``; delivery
         and settlement follow at once)."""
         configured = self.accounts.release_stale_after_s
-        return configured if configured is not None else default_stale_after_s(max(m.timeout_s for m in self.models))
+        return configured if configured is not None else default_stale_after_s(self.longest_request_s)
+
+    @property
+    def longest_request_s(self) -> float:
+        """The longest a request can hold its reservation before it delivers: the prompt
+        enhancer's deadline (credits are reserved before it runs) plus the longest model's."""
+        enhancer = self.prompt_enhancer.timeout_s if self.prompt_enhancer is not None else 0.0
+        return enhancer + max(m.timeout_s for m in self.models)
 
     def multi_node_reasons(self) -> list[str]:
         """Why this config can put replicas on more than one node (empty: it cannot)."""
@@ -548,9 +559,12 @@ class AppConfig(StrictModel):
 
     @model_validator(mode="after")
     def _stale_after_outlasts_requests(self) -> AppConfig:
-        longest = max(m.timeout_s for m in self.models)
+        longest = self.longest_request_s
         if self.stale_reservation_after_s <= longest:
-            raise ValueError(f"accounts.release_stale_after_s must exceed the longest model timeout_s ({longest:g})")
+            raise ValueError(
+                "accounts.release_stale_after_s must exceed the longest a request can run: the longest model "
+                f"timeout_s plus prompt_enhancer.timeout_s ({longest:g} s)"
+            )
         return self
 
 

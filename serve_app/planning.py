@@ -125,9 +125,9 @@ def plan_generation(
         output_format=output_format,
         output_quality=model.defaults.output_quality if quality is None else quality,
         response_format=request.response_format or "b64_json",
-        quality_label=None if request.num_inference_steps is not None else QUALITY_LABELS.get(
-            request.quality or "medium", "medium"
-        ),
+        quality_label=None
+        if request.num_inference_steps is not None
+        else QUALITY_LABELS.get(request.quality or "medium", "medium"),
         image=None if image is None else _fitted(image, width, height, "RGB"),
         mask=None if mask is None else _fitted(mask, width, height, "L"),
         check_safety=not request.disable_safety_checker,
@@ -146,10 +146,10 @@ def resolve_adapters(request: ImageGenerationRequest, model: ModelConfig) -> tup
     """The LoRA adapters of a request with their scales, checked against the model's registry.
 
     ``lora_weights`` goes with ``lora_scale``; ``extra_lora_weights`` with
-    ``extra_lora_scale``, one scale per adapter. The qubrid document's example sends
-    ``extra_lora_scale: [1, 1]`` with no extra adapters: scales without adapters are only
-    accepted when they are that default, so a client that sends scales for adapters it
-    forgot to name hears about it.
+    ``extra_lora_scale``, one scale per adapter; unsent, every extra adapter gets scale 1
+    (the document's default). The qubrid document's example sends ``extra_lora_scale:
+    [1, 1]`` with no extra adapters: scales without adapters are only accepted when they are
+    that default, so a client that sends scales for adapters it forgot to name hears about it.
     """
     named: list[tuple[str, str, float]] = []
     if request.lora_weights is not None:
@@ -157,6 +157,8 @@ def resolve_adapters(request: ImageGenerationRequest, model: ModelConfig) -> tup
     elif request.lora_scale != 1:
         raise InvalidRequest("Invalid 'lora_scale': it needs lora_weights.", param="lora_scale")
     extras, scales = request.extra_lora_weights, request.extra_lora_scale
+    if "extra_lora_scale" not in request.model_fields_set:
+        scales = [1.0] * len(extras)
     if len(scales) != len(extras) and not (not extras and list(scales) == [1.0, 1.0]):
         raise InvalidRequest(
             f"Invalid 'extra_lora_scale': {len(scales)} scale(s) for {len(extras)} extra_lora_weights; send one each.",
@@ -194,7 +196,9 @@ def resolve_mode(
     if request.strength is None:
         return mode, (model.defaults.strength if mask is None else 1.0)
     if not 0 < request.strength <= 1:
-        raise InvalidRequest("Invalid 'strength': with an input image it must be above 0 and at most 1.", param="strength")
+        raise InvalidRequest(
+            "Invalid 'strength': with an input image it must be above 0 and at most 1.", param="strength"
+        )
     return mode, float(request.strength)
 
 
@@ -337,7 +341,6 @@ def _check_size(width: int, height: int, model: ModelConfig, *, param: str) -> N
     problems = _size_problems(width, height, model)
     if problems:
         raise InvalidRequest(
-            f"Invalid '{param}': {width}x{height} is not supported by model '{model.id}' "
-            f"({'; '.join(problems)}).",
+            f"Invalid '{param}': {width}x{height} is not supported by model '{model.id}' ({'; '.join(problems)}).",
             param=param,
         )

@@ -261,7 +261,7 @@ class ImageGenerationService:
             )
         stale_after_s = self._config.stale_reservation_after_s
         digest = fingerprint()  # what the request asks, so a reuse for another request is caught
-        deadline = time.monotonic() + max(m.timeout_s for m in self._config.models) + 30
+        deadline = time.monotonic() + self._config.longest_request_s + 30
         while True:
             state, outcome = await self._accounts.claim_idempotency(key, idem_key, digest, stale_after_s)
             if state == "claimed":

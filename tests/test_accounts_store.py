@@ -740,3 +740,12 @@ def test_the_key_cache_is_bounded_dropping_expired_entries_first(accounts):
     assert set(accounts._cache) == {"live", "new"}
     accounts._remember("newer", None, now=1000.0)  # nothing expired: start over
     assert set(accounts._cache) == {"newer"}
+
+
+@pytest.mark.parametrize("name", ["alice\n", "alice\nbob", "", "-alice", "a" * 65])
+def test_key_names_are_one_printable_token(name):
+    from serve_app.accounts.errors import AccountsError
+    from serve_app.accounts.keys import validate_key_name
+
+    with pytest.raises(AccountsError):
+        validate_key_name(name)

@@ -153,3 +153,20 @@ def test_a_config_that_can_run_on_several_nodes_refuses_a_local_ledger_or_image_
         with pytest.raises(ValidationError, match=reason):
             AppConfig.model_validate({**embedded, "ingress": ingress})
     assert AppConfig.model_validate({**embedded, "ingress": {"num_replicas": 2}, "single_machine": True})
+
+
+def test_stale_reservations_outlast_the_enhancer_and_the_model_deadlines():
+    """Credits are reserved before the prompt enhancer runs: the sweeper must not refund a
+    request that is still within its enhancer's and its model's deadlines."""
+    import pytest
+
+    config = load_app_config(ROOT / "serve_config.yaml")
+    assert config.prompt_enhancer is not None
+    longest = config.prompt_enhancer.timeout_s + max(m.timeout_s for m in config.models)
+    assert config.longest_request_s == longest
+    document = config.model_dump()
+    document["accounts"]["release_stale_after_s"] = longest - 1
+    with pytest.raises(ValueError, match="plus prompt_enhancer.timeout_s"):
+        type(config).model_validate(document)
+    document["accounts"]["release_stale_after_s"] = longest + 1
+    assert type(config).model_validate(document).stale_reservation_after_s == longest + 1

@@ -38,6 +38,8 @@ def test_adapters_and_scales_become_the_call_shape():
     shape = plan(lora_weights="style", lora_scale=0.7, extra_lora_weights=["ink"], extra_lora_scale=[0.3]).shape
     assert shape.adapters == (("style", 0.7), ("ink", 0.3))
     assert plan(lora_weights="style").shape.adapters == (("style", 1.0),)
+    # Extra adapters without their scales get the document's default scale, 1 each.
+    assert plan(extra_lora_weights=["ink"]).shape.adapters == (("ink", 1.0),)
 
 
 @pytest.mark.parametrize(

@@ -57,7 +57,7 @@ def bearer_token(authorization: str | None) -> str | None:
 
 def validate_key_name(name: str) -> str:
     """A key's name: what the operator types in the CLI, shown in usage reports."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise AccountsError(
             f"invalid key name {name!r}: use 1-64 letters, digits, '.', '_', '-' or '@', "
             "starting with a letter or digit"

@@ -461,7 +461,12 @@ class AccountStore:
             ).first()
             if inserted is not None:
                 return "claimed", None
-            row = conn.execute(sa.select(i.fingerprint, i.created, i.outcome).where(*this)).one()
+            row = conn.execute(sa.select(i.fingerprint, i.created, i.outcome).where(*this)).first()
+            if row is None:
+                # Released or forgotten between our INSERT and this read (possible on
+                # PostgreSQL, whose reads see other transactions' commits): the caller
+                # polls and claims again.
+                return "running", None
             if row.fingerprint != fingerprint:
                 return "conflict", None
             if row.outcome is not None:
