@@ -291,11 +291,18 @@ class ImageGenerationIngress:
             form = await Request(request.scope, replay).form(max_files=EDIT_MAX_FILES, max_fields=EDIT_MAX_FIELDS)
         except StarletteHTTPException as exc:  # too many parts, malformed multipart
             raise InvalidRequest(f"The multipart form could not be read: {exc.detail}") from None
-        fields: dict[str, str] = {}
+        fields: dict[str, str | list[str]] = {}
         images: list[bytes] = []
         mask: bytes | None = None
         for name, value in form.multi_items():
-            if isinstance(value, str):
+            if isinstance(value, str) and name.endswith("[]"):
+                # A list field, one part per item, as the OpenAI SDKs send arrays in a form
+                # (`extra_lora_weights[]`); bounded by the form's field count and the model.
+                items = fields.setdefault(name[:-2], [])
+                if not isinstance(items, list):
+                    raise InvalidRequest(f"Invalid '{name[:-2]}': send it once.", param=name[:-2])
+                items.append(value)
+            elif isinstance(value, str):
                 if name in fields:
                     raise InvalidRequest(f"Invalid '{name}': send it once.", param=name)
                 fields[name] = value

@@ -139,7 +139,7 @@ def parse_generation_request(payload: object) -> ImageGenerationRequest:
         raise _to_invalid_request(exc) from None
 
 
-def parse_edit_request(fields: dict[str, str]) -> ImageEditRequest:
+def parse_edit_request(fields: dict[str, str | list[str]]) -> ImageEditRequest:
     """Validate the text fields of an edits form, the first problem a 400 naming its field."""
     try:
         return ImageEditRequest.model_validate(fields)

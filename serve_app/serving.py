@@ -97,7 +97,7 @@ class ServedResponse:
 class EditUpload:
     """The parts of an edits form: its text fields, its image files, its mask file."""
 
-    fields: dict[str, str]
+    fields: dict[str, str | list[str]]  # a list for `name[]` parts
     images: list[bytes]
     mask: bytes | None = None
 
@@ -326,7 +326,9 @@ class ImageGenerationService:
         self._check_extensions(key, request)
         if plan.response_format == "url":
             if self._store is None:
-                raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
+                raise InvalidRequest(
+                    "Invalid 'response_format': url delivery is not configured.", param="response_format"
+                )
             if base_url is None and self._store.needs_request_base_url:
                 # The Host header is the client's to choose: a URL built from it could point anywhere.
                 raise InvalidRequest(
@@ -362,7 +364,9 @@ class ImageGenerationService:
             background="opaque" if request.background is not None else None,
         )
         return ServedResponse(
-            body=body, headers=headers, after_sent=functools.partial(self._settle, reservation, len(delivered), request_id)
+            body=body,
+            headers=headers,
+            after_sent=functools.partial(self._settle, reservation, len(delivered), request_id),
         )
 
     def _check_extensions(self, key: Any, request: ImageGenerationRequest) -> None:
@@ -473,7 +477,9 @@ class ImageGenerationService:
 
     async def _settle(self, reservation: Any, delivered: int, request_id: str) -> None:
         settlement = await self._accounts.settle(reservation, delivered)
-        self._metrics.settled(reservation.model, settlement.delivered, settlement.charged_units, settlement.refunded_units)
+        self._metrics.settled(
+            reservation.model, settlement.delivered, settlement.charged_units, settlement.refunded_units
+        )
         logger.info(
             "request %s settled: model=%s images=%d/%d charged_units=%d refunded_units=%d",
             request_id,
@@ -502,7 +508,9 @@ class ImageGenerationService:
         if plan.response_format == "url":
             return await self._store_all(passed, plan, request_id, base_url), flagged
         data = [
-            ImageData(b64_json=base64.b64encode(image.data).decode("ascii"), revised_prompt=plan.prompt, seed=image.seed)
+            ImageData(
+                b64_json=base64.b64encode(image.data).decode("ascii"), revised_prompt=plan.prompt, seed=image.seed
+            )
             for image in passed
         ]
         return data, flagged

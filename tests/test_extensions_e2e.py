@@ -189,3 +189,25 @@ def test_disable_safety_checker_only_for_keys_an_operator_allowed(served):
         assert time.monotonic() < deadline, "the permission change never reached the ingress"
         time.sleep(0.5)
     assert response.status_code == 200 and len(response.json()["data"]) == 2
+
+
+def test_an_edit_takes_extra_loras_as_the_sdk_sends_lists(served, key):
+    """The OpenAI SDK sends a list in a form as repeated `name[]` parts."""
+    client = served.client(key)
+    source = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(source, format="PNG")
+
+    def edit(**extra):
+        source.seek(0)
+        result = client.images.edit(
+            model="tiny-sdxl",
+            image=("in.png", source, "image/png"),
+            prompt="a red apple",
+            extra_body={"seed": 5, "strength": 0.9, **extra},
+        )
+        return pixels(result.data[0].b64_json)
+
+    plain = edit()
+    styled = edit(extra_lora_weights=["tiny-style"], extra_lora_scale=[1.0])
+    assert np.abs(styled - plain).mean() > 1.0
+    assert np.array_equal(edit(extra_lora_weights=["tiny-style"], extra_lora_scale=[0.0]), plain)
