@@ -11,15 +11,17 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
@@ -109,6 +111,30 @@ def _require_media_type(request: Request, media_type: str) -> None:
 # Defined before the class: Serve pickles the deployment class when it is decorated.
 def _scales_from_zero(autoscaling_config: dict[str, Any] | None) -> bool:
     return autoscaling_config is not None and int(autoscaling_config.get("min_replicas", 1)) == 0
+
+
+class SettledStreamingResponse(StreamingResponse):
+    """A stream of events whose charge is settled when the response ends, however it ends:
+    also when the client left before the first event, so the stream never started and its
+    own ``finally`` never ran (the credits would stay held until the stale sweeper)."""
+
+    def __init__(
+        self, events: AsyncGenerator[bytes, None], settle: Callable[[], Awaitable[None]] | None, **kwargs: Any
+    ) -> None:
+        super().__init__(events, **kwargs)
+        self._events = events
+        self._settle = settle
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # Shielded: a cancelled response (the client left) still settles. Closing a
+            # started stream settles what it handed over; ``settle`` is then a no-op.
+            with anyio.CancelScope(shield=True):
+                await self._events.aclose()
+                if self._settle is not None:
+                    await self._settle()
 
 
 @serve.deployment
@@ -240,7 +266,9 @@ class ImageGenerationIngress:
             response: Response
             if served.events is not None:  # stream: true
                 headers = {**served.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-                response = StreamingResponse(served.events, media_type="text/event-stream", headers=headers)
+                response = SettledStreamingResponse(
+                    served.events, served.after_sent, media_type="text/event-stream", headers=headers
+                )
             else:
                 settle = None if served.after_sent is None else BackgroundTask(served.after_sent)
                 response = JSONResponse(

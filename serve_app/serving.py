@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -88,9 +88,19 @@ class ServedResponse:
     headers: dict[str, str] = field(default_factory=dict)
     # Run once the response is handed to the client: settles the charge.
     after_sent: Callable[[], Awaitable[None]] | None = None
-    # ``stream: true``: the server-sent events to answer with (``body`` is then None); the
-    # stream settles the charge itself as it ends.
-    events: AsyncIterator[bytes] | None = None
+    # ``stream: true``: the server-sent events to answer with (``body`` is then None). The
+    # stream settles the charge as it ends; ``after_sent`` settles it too (a no-op then), for
+    # a response that ends before the stream ever started.
+    events: AsyncGenerator[bytes, None] | None = None
+
+
+@dataclass
+class _StreamDelivery:
+    """The ``completed`` events a stream handed over, and whether its charge is settled:
+    the stream and its response both settle as they end, and only the first one counts."""
+
+    delivered: int = 0
+    settled: bool = False
 
 
 @dataclass(frozen=True)
@@ -412,16 +422,26 @@ class ImageGenerationService:
             except BaseException:
                 await self._settle(reservation, 0, request_id)
                 raise
-        events = self._stream_events(reservation, plan, model, request_id, prefix)
-        return ServedResponse(body=None, headers=headers, events=events)
+        delivery = _StreamDelivery()
+        events = self._stream_events(reservation, plan, model, request_id, prefix, delivery)
+        # A stream that never starts (the client left before its first event) runs no
+        # ``finally``: the response settles it as it ends, however it ends.
+        settle = functools.partial(self._settle_stream, reservation, delivery, request_id)
+        return ServedResponse(body=None, headers=headers, events=events, after_sent=settle)
 
     async def _stream_events(
-        self, reservation: Any, plan: GenerationPlan, model: ModelConfig, request_id: str, prefix: EventPrefix
-    ) -> AsyncIterator[bytes]:
+        self,
+        reservation: Any,
+        plan: GenerationPlan,
+        model: ModelConfig,
+        request_id: str,
+        prefix: EventPrefix,
+        delivery: _StreamDelivery,
+    ) -> AsyncGenerator[bytes, None]:
         """Previews and images as the model yields them; settles, as the stream ends, exactly
         the images whose ``completed`` event was handed over (a client that goes away is
         refunded the rest). A failure after the first byte is an ``error`` event."""
-        delivered = flagged = 0
+        flagged = 0
         common = {
             "background": "opaque",
             "output_format": plan.output_format,
@@ -449,7 +469,7 @@ class ImageGenerationService:
                     if item.image.flagged:  # withheld by the safety checker: no event, no charge
                         flagged += 1
                         continue
-                    settlement = reservation.settlement_if(delivered + 1)
+                    settlement = reservation.settlement_if(delivery.delivered + 1)
                     event = CompletedEvent(
                         type=f"{prefix}.completed",
                         b64_json=b64,
@@ -464,8 +484,8 @@ class ImageGenerationService:
                 yield sse(event)
                 # The consumer asked for the next event: this one was handed over.
                 if isinstance(event, CompletedEvent):
-                    delivered += 1
-            if flagged and not delivered:
+                    delivery.delivered += 1
+            if flagged and not delivery.delivered:
                 raise ContentFlagged(
                     "The safety checker flagged every generated image; nothing was delivered or charged. "
                     "Change the prompt or the seed.",
@@ -473,7 +493,12 @@ class ImageGenerationService:
         except Exception as exc:  # noqa: BLE001 - the stream's last event, in the documented shape
             yield error_event(exc, request_id)
         finally:
-            await self._settle(reservation, delivered, request_id)
+            await self._settle_stream(reservation, delivery, request_id)
+
+    async def _settle_stream(self, reservation: Any, delivery: _StreamDelivery, request_id: str) -> None:
+        if not delivery.settled:
+            delivery.settled = True
+            await self._settle(reservation, delivery.delivered, request_id)
 
     async def _settle(self, reservation: Any, delivered: int, request_id: str) -> None:
         settlement = await self._accounts.settle(reservation, delivered)

@@ -5,6 +5,7 @@ against openai-python's own event types, and the preview schedule and relay."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 
@@ -13,6 +14,7 @@ import pytest
 from openai.types import ImageEditStreamEvent, ImageGenStreamEvent
 from PIL import Image
 from pydantic import TypeAdapter
+from starlette.requests import ClientDisconnect
 
 from deployments.grouping import group_jobs
 from deployments.previews import CallPreviews, PreviewRelay, preview_steps
@@ -228,3 +230,63 @@ def test_a_flagged_image_gets_no_completed_event_and_no_charge(accounts):
     _, events = asyncio.run(stream(svc, key, n=1, seed=1))
     assert [name for name, _ in events] == ["error"] and events[0][1]["error"]["code"] == "content_policy_violation"
     assert asyncio.run(balance(accounts, key)) == 10 - 3
+
+
+async def _never_sent(message):
+    raise OSError("the client is gone")  # uvicorn's send, once the socket is closed
+
+
+async def _stuck_send(message):
+    await asyncio.sleep(3600)  # a client that reads nothing
+
+
+async def _disconnected():
+    return {"type": "http.disconnect"}
+
+
+@pytest.mark.parametrize(
+    "spec_version, send",
+    [("2.4", _never_sent), ("2.0", _stuck_send)],
+    ids=["send-fails-at-response-start", "disconnect-cancels-before-the-first-event"],
+)
+def test_a_stream_that_never_started_refunds_everything(accounts, spec_version, send):
+    """The client leaves before the first event: the events generator never runs (so its
+    ``finally`` never settles); the response settles as it ends, refunding all of it."""
+    from serve_app.ingress import SettledStreamingResponse
+
+    key = make_key(accounts, 10)
+    svc = ImageGenerationService(CONFIG, FakeStreamingRouter(), accounts)
+
+    async def run():
+        body = {"model": "m", "prompt": "apple", "stream": True, "n": 2}
+        served = await svc.generate(body, authorization=f"Bearer {key}", request_id="req_gone", base_url=None)
+        assert await balance(accounts, key) == 10 - 3  # held
+        response = SettledStreamingResponse(served.events, served.after_sent, media_type="text/event-stream")
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}}
+        with contextlib.suppress(ClientDisconnect):  # the server's to log
+            await asyncio.wait_for(response(scope, _disconnected, send), timeout=5)
+        api_key = await accounts.authenticate(f"Bearer {key}")
+        return await balance(accounts, key), (await accounts.usage(api_key)).reserved_units
+
+    assert asyncio.run(run()) == (10, 0)
+
+
+def test_a_stream_settles_once_when_both_it_and_its_response_end(accounts):
+    from serve_app.ingress import SettledStreamingResponse
+
+    key = make_key(accounts, 10)
+    svc = ImageGenerationService(CONFIG, FakeStreamingRouter(), accounts)
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def run():
+        body = {"model": "m", "prompt": "apple", "stream": True, "n": 2, "seed": 1}
+        served = await svc.generate(body, authorization=f"Bearer {key}", request_id="req_both", base_url=None)
+        response = SettledStreamingResponse(served.events, served.after_sent, media_type="text/event-stream")
+        await response({"type": "http", "asgi": {"spec_version": "2.4"}}, _disconnected, send)
+        return await balance(accounts, key)
+
+    assert asyncio.run(run()) == 10 - 3
+    assert sum(b"image_generation.completed" in m.get("body", b"") for m in sent) == 2
