@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import re
+import threading
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,16 +50,50 @@ class ServedEnhancer:
         return await self._handle.enhance.remote(prompt)
 
 
+class EnhancerBusy(Exception):
+    """Every call the chat endpoint may have in flight is taken: fall back at once."""
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is a failure: urllib would resend the Authorization header (the
+    enhancer's API key) to wherever it points, another host included."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class ChatEndpointEnhancer:
     """An OpenAI-compatible ``POST {url}/chat/completions``."""
+
+    # Calls in flight at most, on threads of their own: urlopen's timeout is per socket
+    # operation, so a trickling endpoint holds a thread past ``enhance_prompt``'s timeout,
+    # and on the shared default executor that would starve every other ``to_thread`` user
+    # (image decoding, replica counts). Past this many, enhancement fails at once.
+    MAX_CALLS = 4
 
     def __init__(self, config: PromptEnhancerConfig) -> None:
         assert config.url is not None
         self._config = config
         self._endpoint = config.url.rstrip("/") + "/chat/completions"
+        self._opener = urllib.request.build_opener(_NoRedirects)
+        self._executor = ThreadPoolExecutor(max_workers=self.MAX_CALLS, thread_name_prefix="prompt-enhancer")
+        self._slots = threading.BoundedSemaphore(self.MAX_CALLS)  # released when the thread is done
 
     async def enhance(self, prompt: str) -> str:
-        return await asyncio.to_thread(self._post, prompt)
+        if not self._slots.acquire(blocking=False):
+            raise EnhancerBusy(f"{self.MAX_CALLS} prompt enhancer calls are already in flight")
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, self._post_in_slot, prompt)
+        except BaseException:
+            self._slots.release()
+            raise
+        return await future
+
+    def _post_in_slot(self, prompt: str) -> str:
+        try:
+            return self._post(prompt)
+        finally:
+            self._slots.release()
 
     def _post(self, prompt: str) -> str:
         config = self._config
@@ -72,9 +108,12 @@ class ChatEndpointEnhancer:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         request = urllib.request.Request(self._endpoint, data=json.dumps(body).encode(), headers=headers)
-        with urllib.request.urlopen(request, timeout=config.timeout_s) as response:
+        with self._opener.open(request, timeout=config.timeout_s) as response:
             answer = json.loads(response.read(1024 * 1024))
-        return str(answer["choices"][0]["message"]["content"])
+        content = answer["choices"][0]["message"]["content"]
+        if not isinstance(content, str):  # null (a refusal, a tool call) or parts: no prompt
+            raise TypeError(f"the chat endpoint answered a {type(content).__name__} content, not text")
+        return content
 
 
 def build_enhancer(config: PromptEnhancerConfig | None, handle: Any | None) -> PromptEnhancer | None:
@@ -96,7 +135,9 @@ async def enhance_prompt(enhancer: PromptEnhancer, prompt: str, timeout_s: float
     answers with nothing usable."""
     try:
         rewrite = await asyncio.wait_for(enhancer.enhance(prompt), timeout=timeout_s)
-        cleaned = clean_rewrite(str(rewrite), max_chars)
+        if not isinstance(rewrite, str):  # never a prompt such as "None"
+            raise TypeError(f"the enhancer answered a {type(rewrite).__name__}, not text")
+        cleaned = clean_rewrite(rewrite, max_chars)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure has the same documented outcome

@@ -192,3 +192,137 @@ def test_an_openai_compatible_chat_endpoint_enhances(accounts):
     path, _, body = seen[0]
     assert path == "/v1/chat/completions" and body["model"] == "small-instruct"
     assert body["messages"][-1] == {"role": "user", "content": "apple"}
+
+
+class _ChatServer:
+    """A chat endpoint on 127.0.0.1 whose answer the test sets: ``respond(handler)``."""
+
+    def __init__(self, respond):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = []
+        chat = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                chat.requests.append((self.path, self.headers.get("Authorization")))
+                respond(self)
+
+            def do_GET(self):  # where urllib follows a redirected POST
+                chat.requests.append((self.path, self.headers.get("Authorization")))
+                respond(self)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _answer(handler, content):
+    import json
+
+    data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
+def _chat_enhancer(url, **fields):
+    from serve_app.config import PromptEnhancerConfig
+    from serve_app.enhancer import ChatEndpointEnhancer
+
+    return ChatEndpointEnhancer(PromptEnhancerConfig(url=url, **fields))
+
+
+@pytest.mark.parametrize("content", [None, ["an", "apple"], {"text": "an apple"}, 7])
+def test_a_chat_answer_without_text_content_is_a_failure(accounts, content):
+    """A null content (a refusal, a tool call) or content parts is never the prompt "None"."""
+    chat = _ChatServer(lambda handler: _answer(handler, content))
+    try:
+        router = FakeRouter()
+        svc = ImageGenerationService(WITH_ENHANCER, router, accounts, enhancer=_chat_enhancer(chat.url))
+        served = asyncio.run(generate(svc, make_key(accounts), enhance_prompt=True))
+    finally:
+        chat.close()
+    assert len(chat.requests) == 1
+    assert served.headers[ENHANCE_HEADER] == "failed"
+    assert served.body.data[0].revised_prompt == "apple" and router.calls[0][0].prompt == "apple"
+
+
+def test_the_enhancer_api_key_never_follows_a_redirect(monkeypatch):
+    """urllib would resend the Authorization header to the redirect's target, another host
+    included: a redirect is a failure instead."""
+    from serve_app.enhancer import enhance_prompt
+
+    elsewhere = _ChatServer(lambda handler: _answer(handler, "an apple, stolen"))
+
+    def redirect(handler):
+        handler.send_response(302)  # urllib follows it for a POST (as a GET), headers and all
+        handler.send_header("Location", elsewhere.url.replace("127.0.0.1", "localhost") + "/chat/completions")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    chat = _ChatServer(redirect)
+    monkeypatch.setenv("ENHANCER_TEST_KEY", "sk-enhancer-secret")
+    try:
+        enhancer = _chat_enhancer(chat.url, api_key_env="ENHANCER_TEST_KEY")
+        enhancement = asyncio.run(enhance_prompt(enhancer, "apple", 5, 4000))
+    finally:
+        chat.close()
+        elsewhere.close()
+    assert chat.requests == [("/v1/chat/completions", "Bearer sk-enhancer-secret")]
+    assert elsewhere.requests == []
+    assert (enhancement.prompt, enhancement.applied) == ("apple", False)
+
+
+def test_a_stuck_chat_endpoint_holds_only_the_enhancers_own_threads():
+    """urlopen's timeout is per socket operation: a call the endpoint holds keeps its thread
+    past enhance_prompt's timeout. Those threads are the enhancer's own and bounded; once
+    all are held, enhancement fails at once without another request, and the default
+    executor is free for everything else."""
+    import threading
+
+    from serve_app.enhancer import ChatEndpointEnhancer, enhance_prompt
+
+    release = threading.Event()
+
+    def held(handler):
+        release.wait(10)
+        _answer(handler, "an apple, at last")
+
+    chat = _ChatServer(held)
+    try:
+        enhancer = _chat_enhancer(chat.url, timeout_s=30)
+
+        async def run():
+            limit = ChatEndpointEnhancer.MAX_CALLS
+            stuck = await asyncio.gather(*(enhance_prompt(enhancer, "apple", 0.3, 4000) for _ in range(limit)))
+            # The default executor still has every thread: each of these runs.
+            free = await asyncio.gather(*(asyncio.to_thread(lambda: "ok") for _ in range(8)))
+            refused = await enhance_prompt(enhancer, "apple", 0.3, 4000)
+            reached = len(chat.requests)
+            release.set()
+            for _ in range(100):  # the held calls finish and give their threads back
+                await asyncio.sleep(0.05)
+                if (again := await enhance_prompt(enhancer, "apple", 5, 4000)).applied:
+                    break
+            return stuck, free, refused, reached, again, limit
+
+        stuck, free, refused, reached, again, limit = asyncio.run(run())
+    finally:
+        release.set()
+        chat.close()
+    assert [e.applied for e in stuck] == [False] * limit and free == ["ok"] * 8
+    assert reached == limit and (refused.prompt, refused.applied) == ("apple", False)
+    assert (again.prompt, again.applied) == ("an apple, at last", True)
