@@ -154,12 +154,20 @@ def build_tiny_safety_checker(work: Path) -> None:
     labels = torch.cat([torch.ones(len(positives)), torch.zeros(len(negatives))])
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     model.train()
-    for _ in range(60):
-        scores = embeds(training) @ concept
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(8 * (scores - 0.5), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    # One thread: a reduction split over more threads adds in another order, and 60 steps
+    # of Adam turn that into other weights; the cache is built by whichever process (a
+    # replica with one thread, the CLI, a test with two) needs it first.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(60):
+            scores = embeds(training) @ concept
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(8 * (scores - 0.5), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         ordinary_scores = embeds(pixels(_ordinary_images(60, side=48))) @ concept  # not trained on

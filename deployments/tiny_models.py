@@ -22,7 +22,7 @@ from pathlib import Path
 
 from serve_app.families import FAMILIES
 
-BUILTIN_VERSION = "v2"
+BUILTIN_VERSION = "v3"
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,8 @@ def test_concurrent_requests_never_overdraw(served):
 def test_failed_generation_refunds(served, failure_app, model, status, code):
     key = served.create_key("3")
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": model, "prompt": "x", "n": 2, "size": "128x128", "num_inference_steps": 40}
+    # go_fast off: the slow request must stay slow (go_fast halves tiny SDXL's steps).
+    body = {"model": model, "prompt": "x", "n": 2, "size": "256x256", "num_inference_steps": 50, "go_fast": False}
     response = httpx.post(f"{failure_app}/v1/images/generations", json=body, headers=headers, timeout=30)
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
@@ -168,7 +169,14 @@ def test_client_disconnect_refunds(served):
     """A client that gives up mid-generation is not charged for the images it never got."""
     key = served.create_key("10")
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": "tiny-sdxl", "prompt": "a slow one", "n": 2, "size": "128x128", "num_inference_steps": 30}
+    body = {
+        "model": "tiny-sdxl",
+        "prompt": "a slow one",
+        "n": 2,
+        "size": "128x128",
+        "num_inference_steps": 30,
+        "go_fast": False,
+    }
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{served.base_url}/v1/images/generations", json=body, headers=headers, timeout=0.3)
     deadline = time.monotonic() + 30

@@ -177,7 +177,7 @@ def test_an_error_after_the_stream_started_is_an_error_event(served, failure_app
         size="256x256",
         stream=True,
         partial_images=3,
-        extra_body={"num_inference_steps": 50},
+        extra_body={"num_inference_steps": 50, "go_fast": False},
     )
     with pytest.raises(openai.APIError) as caught:
         for _ in stream:
