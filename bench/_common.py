@@ -681,16 +681,19 @@ async def served_load(
     measure: int,
     payload: Callable[[int, int], dict[str, Any]],
     path: str = "/v1/images/generations",
+    images_in: Callable[[bytes], int] | None = None,
 ) -> dict[str, Any]:
     """A closed loop of ``clients`` over HTTP against the served graph on ``port``, each
-    request ``payload(client, seq)`` as JSON; the steady-state summary with CPU meters."""
+    request ``payload(client, seq)`` as JSON; the steady-state summary with CPU meters.
+    ``images_in`` counts the images in a 200's body (default: the JSON ``data``)."""
     host = "127.0.0.1"
     connections = [HttpConnection(host, port) for _ in range(clients)]
     bad: list[bytes] = []
+    count = images_in or (lambda body: len(json.loads(body)["data"]))
 
     async def one(client: int, seq: int) -> tuple[int, int]:
         response = await connections[client].request(post_json_bytes(host, port, path, payload(client, seq), key))
-        images = len(json.loads(response.body)["data"]) if response.status == 200 else 0
+        images = count(response.body) if response.status == 200 else 0
         if response.status != 200 and len(bad) < 3:
             bad.append(response.body[:300])
         return response.status, images

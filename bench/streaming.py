@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,16 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     RESULTS,
-    HttpConnection,
-    Meters,
     bench_config,
-    closed_loop,
     create_key,
     free_port,
     machine_info,
-    post_json_bytes,
     ray_instance,
     serve_graph,
+    served_load,
     temp_dir,
     update_doc_section,
     wait_for_quiet,
@@ -75,14 +71,11 @@ def count_completed(body: bytes) -> tuple[int, int]:
 async def load(
     port: int, key: str, clients: int, warmup: int, measure_n: int, partial: int | None, size: int, steps: int
 ) -> dict[str, Any]:
-    host = "127.0.0.1"
-    connections = [HttpConnection(host, port) for _ in range(clients)]
     previews = 0
-    bad: list[str] = []
+    empty_streams: list[str] = []  # a 200 whose stream completed no image: its end says why
 
-    async def one(client: int, seq: int) -> tuple[int, int]:
-        nonlocal previews
-        payload: dict[str, Any] = {
+    def payload(client: int, seq: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "model": MODEL,
             "prompt": f"client {client} request {seq}",
             "size": f"{size}x{size}",
@@ -90,32 +83,23 @@ async def load(
             "seed": 1000 + seq,
         }
         if partial is not None:
-            payload.update(stream=True, partial_images=partial)
-        response = await connections[client].request(
-            post_json_bytes(host, port, "/v1/images/generations", payload, key)
-        )
-        if response.status != 200:
-            if len(bad) < 3:
-                bad.append(response.body[:300].decode("utf-8", "replace"))
-            return response.status, 0
-        if partial is None:
-            return 200, len(json.loads(response.body)["data"])
-        completed, seen = count_completed(response.body)
-        previews += seen
-        if completed == 0 and len(bad) < 3:
-            bad.append(response.body[-300:].decode("utf-8", "replace"))
-        return 200, completed
+            body.update(stream=True, partial_images=partial)
+        return body
 
-    meters = Meters()
-    result = await closed_loop(clients, warmup, measure_n, one, meters.start, meters.snapshot)
-    cpu = meters.report(result.requests)
-    for connection in connections:
-        await connection.close()
-    summary = result.summary()
-    summary["cpu"] = cpu
+    def completed_in(body: bytes) -> int:
+        nonlocal previews
+        completed, seen = count_completed(body)
+        previews += seen
+        if completed == 0 and len(empty_streams) < 3:
+            empty_streams.append(body[-300:].decode("utf-8", "replace"))
+        return completed
+
+    summary = await served_load(
+        port, key, clients, warmup, measure_n, payload, images_in=None if partial is None else completed_in
+    )
     summary["previews_received"] = previews
-    if bad:
-        summary["errors"] = bad
+    if empty_streams:
+        summary["errors"] = summary.get("errors", []) + empty_streams
     return summary
 
 
