@@ -9,8 +9,9 @@ each one separately, and a small batch costs nearly as much as a full one.
 ``BatchCoalescer`` sits between the two: the jobs of every gathered batch go into one FIFO,
 and whenever the pipeline thread becomes free it takes the oldest job plus every following
 one that still fits in ``max_images``. An idle pipeline starts at once; a busy one gets one
-full batch next instead of several small ones. Kept free of torch and Serve so it is tested
-with a fake pipeline.
+full batch next instead of several small ones. A job whose caller has gone (its future is
+cancelled, or ``is_abandoned`` says so) is dropped from the queue before it runs. Kept free of
+torch and Serve so it is tested with a fake pipeline.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
     ``run_batch`` is called on the executor with a list of jobs and returns one outcome per
     job, in order. ``size_of`` counts a job's images; ``max_images`` is read at every merge,
     so a runtime change of the batch limit applies to the next batch. ``on_batch`` hears the
-    image count of every batch the pipeline runs (a metric).
+    image count of every batch the pipeline runs (a metric). ``is_abandoned`` tells a job that
+    nobody waits for any more (``deployments/abandonment.py``): it is dropped, unrun, and its
+    future cancelled.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         size_of: Callable[[JobT], int],
         max_images: Callable[[], int],
         on_batch: Callable[[int], None] | None = None,
+        is_abandoned: Callable[[JobT], bool] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
@@ -60,6 +64,7 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         self._queue: deque[_Pending[JobT, OutcomeT]] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._on_batch = on_batch
+        self._is_abandoned = is_abandoned
 
     def submit(self, job: JobT) -> asyncio.Future[OutcomeT]:
         """Queue a job; the future gets its outcome. Call on the event loop.
@@ -81,14 +86,19 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         limit = self._max_images()
         while self._queue:
             pending = self._queue[0]
-            if pending.future.cancelled():  # its caller is gone: no pipeline time for it
+            if pending.future.cancelled() or self._abandoned(pending.job):
+                # Its caller is gone: no pipeline time for it.
                 self._queue.popleft()
+                pending.future.cancel()
                 continue
             if taken and images + pending.images > limit:
                 break
             taken.append(self._queue.popleft())
             images += pending.images
         return taken
+
+    def _abandoned(self, job: JobT) -> bool:
+        return self._is_abandoned is not None and self._is_abandoned(job)
 
     def _report(self, images: int) -> None:
         if self._on_batch is None:

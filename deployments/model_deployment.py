@@ -1,17 +1,20 @@
 """The per-model Ray Serve deployment: dynamic batching on one diffusers pipeline.
 
-A replica loads its pipeline once, then serves ``generate(job)`` calls. ``@serve.batch``
-gathers jobs until ``max_batch_images`` images are waiting (it counts images, not
-requests) or the wait timeout passes, and hands them to a ``BatchCoalescer``, which merges
-the jobs that queue while the pipeline is busy into the next full batch (see
-``deployments/coalescing.py`` for why Serve's batcher alone gives small batches under
-load). A batch is grouped by call shape and each group is one pipeline call. The pipeline
-runs on a dedicated thread so the event loop keeps accepting work; encoding runs on another
-pool so the pipeline thread goes straight on to the next batch.
+A replica loads its pipeline once, then serves ``generate_stream(job)``, its one generation
+method (Serve's streaming handle calls; ``serve_app/routing.py`` is the caller, and a JSON
+response drains the same stream). ``@serve.batch`` gathers jobs until ``max_batch_images``
+images are waiting (it counts images, not requests) or the wait timeout passes, and hands
+them to a ``BatchCoalescer``, which merges the jobs that queue while the pipeline is busy into
+the next full batch (see ``deployments/coalescing.py`` for why Serve's batcher alone gives
+small batches under load). A batch is grouped by call shape and each group is one pipeline
+call. The pipeline runs on a dedicated thread so the event loop keeps accepting work;
+encoding runs on another pool so the pipeline thread goes straight on to the next batch.
 
-``generate_stream(job)`` is the same work as a stream (Serve's streaming handle calls): the
-job takes the same batch path, and previews (``deployments/previews.py``) and then the final
-images are yielded as they are ready.
+A job streams its previews (``deployments/previews.py``, only when it asks for some) and then
+its final images as they are encoded. A stream that ends before its images (the router
+cancelled it: the client went away, the deadline passed) abandons its work: what is still
+queued never runs, and a running pipeline call in which nobody is left stops at the next
+denoising step (``deployments/abandonment.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,6 +31,7 @@ from typing import Any
 
 from ray import serve
 
+from deployments.abandonment import StepCallback, StopWhenAbandoned, Work, run_call_unless_abandoned
 from deployments.adapters import AdapterCache
 from deployments.coalescing import BatchCoalescer
 from deployments.grouping import JobOutcome, PipelineCall, count_images, run_grouped
@@ -40,7 +45,6 @@ from serve_app.work import (
     CallShape,
     GeneratedImage,
     GenerationJob,
-    JobResult,
     PreviewImage,
     StreamedImage,
     StreamItem,
@@ -85,10 +89,10 @@ class ImageModelDeployment:
         self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
         self._max_batch_images = self.model.batching.max_batch_images
         self._batching = self.model.batching
-        self._coalescer: BatchCoalescer[GenerationJob, JobOutcome] = BatchCoalescer(
+        self._coalescer: BatchCoalescer[Work, JobOutcome] = BatchCoalescer(
             run_batch=self._run_batch,
             executor=self._pipeline_thread,
-            size_of=lambda job: job.num_images,
+            size_of=lambda work: work.num_images,
             max_images=lambda: self._max_batch_images,
             on_batch=model_histogram(
                 "imagegen_pipeline_batch_images",
@@ -96,6 +100,7 @@ class ImageModelDeployment:
                 self.model.id,
                 [1, 2, 4, 8, 16, 32, 64],
             ).observe,
+            is_abandoned=lambda work: work.abandoned,
         )
         self._queue_wait = model_histogram(
             "imagegen_queue_wait_seconds",
@@ -137,38 +142,29 @@ class ImageModelDeployment:
         self._gather_batch.set_max_batch_size(batching.max_batch_images)
         self._gather_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
-    async def generate(self, job: GenerationJob) -> JobResult:
-        arrived = time.monotonic()
-        parts = job.split(self._max_batch_images)
-        queued = await asyncio.gather(*(self._gather_batch(part) for part in parts))
-        outcomes = await asyncio.gather(*queued)
-        images: list[Any] = []
-        for outcome in outcomes:
-            if outcome.started_at is not None:
-                self._queue_wait.observe(max(0.0, outcome.started_at - arrived))
-            if outcome.error is not None:
-                raise outcome.error
-            images.extend(outcome.images)
-        loop = asyncio.get_running_loop()
-        flags = [False] * len(images)
-        if self._safety is not None and job.check_safety:
-            flags = await loop.run_in_executor(self._pipeline_thread, self._safety.flags, images)
-        encoded = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._encode_pool, self._encode, image, seed, job, flagged)
-                for image, seed, flagged in zip(images, job.seeds, flags)
-            )
-        )
-        return JobResult(images=tuple(encoded))
+    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[tuple[StreamItem, ...]]:
+        """The one generation method: each image's previews as the pipeline reaches them (only
+        when ``job.partial_images`` asks for some), then each final image as soon as it is
+        encoded; image indexes count within ``job``. Items are yielded in chunks, each one
+        what was ready at once (a JSON request's job of n images is a few chunks, not n
+        streamed items); the router flattens them.
 
-    async def generate_stream(self, job: GenerationJob) -> AsyncIterator[StreamItem]:
-        """``generate`` as a stream: each image's previews as the pipeline reaches them, then
-        each final image as soon as it is encoded. Image indexes count within ``job``."""
+        However the stream ends before its last image (the caller cancelled it), its work is
+        abandoned: parts still queued never run, and a pipeline call left with no live job
+        stops at the next denoising step."""
         arrived = time.monotonic()
         loop = asyncio.get_running_loop()
-        ready: asyncio.Queue[asyncio.Future[StreamItem]] = asyncio.Queue()
-        parts = job.split(self._max_batch_images)
-        offsets = [sum(part.num_images for part in parts[:i]) for i in range(len(parts))]
+        # Futures of the items, in the order they must be yielded; ``added`` wakes the reader.
+        ready: deque[asyncio.Future[StreamItem | None]] = deque()
+        added = asyncio.Event()
+        parts = [Work(part) for part in job.split(self._max_batch_images)]
+        offsets = [sum(work.num_images for work in parts[:i]) for i in range(len(parts))]
+        checked = self._safety is not None and job.check_safety
+        finished = False
+
+        def put(future: asyncio.Future[StreamItem | None]) -> None:
+            ready.append(future)
+            added.set()
 
         def preview_sink(offset: int, part: GenerationJob):
             def on_loop(image_index: int, partial: int, pixels: Any, step: int, total: int) -> None:
@@ -176,19 +172,21 @@ class ImageModelDeployment:
                     return
                 encode = self._encode_preview
                 args = (pixels, offset + image_index, partial, step, total, part, self._safety if checked else None)
-                ready.put_nowait(loop.run_in_executor(self._encode_pool, encode, *args))
+                put(loop.run_in_executor(self._encode_pool, encode, *args))
 
             # Called on the pipeline thread: only hand the pixels over to the event loop.
             return lambda *args: loop.call_soon_threadsafe(on_loop, *args)
 
         def failed(error: BaseException) -> None:
-            future: asyncio.Future[StreamItem] = loop.create_future()
+            if finished:
+                return  # nobody reads it (and an unread exception would be logged)
+            future: asyncio.Future[StreamItem | None] = loop.create_future()
             future.set_exception(error)
-            ready.put_nowait(future)
+            put(future)
 
-        async def finish(part: GenerationJob, offset: int) -> None:
+        async def finish(work: Work, offset: int) -> None:
             try:
-                outcome = await (await self._gather_batch(part))
+                outcome = await (await self._gather_batch(work))
             except Exception as exc:  # noqa: BLE001 - ends the stream with it
                 failed(exc)
                 return
@@ -204,32 +202,38 @@ class ImageModelDeployment:
                 except Exception as exc:  # noqa: BLE001 - ends the stream with it
                     failed(exc)
                     return
-            for index, (image, seed, flagged) in enumerate(zip(outcome.images, part.seeds, flags)):
+            for index, (image, seed, flagged) in enumerate(zip(outcome.images, work.job.seeds, flags)):
                 encode = self._encode_final
-                ready.put_nowait(
-                    loop.run_in_executor(self._encode_pool, encode, image, seed, offset + index, part, flagged)
-                )
+                put(loop.run_in_executor(self._encode_pool, encode, image, seed, offset + index, work.job, flagged))
 
-        finished = False
-        checked = self._safety is not None and job.check_safety
-        for part, offset in zip(parts, offsets):
-            self._previews.register(part, preview_sink(offset, part))
-        runs = [asyncio.ensure_future(finish(part, offset)) for part, offset in zip(parts, offsets)]
+        if job.partial_images > 0:
+            for work, offset in zip(parts, offsets):
+                self._previews.register(work.job, preview_sink(offset, work.job))
+        runs = [asyncio.ensure_future(finish(work, offset)) for work, offset in zip(parts, offsets)]
         try:
             expected = job.num_images
             while expected:
-                item = await (await ready.get())
-                if item is None:  # a preview the safety checker flagged
-                    continue
-                if isinstance(item, StreamedImage):
-                    expected -= 1
-                yield item
+                while not ready:
+                    added.clear()
+                    await added.wait()
+                chunk = [await ready.popleft()]
+                while ready and ready[0].done():
+                    chunk.append(ready.popleft().result())
+                items = tuple(item for item in chunk if item is not None)  # None: a flagged preview
+                expected -= sum(1 for item in items if isinstance(item, StreamedImage))
+                if items:
+                    yield items
         finally:
+            # Done, failed, or the caller went away: whatever of this job is still queued or
+            # running is work nobody waits for.
             finished = True
-            for part in parts:
-                self._previews.unregister(part)
+            for work in parts:
+                work.abandoned = True
+                self._previews.unregister(work.job)
             for run in runs:
                 run.cancel()
+            for future in ready:  # retrieved, so that asyncio does not log them as lost
+                future.add_done_callback(_ignore_outcome)
 
     @staticmethod
     def _encode_preview(
@@ -271,18 +275,22 @@ class ImageModelDeployment:
         batch_wait_timeout_s=_INITIAL_BATCH.batch_wait_timeout_s,
         batch_size_fn=count_images,
     )
-    async def _gather_batch(self, jobs: list[GenerationJob]) -> list[asyncio.Future[JobOutcome]]:
-        # Returns at once with one future per job, so Serve goes on gathering the next
+    async def _gather_batch(self, works: list[Work]) -> list[asyncio.Future[JobOutcome]]:
+        # Returns at once with one future per part, so Serve goes on gathering the next
         # batch while the pipeline runs; the coalescer decides what the pipeline runs next.
-        return [self._coalescer.submit(job) for job in jobs]
+        return [self._coalescer.submit(work) for work in works]
 
-    def _run_batch(self, jobs: list[GenerationJob]) -> list[JobOutcome]:
+    def _run_batch(self, works: list[Work]) -> list[JobOutcome]:
+        """One batch, on the pipeline thread: one call per shape; a call whose jobs were all
+        abandoned does not start, or stops at its next step (``deployments/abandonment.py``)."""
         started = time.monotonic()
-        outcomes = run_grouped(
-            jobs,
-            lambda call: self._run_call(call, self._previews.for_call(jobs, call)),
-            max_call_images=self._images_per_call,
-        )
+        jobs = [work.job for work in works]
+
+        def run(call: PipelineCall) -> Any:
+            previews = self._previews.for_call(jobs, call)
+            return run_call_unless_abandoned(works, call, self._run_call, previews)
+
+        outcomes = run_grouped(jobs, run, max_call_images=self._images_per_call)
         for outcome in outcomes:
             outcome.started_at = started
         return outcomes
@@ -290,13 +298,14 @@ class ImageModelDeployment:
     def _images_per_call(self, shape: CallShape) -> int:
         return self._batching.images_per_call(shape.width, shape.height)
 
-    def _run_call(self, call: PipelineCall, on_step_end: Any = None) -> list[Any]:
+    def _run_call(self, call: PipelineCall, on_step_end: StepCallback | None = None) -> list[Any]:
         started = time.monotonic()
         try:
             images = run_call(
                 self._pipelines, self._adapters, self.model.speed_mode, call, self.model.device, on_step_end
             )
-            self._generation.observe(time.monotonic() - started)
+            if not (isinstance(on_step_end, StopWhenAbandoned) and on_step_end.interrupted):
+                self._generation.observe(time.monotonic() - started)
             return images
         except RuntimeError as exc:
             # A CUDA device error leaves the replica unusable; let the health check
@@ -350,6 +359,11 @@ def run_call(
             masks=call.masks,
             on_step_end=on_step_end,
         )
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 ImageModel = serve.deployment(ImageModelDeployment)

@@ -27,8 +27,10 @@ def run_pipeline(
     image a call with only ``prompts[i]`` and ``seeds[i]`` gives (the batch-vs-single
     identity the service promises). Inpainted images keep the input's pixels outside the
     mask exactly, as OpenAI's edits do (the pipelines blend in latent space, which blurs
-    them). ``on_step_end`` is diffusers' ``callback_on_step_end`` (streamed previews: it
-    reads the latents and changes nothing). Returns PIL images.
+    them). ``on_step_end`` is diffusers' ``callback_on_step_end``: it reads the latents
+    (streamed previews) and changes nothing, except that it may set the pipeline's interrupt
+    flag (``deployments/abandonment.py``: nobody waits for the call any more), after which
+    the remaining steps are skipped. Returns PIL images.
     """
     import torch
 

@@ -141,7 +141,7 @@ class PreviewRelay:
 
     def for_call(self, jobs: Sequence[GenerationJob], call: PipelineCall) -> CallPreviews | None:
         """The step callback for ``call`` of a batch of ``jobs``, or None when no image in it
-        wants previews (then the pipeline runs exactly as without streaming)."""
+        wants previews (then no step touches the latents)."""
         if self._to_rgb is None:
             return None
         requests = []

@@ -374,7 +374,10 @@ class AccountsConfig(StrictModel):
         15.0, gt=0, description="how often an ingress replica refunds the reservations of ingress replicas that died"
     )
     idempotency_window_s: float = Field(
-        86400.0, gt=0, description="how long a request's Idempotency-Key returns its first outcome"
+        86400.0,
+        gt=0,
+        description="how long a request's Idempotency-Key returns its first outcome; at most storage.url_ttl_s, "
+        "which keeps the outcome's images",
     )
 
     def resolved_database_url(self) -> str:
@@ -425,7 +428,8 @@ class IngressOptions(StrictModel):
 
 
 class ImageInputConfig(StrictModel):
-    """Where input images (``image`` as an http(s) URL) may come from."""
+    """Where input images (``image`` as an http(s) URL) may come from, and what decoding
+    them may cost (serve_app.image_input)."""
 
     allowed_url_hosts: list[str] = Field(
         default_factory=list, max_length=256, description="exact host names an image URL may name; empty: no URLs"
@@ -434,6 +438,16 @@ class ImageInputConfig(StrictModel):
         False, description="let listed hosts resolve to loopback / private / link-local addresses (internal stores)"
     )
     fetch_timeout_s: float = Field(10.0, gt=0, le=120)
+    max_jpeg_scans: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="scans (SOS markers) an input JPEG may hold; each costs a pass over the image, a progressive "
+        "JPEG has about 10",
+    )
+    decode_threads: int = Field(
+        2, ge=1, le=64, description="threads of the ingress's own pool that decode input images and masks"
+    )
 
     @field_validator("allowed_url_hosts")
     @classmethod
@@ -475,6 +489,18 @@ class AppConfig(StrictModel):
     models: list[ModelConfig] = Field(min_length=1)
     cache_dir: Path = Field(Path("data/models"), description="where built-in models are built")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    body_read_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="deadline for reading a whole request body, from its first read: a client that sends it "
+        "slower (or sends headers, then nothing) gets a 408 request_timeout and its connection is closed",
+    )
+    api_docs: bool = Field(
+        False,
+        description="serve /docs (Swagger UI) and /redoc: pages that load their scripts from a CDN on the same "
+        "origin as the playground; /openapi.json is always served",
+    )
     ingress: IngressOptions = Field(default_factory=IngressOptions)
     accounts: AccountsConfig = Field(default_factory=AccountsConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -506,6 +532,12 @@ class AppConfig(StrictModel):
         and settlement follow at once)."""
         configured = self.accounts.release_stale_after_s
         return configured if configured is not None else default_stale_after_s(self.longest_request_s)
+
+    @property
+    def idempotency_replay_window_s(self) -> float:
+        """How long an Idempotency-Key's charged outcome is replayed: its images are kept in
+        the storage backend for ``storage.url_ttl_s``, and an outcome refers to them."""
+        return min(self.accounts.idempotency_window_s, float(self.storage.url_ttl_s))
 
     @property
     def longest_request_s(self) -> float:

@@ -109,16 +109,26 @@ class IdempotencyConflict(APIError):
     code = "idempotency_key_reused"
 
 
+class RequestTimeout(APIError):
+    """408: the request body did not arrive within the configured read deadline
+    (``AppConfig.body_read_timeout_s``). Sent with ``connection: close``: the rest of a
+    slow body is never read."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class RequestTooLarge(APIError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
 
 
-class UnsupportedMediaType(APIError):
-    status_code = 415
-    error_type = "invalid_request_error"
-    code = "unsupported_media_type"
+class UnsupportedMediaType(InvalidRequest):
+    """A POST with no body, or a body not of the route's media type: a body that fails
+    validation, so the documented 400 ``invalid_request`` (the qubrid document lists no 415);
+    the message names what was sent and what is expected."""
 
 
 class RateLimitExceeded(APIError):

@@ -7,13 +7,23 @@ only PNG, JPEG and WEBP are parsed at all, and a URL is fetched only from a host
 operator allows, from an address checked to be public, with one DNS lookup whose answer
 is the address we connect to. Messages never echo the input.
 
-Synchronous and blocking (DNS, sockets, decoding): the caller runs these in a thread.
+Decoding has a work budget, checked before the work is done: the encoded bytes and the
+declared pixels (every format), the scans of a JPEG (libjpeg makes a pass over the whole
+image per scan, so a file of empty scans costs seconds), the reads Pillow's Python parsers
+make (one per marker, chunk or junk byte: a file of tiny chunks), the size of the EXIF block
+that orientation is read from, and one frame (animations are refused from the header).
+
+The functions here are synchronous and blocking (DNS, sockets, decoding); ``Decoder`` runs
+them on a small thread pool of decoding's own, never the event loop's default executor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextvars
+import functools
 import http.client
 import io
 import ipaddress
@@ -23,7 +33,10 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -52,6 +65,19 @@ _DECODE_ERRORS = (
 )
 _URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,31}:")
 _READ_CHUNK = 64 * 1024
+# Pillow's parsers (JPEG markers, PNG chunks) are Python loops with one read per step, and
+# skip junk or fill bytes one at a time: a file of tiny chunks costs ~1 us a byte. A real
+# file needs a few dozen reads plus about three per IDAT chunk (libpng writes 8 KiB ones);
+# past this allowance plus one read per KiB, parsing stops.
+_PARSE_READS = 10_000
+_PARSE_BYTES_PER_READ = 1024
+# Orientation is read from the EXIF block; JPEG caps it at 64 KiB (one APP1 segment), and
+# Pillow's parse of a larger one (PNG eXIf, WEBP EXIF) costs up to a second.
+MAX_EXIF_BYTES = 64 * 1024
+_JPEG_SOI = b"\xff\xd8"
+_JPEG_SOS = b"\xff\xda"
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -63,6 +89,42 @@ class ImageInputPolicy:
     # Operator opt-in for internal hosts; by default only public addresses are fetched.
     allow_private_addresses: bool = False
     fetch_timeout_s: float = 10.0
+    # Scans (SOS markers) a JPEG may hold, counted over the whole file: an upper bound, as
+    # embedded thumbnails and MPO pictures count too. A progressive JPEG has about 10.
+    max_jpeg_scans: int = 100
+
+
+# --- the decoding pool ----------------------------------------------------------------------
+
+
+class Decoder:
+    """Decoding's own bounded thread pool. At most ``threads`` images are decoded at once
+    whatever the load; work still queued when its request is cancelled never starts. The
+    loop's default executor (``asyncio.to_thread``) stays free for storage and the rest."""
+
+    def __init__(self, threads: int = 2) -> None:
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self.threads = threads
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="image-decode")
+
+    async def run(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+        """``await asyncio.to_thread(fn, *args, **kwargs)``, on this pool (context vars too)."""
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    async def image_from_field(self, value: str, *, param: str, policy: ImageInputPolicy) -> Image.Image:
+        """``image_from_field`` off the loop: an http(s) URL is fetched on the default
+        executor (waiting on the network, bounded by ``policy.fetch_timeout_s``), so a slow
+        host never holds a decoding thread; the bytes are decoded on this pool."""
+        if _is_url(value):
+            data = await asyncio.to_thread(image_bytes_from_field, value, param=param, policy=policy)
+        else:
+            data = await self.run(image_bytes_from_field, value, param=param, policy=policy)
+        return await self.run(decode_image, data, param=param, policy=policy)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -73,15 +135,22 @@ def decode_image(data: bytes, *, param: str, policy: ImageInputPolicy) -> Image.
     if not data:
         raise InvalidRequest(f"Invalid '{param}': the image is empty.", param=param)
     _check_byte_size(len(data), param=param, policy=policy)
-    image = _open(data, INPUT_FORMATS, param=param, what="a PNG, JPEG or WEBP image")
+    _check_jpeg_scans(data, param=param, policy=policy)
+    image, reader = _open(data, INPUT_FORMATS, param=param, what="a PNG, JPEG or WEBP image")
     try:
         _check_pixels(image, param=param, policy=policy)
         if getattr(image, "n_frames", 1) > 1 and image.format not in _STILL_MULTI_PICTURE_FORMATS:
             raise InvalidRequest(
                 f"Invalid '{param}': animated images are not accepted; send a single frame.", param=param
             )
+        _load(image, reader, param=param)
+        # After loading: a PNG's eXIf chunk may follow its image data.
+        if len(image.info.get("exif") or b"") > MAX_EXIF_BYTES:
+            raise InvalidRequest(
+                f"Invalid '{param}': the image's EXIF metadata is larger than {MAX_EXIF_BYTES} bytes.",
+                param=param,
+            )
         try:
-            image.load()
             upright = ImageOps.exif_transpose(image)
             mode = "RGBA" if _has_alpha(upright) else "RGB"
             return upright.convert(mode)
@@ -99,7 +168,7 @@ def mask_from_png(
     if not data:
         raise InvalidRequest(f"Invalid '{param}': the mask is empty.", param=param)
     _check_byte_size(len(data), param=param, policy=policy)
-    image = _open(data, ("PNG",), param=param, what="a PNG image")
+    image, reader = _open(data, ("PNG",), param=param, what="a PNG image")
     try:
         # The size must match the image's, which is already within max_pixels: checking it
         # from the header bounds what decoding may allocate.
@@ -118,8 +187,8 @@ def mask_from_png(
                 "the area to edit.",
                 param=param,
             )
+        _load(image, reader, param=param)
         try:
-            image.load()
             alpha = image.convert("RGBA").getchannel("A")
         except _DECODE_ERRORS:
             raise _unreadable(param) from None
@@ -134,17 +203,75 @@ def mask_from_png(
     return repaint
 
 
-def _open(data: bytes, formats: tuple[str, ...], *, param: str, what: str) -> Image.Image:
+class _ParseBudgetExceeded(Exception):
+    """Raised from a read past the budget; deliberately none of the errors Pillow catches."""
+
+
+class _BudgetedReader(io.BytesIO):
+    """The file Pillow parses: counts its reads and refuses more than ``budget`` of them."""
+
+    def __init__(self, data: bytes, budget: int) -> None:
+        super().__init__(data)
+        self.budget = budget
+        self.exceeded = False
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        self.budget -= 1
+        if self.budget < 0:
+            self.exceeded = True  # sticky, should a caller swallow the exception
+            raise _ParseBudgetExceeded
+        return super().read(size)
+
+
+def _open(data: bytes, formats: tuple[str, ...], *, param: str, what: str) -> tuple[Image.Image, _BudgetedReader]:
     """Parse only the header, and only as one of ``formats``."""
+    reader = _BudgetedReader(data, _PARSE_READS + len(data) // _PARSE_BYTES_PER_READ)
     try:
-        return Image.open(io.BytesIO(data), formats=list(formats))
+        image = Image.open(reader, formats=list(formats))
+    except _ParseBudgetExceeded:
+        raise _over_parse_budget(param) from None
     except UnidentifiedImageError:
+        if reader.exceeded:
+            raise _over_parse_budget(param) from None
         raise InvalidRequest(f"Invalid '{param}': the data is not {what}.", param=param) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL's own limit, raised from the header: the image declares far too many pixels.
         raise InvalidRequest(f"Invalid '{param}': the image has too many pixels.", param=param) from None
     except _DECODE_ERRORS:
-        raise _unreadable(param) from None
+        raise (_over_parse_budget(param) if reader.exceeded else _unreadable(param)) from None
+    if reader.exceeded:
+        image.close()
+        raise _over_parse_budget(param)
+    return image, reader
+
+
+def _load(image: Image.Image, reader: _BudgetedReader, *, param: str) -> None:
+    """Decode the pixels, within the parse budget."""
+    try:
+        image.load()
+    except _ParseBudgetExceeded:
+        raise _over_parse_budget(param) from None
+    except _DECODE_ERRORS:
+        raise (_over_parse_budget(param) if reader.exceeded else _unreadable(param)) from None
+    if reader.exceeded:
+        raise _over_parse_budget(param)
+
+
+def _check_jpeg_scans(data: bytes, *, param: str, policy: ImageInputPolicy) -> None:
+    """Count the SOS markers of a JPEG before libjpeg sees it. Inside entropy-coded data an
+    0xFF byte is always followed by 0x00 or a restart marker, so every ``FF DA`` is a scan
+    header or a byte pair inside metadata: the count is an upper bound, read at C speed."""
+    if data.startswith(_JPEG_SOI) and data.count(_JPEG_SOS) > policy.max_jpeg_scans:
+        raise InvalidRequest(
+            f"Invalid '{param}': the JPEG has more than {policy.max_jpeg_scans} scans.", param=param
+        )
+
+
+def _over_parse_budget(param: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Invalid '{param}': the image has too many chunks, markers or padding bytes for its size.",
+        param=param,
+    )
 
 
 def _check_byte_size(size: int, *, param: str, policy: ImageInputPolicy) -> None:
@@ -177,7 +304,18 @@ def _unreadable(param: str) -> InvalidRequest:
 
 
 def image_from_field(value: str, *, param: str, policy: ImageInputPolicy) -> Image.Image:
-    """Base64 (standard or URL-safe), a base64 ``data:`` URI, or an http(s) URL."""
+    """Base64 (standard or URL-safe), a base64 ``data:`` URI, or an http(s) URL, decoded.
+    Blocking: ``Decoder.image_from_field`` is the way to call it from the event loop."""
+    return decode_image(image_bytes_from_field(value, param=param, policy=policy), param=param, policy=policy)
+
+
+def _is_url(value: object) -> bool:
+    scheme = _URI_SCHEME.match(value.strip()) if isinstance(value, str) else None
+    return scheme is not None and scheme[0][:-1].lower() in ("http", "https")
+
+
+def image_bytes_from_field(value: str, *, param: str, policy: ImageInputPolicy) -> bytes:
+    """The encoded image the field holds: base64 or a data URI decoded, a URL fetched."""
     if not isinstance(value, str) or not value.strip():
         raise InvalidRequest(f"Invalid '{param}': expected base64 image data, a data URI or a URL.", param=param)
     value = value.strip()
@@ -194,7 +332,7 @@ def image_from_field(value: str, *, param: str, policy: ImageInputPolicy) -> Ima
             raise InvalidRequest(
                 f"Invalid '{param}': only http and https URLs are accepted (or base64 data).", param=param
             )
-    return decode_image(data, param=param, policy=policy)
+    return data
 
 
 def _decode_data_uri(value: str, *, param: str, policy: ImageInputPolicy) -> bytes:

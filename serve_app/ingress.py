@@ -4,7 +4,9 @@ No ``from __future__ import annotations``: FastAPI reads the route annotations (
 at runtime in the replica, where string annotations would not resolve.
 """
 
+import base64
 import functools
+import hashlib
 import ipaddress
 import json
 import logging
@@ -17,20 +19,28 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from serve_app.accounts import build_accounts
 from serve_app.config import AppConfig
 from serve_app.enhancer import build_enhancer
-from serve_app.errors import APIError, InvalidRequest, NotFound, RequestTooLarge, UnsupportedMediaType
+from serve_app.errors import (
+    APIError,
+    InvalidRequest,
+    NotFound,
+    RequestTimeout,
+    RequestTooLarge,
+    UnsupportedMediaType,
+)
 from serve_app.http_errors import REQUEST_ID_HEADER, SAFE_REQUEST_ID, error_response
 from serve_app.metrics import ServeMetrics
 from serve_app.openapi import install_openapi
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter, live_replica_owners, replica_owner
+from serve_app.charge import ServedResponse, hand_over
 from serve_app.serving import EditUpload, ImageGenerationService
 from serve_app.storage import LocalImageStore, build_image_store
 
@@ -42,15 +52,24 @@ EDIT_MAX_FILES = 17
 EDIT_MAX_FIELDS = 64
 
 # The playground page (serve_app/playground/): static, read once. Its policy lets it load
-# nothing but itself, and talk to nothing but this server.
+# nothing but itself, talk to nothing but this server, and be framed by no page (the key
+# field must not be overlaid by another site).
 PLAYGROUND = Path(__file__).parent / "playground"
 PLAYGROUND_HEADERS = {
-    "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'",
+    "content-security-policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self' 'unsafe-inline'; "
+    "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
     "x-content-type-options": "nosniff",
     "cache-control": "no-cache",
 }
 
-api = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", docs_url="/docs")
+# /docs and /redoc are FastAPI's pages, which load Swagger UI / ReDoc from a CDN: off unless
+# the config's ``api_docs`` is true (the routes are the ingress's, below), and then served
+# with a policy that admits that CDN and the page's own inline script, nothing else.
+# /openapi.json is always served.
+API_DOCS_CDN = "https://cdn.jsdelivr.net"
+api = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", docs_url=None, redoc_url=None)
 install_openapi(api)  # the document from the protocol models (serve_app/openapi.py)
 
 
@@ -102,10 +121,84 @@ def _loopback_base_url(request: Request) -> str | None:
     return str(request.base_url).rstrip("/") if loopback else None
 
 
+def _has_body(request: Request) -> bool:
+    """Whether the request says a body follows (HTTP/1.1: a non-zero Content-Length, or chunks)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        return length.strip() != "0"
+    return "transfer-encoding" in request.headers
+
+
 def _require_media_type(request: Request, media_type: str) -> None:
+    """A POST must carry a body of ``media_type``; anything else is the documented 400 (a body
+    that fails validation), with a message that says what was sent and what is expected."""
     declared = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if declared != media_type:
-        raise UnsupportedMediaType(f"The request body must be {media_type}, not {declared[:64] or 'untyped'}.")
+    if declared == media_type:
+        return
+    if not _has_body(request):
+        raise UnsupportedMediaType(f"The request has no body: send a {media_type} body (Content-Type: {media_type}).")
+    if not declared:
+        raise UnsupportedMediaType(f"The request body has no Content-Type: send it as {media_type}.")
+    shown = "".join(c for c in declared[:64] if c.isprintable())
+    raise UnsupportedMediaType(f"The request body must be {media_type} (Content-Type: {media_type}), not {shown}.")
+
+
+def _csp_hashes(html: str) -> str:
+    """CSP source expressions for the inline scripts of ``html`` (FastAPI's docs pages)."""
+    inline = re.findall(r"<script>(.*?)</script>", html, flags=re.DOTALL)
+    return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(s.encode()).digest()).decode()}'" for s in inline)
+
+
+def api_docs_page(enabled: bool, page: str, request: Request) -> Response:
+    """``/docs`` (Swagger UI) or ``/redoc`` for ``/openapi.json``: a 404 like any unknown route
+    unless the config's ``api_docs`` is true; then with a policy that admits the CDN the
+    page's scripts come from, its own inline script, and no framing."""
+    if not enabled:
+        return error_for(NotFound(f"No route for {request.method} {request.url.path[:200]}."), request)
+    openapi_url = request.scope.get("root_path", "").rstrip("/") + "/openapi.json"
+    if page == "redoc":
+        response = get_redoc_html(
+            openapi_url=openapi_url, title="imagegen - ReDoc", redoc_favicon_url="data:,", with_google_fonts=False
+        )
+    else:
+        response = get_swagger_ui_html(
+            openapi_url=openapi_url, title="imagegen - Swagger UI", swagger_favicon_url="data:,"
+        )
+    html = bytes(response.body).decode()
+    policy = (
+        f"default-src 'none'; script-src {API_DOCS_CDN} {_csp_hashes(html)}; style-src {API_DOCS_CDN} 'unsafe-inline'; "
+        f"font-src {API_DOCS_CDN} data:; img-src 'self' data: {API_DOCS_CDN}; connect-src 'self'; worker-src blob:; "
+        "object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    headers = {
+        "content-security-policy": policy,
+        "x-frame-options": "DENY",
+        "referrer-policy": "no-referrer",
+        "x-content-type-options": "nosniff",
+    }
+    return HTMLResponse(html, headers=headers)
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """``request``'s body: a 413 past ``limit`` bytes, a 408 when it has not all arrived
+    ``timeout_s`` after the first read (a client that sent its headers, then nothing or a
+    byte now and then). Neither uvicorn nor Serve's proxy bounds a body read."""
+    close = {"connection": "close"}
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLarge(f"The request body is larger than {limit} bytes.", headers=close)
+    body = bytearray()
+    try:
+        with anyio.fail_after(timeout_s):
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise RequestTooLarge(f"The request body is larger than {limit} bytes.", headers=close)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout_s:g} s; send it at once, or retry.", headers=close
+        ) from None
+    return bytes(body)
 
 
 # Defined before the class: Serve pickles the deployment class when it is decorated.
@@ -113,28 +206,39 @@ def _scales_from_zero(autoscaling_config: dict[str, Any] | None) -> bool:
     return autoscaling_config is not None and int(autoscaling_config.get("min_replicas", 1)) == 0
 
 
-class SettledStreamingResponse(StreamingResponse):
-    """A stream of events whose charge is settled when the response ends, however it ends:
-    also when the client left before the first event, so the stream never started and its
-    own ``finally`` never ran (the credits would stay held until the stale sweeper)."""
+class ChargedResponse(StreamingResponse):
+    """A served answer, JSON or events, sent by ``hand_over``: the one place a charged
+    response leaves, counting what was sent and settling once however the response ends
+    (also when the client left before the first chunk, or the task was cancelled)."""
 
-    def __init__(
-        self, events: AsyncGenerator[bytes, None], settle: Callable[[], Awaitable[None]] | None, **kwargs: Any
-    ) -> None:
-        super().__init__(events, **kwargs)
-        self._events = events
-        self._settle = settle
+    def __init__(self, served: ServedResponse, **kwargs: Any) -> None:
+        super().__init__(_never_iterated(), media_type=served.media_type, headers=served.headers, **kwargs)
+        self._served = served
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+
+        async def body(data: bytes) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await hand_over(self._served, body)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            # Shielded: a cancelled response (the client left) still settles. Closing a
-            # started stream settles what it handed over; ``settle`` is then a no-op.
-            with anyio.CancelScope(shield=True):
-                await self._events.aclose()
-                if self._settle is not None:
-                    await self._settle()
+            # A response cancelled before ``stream_response`` ran (the client left at once)
+            # never reached ``hand_over``: settle it here (a no-op when it did).
+            charge = self._served.charge
+            if charge is not None and not charge.settled:
+                with anyio.CancelScope(shield=True):
+                    await charge.settle()
+
+
+async def _never_iterated() -> AsyncGenerator[bytes, None]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
 
 
 @serve.deployment
@@ -180,7 +284,9 @@ class ImageGenerationIngress:
         self._store.start_sweeper()
         accounts = self._config.accounts
         self._accounts.start_stale_sweeper(
-            self._config.stale_reservation_after_s, accounts.release_stale_every_s, accounts.idempotency_window_s
+            self._config.stale_reservation_after_s,
+            accounts.release_stale_every_s,
+            self._config.idempotency_replay_window_s,
         )
         self._accounts.start_orphan_sweeper(self._live_owners, accounts.orphan_check_every_s)
 
@@ -190,12 +296,20 @@ class ImageGenerationIngress:
 
     @api.get("/playground", include_in_schema=False)
     async def playground(self) -> Response:
-        """A page to try the service in a browser (the key stays in the browser)."""
+        """A page to try the service in a browser (the key stays in the browser tab)."""
         return HTMLResponse(self._playground_page, headers=PLAYGROUND_HEADERS)
 
     @api.get("/playground/playground.js", include_in_schema=False)
     async def playground_script(self) -> Response:
         return Response(self._playground_script, media_type="text/javascript", headers=PLAYGROUND_HEADERS)
+
+    @api.get("/docs", include_in_schema=False)
+    async def swagger_ui(self, request: Request) -> Response:
+        return api_docs_page(self._config.api_docs, "swagger", request)
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> Response:
+        return api_docs_page(self._config.api_docs, "redoc", request)
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> Response:
@@ -241,39 +355,34 @@ class ImageGenerationIngress:
 
     @api.post("/v1/images/generations")
     async def generate_images(self, request: Request) -> Response:
-        return await self._respond(request, "generations", self._read_json(request), self._service.generate)
+        return await self._respond(request, "generations", self._read_json, self._service.generate)
 
     @api.post("/v1/images/edits")
     async def edit_images(self, request: Request) -> Response:
-        return await self._respond(request, "edits", self._read_edit_form(request), self._service.edit)
+        return await self._respond(request, "edits", self._read_edit_form, self._service.edit)
 
     async def _respond(
-        self, request: Request, endpoint: str, body: Awaitable[Any], serve: Callable[..., Awaitable[Any]]
+        self, request: Request, endpoint: str, read: Callable[[Request], Awaitable[Any]], serve: Callable[..., Any]
     ) -> Response:
-        """Read the body, serve it, and answer: the served response, or the error on the wire."""
+        """Authenticate, then read the body (bounded), serve it, and answer: the served
+        response, or the error on the wire. Nothing of the body is read for a caller
+        without a valid key."""
         request_id = request_id_of(request)
         self._start_background_work()
         payload: Any = None
         try:
-            payload = await body
+            key = await self._service.authenticate(request.headers.get("authorization"))
+            payload = await read(request)
             served = await serve(
+                key,
                 payload,
-                authorization=request.headers.get("authorization"),
                 request_id=request_id,
                 base_url=_loopback_base_url(request),
                 idempotency_key=request.headers.get("idempotency-key"),
             )
-            response: Response
-            if served.events is not None:  # stream: true
-                headers = {**served.headers, "cache-control": "no-cache", "x-accel-buffering": "no"}
-                response = SettledStreamingResponse(
-                    served.events, served.after_sent, media_type="text/event-stream", headers=headers
-                )
-            else:
-                settle = None if served.after_sent is None else BackgroundTask(served.after_sent)
-                response = JSONResponse(
-                    served.body.model_dump(exclude_none=True), headers=served.headers, background=settle
-                )
+            response: Response = ChargedResponse(served)
+            if served.media_type == "text/event-stream":
+                response.headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
         except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
             response = error_for(exc, request)
         self._metrics.answered(endpoint, self._model_tag(payload), response.status_code)
@@ -286,20 +395,16 @@ class ImageGenerationIngress:
         return model if isinstance(model, str) and self._config.model(model) is not None else "unknown"
 
     async def _read_body(self, request: Request) -> bytes:
-        limit = self._config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
-        body = bytearray()
-        async for chunk in request.stream():
-            body.extend(chunk)
-            if len(body) > limit:
-                raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
-        return bytes(body)
+        """The whole body, at most ``max_body_bytes`` of it, within ``body_read_timeout_s`` of
+        the first read. Both errors close the connection: the rest of the body is never read,
+        so a client trickling it cannot hold the socket (or the server's parser) any longer."""
+        return await read_body(request, self._config.max_body_bytes, self._config.body_read_timeout_s)
 
     async def _read_json(self, request: Request) -> object:
         _require_media_type(request, "application/json")
         body = await self._read_body(request)
+        if not body.strip():
+            raise UnsupportedMediaType("The request has no body: send a JSON object (Content-Type: application/json).")
         try:
             return json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):

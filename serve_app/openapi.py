@@ -1,4 +1,5 @@
-"""The service's OpenAPI document, served at ``/openapi.json`` and shown at ``/docs``.
+"""The service's OpenAPI document, served at ``/openapi.json`` (and shown at ``/docs`` when
+the config's ``api_docs`` is true).
 
 FastAPI generates paths from route signatures, but the routes here read their bodies
 themselves (a JSON body goes through ``protocol.parse_generation_request`` so that every
@@ -55,14 +56,16 @@ _MODELS: tuple[tuple[type[BaseModel], str], ...] = (
 # What each error status means on this service (README's and DESIGN.md's error tables); the
 # codes that answer with it are appended from ``serve_app.errors``.
 _REASONS: dict[int, str] = {
-    400: "The request failed validation; `param` names the field.",
+    400: "The request failed validation; `param` names the field. Also a POST with no body, or a body not of "
+    "the operation's media type (JSON for generations, multipart/form-data for edits).",
     401: "No Bearer key, or an unknown or revoked one.",
     402: "The key's credits cannot cover the images asked for.",
     403: "The key may not use this model.",
     404: "No such model (`param`: model).",
+    408: "The request body did not all arrive within the configured deadline (`body_read_timeout_s`); "
+    "the connection is closed.",
     409: "A request with the same Idempotency-Key is still running, or had a different body.",
     413: "The request body is larger than the configured limit.",
-    415: "The request body is not of the operation's media type (JSON for generations, multipart/form-data for edits).",
     429: "The key's per-minute request or image limit was hit; `Retry-After` says when to retry.",
     500: "A bug on the server, logged with the request id.",
     502: "The model replica failed or returned something unusable.",
@@ -103,7 +106,7 @@ _IDEMPOTENCY_KEY = {
 }
 _IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
-_POST_ERRORS = (400, 401, 402, 403, 404, 409, 413, 415, 429, 500, 502, 503, 504)
+_POST_ERRORS = (400, 401, 402, 403, 404, 408, 409, 413, 429, 500, 502, 503, 504)
 _KEY_ONLY_ERRORS = (401, 500, 503)
 
 

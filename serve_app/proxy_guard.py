@@ -8,16 +8,24 @@ failures itself:
   byte answered every route, ``/health`` included, with a plain-text 500;
 - when the ingress replica dies mid-request it returns without answering, and the server
   answers ``500 Internal Server Error`` as plain text, with no request id, which no OpenAI
-  SDK can read as an error.
+  SDK can read as an error;
+- it takes per-request hints from request headers, meant for a trusted load balancer in
+  front of it: ``x-request-disconnect-disabled: ?1`` makes it run (and charge) a request
+  whose client has gone, and ``x-request-timeout-seconds`` replaces the operator's
+  ``request_timeout_s`` (``0`` turns it off; ``0.3`` gets Serve's plain-text 408).
 
 ``ProxyGuard`` runs inside the proxy (Serve's ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``
 hook, set in the Serve configs' ``controller_options``; in throughput mode Serve applies the
-same hook to each ingress replica's own HTTP server). It drops request header values that
-are not UTF-8 and an ``x-request-id`` that is not a short plain token (Serve then makes a
-fresh one), and turns a plain-text error that Serve produced into the documented JSON error
-with the request id. It decides nothing about a request and keeps nothing between them.
-(Serve's own request-id middleware runs before it and still echoes the client's original
-``x-request-id`` on the response; the body carries the id the request really had.)
+same hook to each ingress replica's own HTTP server). Serve wraps its ASGI app in the hook's
+middlewares, outermost last (``ray.serve._private.http_util._apply_middlewares``), so this
+one sees the request before Serve's request-id middleware and before the proxy (or the
+replica's direct-ingress server) reads any header (``proxy.py`` ``send_request_to_replica``,
+``replica.py`` ``_direct_ingress_asgi``, Ray 2.60). It drops the hint headers above, request
+header values that are not UTF-8 and an ``x-request-id`` that is not a short plain token
+(Serve then makes a fresh one), and turns a plain-text error that Serve produced into the
+documented JSON error with the request id. It decides nothing about a request and keeps
+nothing between them. (Serve's own request-id middleware runs inside it, so it sees, and
+echoes on the response, the ``x-request-id`` this one left.)
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from serve_app.errors import InternalError, UpstreamError
+from serve_app.errors import GenerationTimeout, InternalError, UpstreamError
 from serve_app.http_errors import SAFE_REQUEST_ID as SAFE_REQUEST_ID_PATTERN
 from serve_app.http_errors import error_response
 
@@ -41,6 +49,10 @@ PROXY_CALLBACK = "serve_app.proxy_guard:proxy_middlewares"
 REQUEST_ID_HEADER = b"x-request-id"
 # The ingress's rule (serve_app.http_errors), on the raw header bytes.
 SAFE_REQUEST_ID = re.compile(SAFE_REQUEST_ID_PATTERN.encode())
+# Serve's per-request hints (ray.serve._private.constants SERVE_HTTP_REQUEST_TIMEOUT_S_HEADER,
+# SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER): for a trusted balancer, never a client.
+# Serve matches them lower-case, as the ASGI server delivers every header name.
+HINT_HEADERS = frozenset({b"x-request-timeout-seconds", b"x-request-disconnect-disabled"})
 
 
 class ProxyGuard:
@@ -71,6 +83,8 @@ class ProxyGuard:
 
 
 def _acceptable(name: bytes, value: bytes) -> bool:
+    if name.lower() in HINT_HEADERS:
+        return False
     if name.lower() == REQUEST_ID_HEADER:
         return SAFE_REQUEST_ID.fullmatch(value) is not None
     try:
@@ -106,11 +120,13 @@ class _ErrorShaper:
     async def send_json_error(self, status: int, headers: list[tuple[bytes, bytes]] | None = None) -> None:
         self.started = True
         request_id = _header(self._scope.get("headers", []), REQUEST_ID_HEADER)
-        error = (
-            UpstreamError("The server could not complete the request; it was not charged. Retry it.")
-            if status in (502, 503, 504)
-            else InternalError("The server had an error while processing your request.")
-        )
+        error: InternalError | UpstreamError | GenerationTimeout
+        if status == 408:  # Serve's request_timeout_s: it cancelled the request, which refunds it
+            error = GenerationTimeout("The request outran the server's deadline; it was not charged. Retry it.")
+        elif status in (502, 503, 504):
+            error = UpstreamError("The server could not complete the request; it was not charged. Retry it.")
+        else:
+            error = InternalError("The server had an error while processing your request.")
         error.status_code = status
         response = error_response(error, request_id or "unknown")
         headers = [(k, v) for k, v in headers or [] if k.lower() not in (b"content-type", b"content-length")]
@@ -120,7 +136,10 @@ class _ErrorShaper:
 
 
 def _is_plain_server_error(message: Message) -> bool:
-    if message.get("status", 200) < 500:
+    """A plain-text 5xx, or 408 (Serve's answer when ``request_timeout_s`` runs out): ours
+    are JSON."""
+    status = message.get("status", 200)
+    if status < 500 and status != 408:
         return False
     content_type = _header(message.get("headers", []), b"content-type") or ""
     return content_type.startswith("text/plain")

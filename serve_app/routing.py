@@ -6,6 +6,9 @@ controller's replica states first and answers 503 at once instead, and keeps con
 them while a request waits: if the last replica goes away under it (a node lost), the
 request ends in a 503 too. The states are cached and refreshed in the background while
 replicas are known to be up, so the hot path does not pay for them.
+
+``ModelRouter.stream`` is the one way to generate: a streamed response forwards its items, a
+JSON response drains it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from serve_app.errors import APIError, GenerationTimeout, ModelUnavailable, UpstreamError
-from serve_app.work import GenerationJob, JobResult, StreamItem
+from serve_app.work import GenerationJob, PreviewImage, StreamedImage, StreamItem
 
 logger = logging.getLogger("ray.serve")
 
@@ -56,7 +59,11 @@ class ServeReplicaCounter:
             if not fresh:
                 self._refresh()  # stale but all up: answer now, refresh behind
             return self._counts
-        return await self._refresh()
+        # Shielded: the refresh is shared by every request waiting on it, and one of them
+        # being cancelled (its client left, or its watch ended) must not cancel it for the
+        # others. Unshielded, it did: they failed with a CancelledError nobody sent, which
+        # Serve's proxy logs as a client disconnect (issue 20, finding 9).
+        return await asyncio.shield(self._refresh())
 
     def _refresh(self) -> asyncio.Task[dict[str, int]]:
         if self._refreshing is None or self._refreshing.done():
@@ -119,42 +126,6 @@ class ModelRouter:
         self._replicas = replicas
         self._watch_every_s = watch_every_s
 
-    async def generate(self, model_id: str, jobs: list[GenerationJob]) -> list[JobResult]:
-        """Run every job of one request; all succeed or the request fails."""
-        route = self._routes[model_id]
-        await self._ensure_available(route)
-        responses = [route.handle.generate.remote(job) for job in jobs]
-        results = asyncio.ensure_future(asyncio.gather(*responses))
-        watch = asyncio.create_task(self._until_unavailable(route))
-        finished = False
-        try:
-            done, _ = await asyncio.wait({results, watch}, timeout=route.timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if not done:
-                raise GenerationTimeout(
-                    f"Generation with model '{model_id}' did not finish within {route.timeout_s:g} s."
-                )
-            if watch in done:
-                watch.result()  # raises ModelUnavailable
-            output = list(results.result())
-            finished = True
-            return output
-        except APIError:
-            raise
-        except Exception as exc:
-            logger.warning("model %s failed a request: %s", model_id, _short(exc))
-            raise UpstreamError(f"The model '{model_id}' failed to generate the image.") from exc
-        finally:
-            watch.cancel()
-            # Timeout, failure or client disconnect: free the replicas from the other jobs.
-            # Not after success: every response is done, and each cancel is a wasted Ray call.
-            if not finished:
-                results.cancel()
-                # Its outcome is of no interest now; retrieving it keeps asyncio from
-                # logging "exception was never retrieved".
-                results.add_done_callback(lambda future: future.cancelled() or future.exception())
-                for response in responses:
-                    response.cancel()
-
     async def _until_unavailable(self, route: ModelRoute) -> None:
         """Raise ModelUnavailable once the deployment has no running replica left.
 
@@ -167,24 +138,39 @@ class ModelRouter:
             await self._ensure_available(route)
 
     async def ensure_available(self, model_id: str) -> None:
-        """503 now if the model has no running replica (a stream checks before its first byte)."""
+        """503 now if the model has no running replica (checked before reserving credits;
+        ``stream`` checks again before it sends anything)."""
         await self._ensure_available(self._routes[model_id])
 
     async def stream(self, model_id: str, jobs: list[GenerationJob]) -> AsyncIterator[StreamItem]:
-        """Run every job of one request as a stream (the deployment's ``generate_stream``
-        through a streaming handle), yielding previews and images as they come, image
-        indexes counted across the request. Fails as ``generate`` does: the same deadline, and
-        a 503 if the last replica goes away meanwhile."""
+        """Run every job of one request: the one generation API, for JSON and streamed
+        responses alike (a JSON response drains it; its jobs ask for no previews, so it gets
+        only ``StreamedImage`` items, one per image).
+
+        Yields previews and final images as the replicas produce them, image indexes counted
+        across the request. Each job is one call of the deployment's ``generate_stream``
+        through a streaming handle (which yields chunks of items: they are flattened here).
+        An async generator: nothing is sent before the first ``__anext__``, which first
+        checks that the model has a running replica (``ModelUnavailable``, 503).
+
+        Fails with ``GenerationTimeout`` past the model's deadline, ``ModelUnavailable`` if
+        the last replica goes away meanwhile, the replica's own ``APIError`` as it is, and
+        ``UpstreamError`` (502) for any other failure. However it ends before the last item
+        (a failure, the deadline, or the consumer closing or cancelling it: close it, e.g.
+        with ``contextlib.aclosing``, rather than dropping it), every replica call is
+        cancelled, and the replicas abandon the work: queued parts never run and running
+        pipeline calls stop at their next denoising step."""
         route = self._routes[model_id]
+        await self._ensure_available(route)
         handle = route.handle.options(stream=True)
         generators = [handle.generate_stream.remote(job) for job in jobs]
         offsets = [sum(job.num_images for job in jobs[:i]) for i in range(len(jobs))]
-        merged: asyncio.Queue[tuple[int, StreamItem | BaseException | None]] = asyncio.Queue()
+        merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
         async def pump(generator: Any, offset: int) -> None:
             try:
-                async for item in generator:
-                    merged.put_nowait((offset, item))
+                async for chunk in generator:
+                    merged.put_nowait((offset, chunk))
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -197,7 +183,7 @@ class ModelRouter:
         deadline = asyncio.get_running_loop().time() + route.timeout_s
         open_streams = len(pumps)
         finished = False
-        getter: asyncio.Future[tuple[int, StreamItem | BaseException | None]] | None = None
+        getter: asyncio.Future[tuple[int, Any]] | None = None
         try:
             while open_streams:
                 remaining = deadline - asyncio.get_running_loop().time()
@@ -211,19 +197,21 @@ class ModelRouter:
                     raise GenerationTimeout(
                         f"Generation with model '{model_id}' did not finish within {route.timeout_s:g} s."
                     )
-                offset, item = getter.result()
-                if item is None:
+                offset, chunk = getter.result()
+                if chunk is None:
                     open_streams -= 1
-                elif isinstance(item, APIError):
-                    raise item
-                elif isinstance(item, BaseException):
-                    logger.warning("model %s failed a streamed request: %s", model_id, _short(item))
-                    raise UpstreamError(f"The model '{model_id}' failed to generate the image.") from item
+                elif isinstance(chunk, APIError):
+                    raise chunk
+                elif isinstance(chunk, BaseException):
+                    logger.warning("model %s failed a request: %s", model_id, _short(chunk))
+                    raise UpstreamError(f"The model '{model_id}' failed to generate the image.") from chunk
                 else:
-                    yield replace(item, image_index=item.image_index + offset)
+                    for item in _items_of(chunk, model_id):
+                        yield replace(item, image_index=item.image_index + offset)
             finished = True
         finally:
-            # Failure, deadline or a client that went away: stop the replicas' work too.
+            # Failure, deadline or a consumer that went away: stop the replicas' work too.
+            # Not after success: every stream has ended, and each cancel is a wasted Ray call.
             watch.cancel()
             if getter is not None:
                 getter.cancel()
@@ -246,6 +234,14 @@ class ModelRouter:
                 f"The model '{route.model_id}' has no ready replica right now; retry shortly.",
                 retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
             )
+
+
+def _items_of(chunk: Any, model_id: str) -> tuple[StreamItem, ...]:
+    """The items of one chunk a replica yielded (a single item is accepted as well)."""
+    items = chunk if isinstance(chunk, (tuple, list)) else (chunk,)
+    if not all(isinstance(item, (PreviewImage, StreamedImage)) for item in items):
+        raise UpstreamError(f"The model '{model_id}' returned an inconsistent result.")
+    return tuple(items)
 
 
 def _short(exc: BaseException) -> str:

@@ -1,29 +1,32 @@
 """The image generation use case, free of HTTP: testable against fakes.
 
-Order matters and is the contract with billing: authenticate, validate, authorize, rate
-limit, reserve credits, generate, deliver, then settle exactly what was delivered. The
-settlement runs even when the client disconnects or generation fails, so a reservation
-is never left hanging and nothing undelivered is charged: the charge is settled once the
-response has been handed over.
+Every image request, JSON or stream, has one life (``_serve``): authenticate (the ingress,
+before reading the body), validate and authorize what is cheap to check, admit (rate
+limit), reserve (a ``Charge``, with the Idempotency-Key claim in the same transaction),
+then decode the large inputs on their own pool, plan, generate through the model's one
+streaming path, and answer with chunks that ``serve_app.charge.hand_over`` sends and
+settles exactly once for what was handed over. A JSON answer drains the same generation
+that a stream relays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from serve_app.accounts import Settlement
+from serve_app.accounts.records import IdempotencyClaim, Replay, Reservation, Settlement
 from serve_app.accounts.units import format_credits
+from serve_app.charge import Charge, Chunk, ServedResponse, one_chunk
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.enhancer import ENHANCE_HEADER, PromptEnhancer, enhance_prompt
 from serve_app.errors import (
@@ -34,7 +37,7 @@ from serve_app.errors import (
     PermissionDenied,
     UpstreamError,
 )
-from serve_app.image_input import ImageInputPolicy, decode_image, image_from_field, mask_from_png
+from serve_app.image_input import Decoder, ImageInputPolicy, decode_image, mask_from_png
 from serve_app.metrics import NoMetrics, ServiceMetrics
 from serve_app.planning import GenerationPlan, plan_generation
 from serve_app.protocol import (
@@ -47,9 +50,9 @@ from serve_app.protocol import (
     parse_generation_request,
 )
 from serve_app.routing import ModelRouter
-from serve_app.storage import CONTENT_TYPES
+from serve_app.storage import CONTENT_TYPES, StorageError
 from serve_app.streaming import CompletedEvent, EventPrefix, PartialImageEvent, error_event, sse
-from serve_app.work import GeneratedImage, PreviewImage
+from serve_app.work import GeneratedImage, PreviewImage, StreamedImage, StreamItem
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,50 +60,59 @@ logger = logging.getLogger("ray.serve")
 class AccountsPort(Protocol):
     """What the service needs from accounts (``serve_app.accounts.Accounts``)."""
 
+    def _claim(
+        self, idempotency_key: str | None, fingerprint: Callable[[], str], stream: bool
+    ) -> IdempotencyClaim | None:
+        if idempotency_key is None:
+            return None
+        if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise InvalidRequest(
+                "Invalid 'Idempotency-Key': 1 to 255 printable ASCII characters.", param="Idempotency-Key"
+            )
+        if stream:  # a replay would have to store and resend every event; a stream is not repeatable
+            raise InvalidRequest(
+                "Invalid 'Idempotency-Key': not supported with stream: true; retry a stream without it.",
+                param="Idempotency-Key",
+            )
+        if self._store is None:  # outcomes refer to stored images
+            raise InvalidRequest(
+                "Invalid 'Idempotency-Key': this service has no image storage to keep outcomes in.",
+                param="Idempotency-Key",
+            )
+        return IdempotencyClaim(idempotency_key, fingerprint(), self._config.idempotency_replay_window_s)
+
     async def authenticate(self, authorization: str | None) -> Any: ...
 
     def check_model(self, key: Any, model_id: str) -> None: ...
 
     async def admit(self, key: Any, images: int) -> dict[str, str]: ...
 
-    async def reserve(self, key: Any, request_id: str, model_id: str, images: int, price_units: int) -> Any: ...
+    async def reserve(
+        self,
+        key: Any,
+        request_id: str,
+        model_id: str,
+        images: int,
+        price_units: int,
+        claim: IdempotencyClaim | None = None,
+    ) -> Reservation | Replay: ...
 
-    async def settle(self, reservation: Any, delivered: int) -> Settlement: ...
+    async def settle(self, reservation: Any, delivered: int, outcome: bytes | None = None) -> Settlement: ...
 
     async def usage(self, key: Any) -> Any: ...
 
-    async def claim_idempotency(self, key: Any, idem_key: str, fingerprint: str, stale_after_s: float) -> Any: ...
-
-    async def complete_idempotency(self, key: Any, idem_key: str, outcome: bytes) -> None: ...
-
-    async def release_idempotency(self, key: Any, idem_key: str) -> None: ...
-
 
 class ImageStorePort(Protocol):
+    """What the service needs from storage (``serve_app.storage.ImageStore``)."""
+
     needs_request_base_url: bool
+    url_ttl_s: int
 
-    async def put(self, name: str, data: bytes, content_type: str, base_url: str | None) -> str: ...
+    async def save(self, name: str, data: bytes, content_type: str) -> str: ...
 
+    async def url(self, stored: str, base_url: str | None, expires_at: int) -> str: ...
 
-@dataclass
-class ServedResponse:
-    body: Any
-    headers: dict[str, str] = field(default_factory=dict)
-    # Run once the response is handed to the client: settles the charge.
-    after_sent: Callable[[], Awaitable[None]] | None = None
-    # ``stream: true``: the server-sent events to answer with (``body`` is then None). The
-    # stream settles the charge as it ends; ``after_sent`` settles it too (a no-op then), for
-    # a response that ends before the stream ever started.
-    events: AsyncGenerator[bytes, None] | None = None
-
-
-@dataclass
-class _StreamDelivery:
-    """The ``completed`` events a stream handed over, and whether its charge is settled:
-    the stream and its response both settle as they end, and only the first one counts."""
-
-    delivered: int = 0
-    settled: bool = False
+    async def load(self, stored: str) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -118,33 +130,46 @@ class EditUpload:
         return digest.hexdigest()
 
 
+# What turns a request's large inputs (an image, a mask) into its plan: awaited after the
+# reservation; the decoding runs on the decoder's own bounded pool.
+Planner = Callable[[], Awaitable[GenerationPlan]]
+
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # printable ASCII, as Stripe and OpenAI take
-# Headers of a first outcome that a replay repeats (the rate-limit headers were of that moment).
 # How many images the safety checker withheld (only when it withheld some).
 FLAGGED_HEADER = "x-images-flagged"
+# Headers of a first outcome that a replay repeats (the rate-limit headers were of that moment).
 REPLAYED_HEADERS = ("x-credits-charged", "x-credits-remaining", ENHANCE_HEADER, FLAGGED_HEADER)
-IDEMPOTENCY_POLL_S = 0.25
+ALL_FLAGGED = (
+    "The safety checker flagged every generated image; nothing was delivered or charged. Change the prompt or the seed."
+)
 
 
-def _outcome(served: ServedResponse) -> bytes:
-    headers = {name: served.headers[name] for name in REPLAYED_HEADERS if name in served.headers}
-    return json.dumps({"body": served.body.model_dump(exclude_none=True), "headers": headers}).encode()
-
-
-def _replayed(outcome: bytes | None) -> ServedResponse:
-    stored = json.loads(outcome or b"{}")
-    return ServedResponse(
-        body=ImagesResponse.model_validate(stored["body"]), headers={**stored["headers"], "idempotent-replayed": "true"}
+def _outcome(
+    body: ImagesResponse, stored: list[str | None], response_format: str, expires_at: int, headers: dict[str, str]
+) -> bytes:
+    """What a replay answers: the response without its images (names of their stored
+    copies instead), and the headers that describe the charge."""
+    bare = body.model_copy(
+        update={"data": [item.model_copy(update={"b64_json": None, "url": None}) for item in body.data]}
     )
+    replayed = {name: headers[name] for name in REPLAYED_HEADERS if name in headers}
+    return json.dumps(
+        {
+            "body": bare.model_dump(exclude_none=True),
+            "stored": stored,
+            "format": response_format,
+            "expires_at": expires_at,
+            "headers": replayed,
+        }
+    ).encode()
 
 
-def _check_streamable(idempotency_key: str | None) -> None:
-    # A replay would have to store and resend every event; a stream is not repeatable.
-    if idempotency_key is not None:
-        raise InvalidRequest(
-            "Invalid 'Idempotency-Key': not supported with stream: true; retry a stream without it.",
-            param="Idempotency-Key",
-        )
+def _json_answer(body: ImagesResponse, headers: dict[str, str], charge: Charge | None, images: int) -> ServedResponse:
+    data = json.dumps(body.model_dump(exclude_none=True), separators=(",", ":")).encode()
+    headers["content-length"] = str(len(data))
+    return ServedResponse(
+        chunks=one_chunk(Chunk(data, images)), media_type="application/json", headers=headers, charge=charge, body=body
+    )
 
 
 class ImageGenerationService:
@@ -157,14 +182,41 @@ class ImageGenerationService:
         clock: Callable[[], float] = time.time,
         metrics: ServiceMetrics | None = None,
         enhancer: PromptEnhancer | None = None,
+        decoder: Decoder | None = None,
     ) -> None:
         self._config = config
+        self._decoder = decoder or Decoder(config.image_input.decode_threads)
         self._enhancer = enhancer
         self._router = router
         self._accounts = accounts
         self._store = store
         self._clock = clock
         self._metrics = metrics or NoMetrics()
+
+    def _claim(
+        self, idempotency_key: str | None, fingerprint: Callable[[], str], stream: bool
+    ) -> IdempotencyClaim | None:
+        if idempotency_key is None:
+            return None
+        if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
+            raise InvalidRequest(
+                "Invalid 'Idempotency-Key': 1 to 255 printable ASCII characters.", param="Idempotency-Key"
+            )
+        if stream:  # a replay would have to store and resend every event; a stream is not repeatable
+            raise InvalidRequest(
+                "Invalid 'Idempotency-Key': not supported with stream: true; retry a stream without it.",
+                param="Idempotency-Key",
+            )
+        if self._store is None:  # outcomes refer to stored images
+            raise InvalidRequest(
+                "Invalid 'Idempotency-Key': this service has no image storage to keep outcomes in.",
+                param="Idempotency-Key",
+            )
+        return IdempotencyClaim(idempotency_key, fingerprint(), self._config.idempotency_replay_window_s)
+
+    async def authenticate(self, authorization: str | None) -> Any:
+        """The caller's key: first, before any of the request's body is read."""
+        return await self._accounts.authenticate(authorization)
 
     async def list_models(self, authorization: str | None) -> ModelList:
         """The models this key may use."""
@@ -191,113 +243,122 @@ class ImageGenerationService:
 
     async def generate(
         self,
+        key: Any,
         payload: object,
         *,
-        authorization: str | None,
         request_id: str,
         base_url: str | None,
         idempotency_key: str | None = None,
     ) -> ServedResponse:
         """``POST /v1/images/generations``: text-to-image, or image-to-image with ``image``."""
-        key = await self._accounts.authenticate(authorization)
+        request = parse_generation_request(payload)
+        model = self._permitted_model(key, request.model)
+        if request.image is None:
+            plan = plan_generation(request, model)  # validated before admission
+
+            async def planner() -> GenerationPlan:
+                return plan
+
+        else:
+            policy = self._policy(model)
+            source = request.image
+
+            async def planner() -> GenerationPlan:
+                # Fetching or decoding the image, and fitting it: after the reservation.
+                image = await self._decoder.image_from_field(source, param="image", policy=policy)
+                return await self._decoder.run(plan_generation, request, model, image)
 
         def fingerprint() -> str:
             return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
-        async def run() -> ServedResponse:
-            request = parse_generation_request(payload)
-            model = self._permitted_model(key, request.model)
-            if request.image is None:
-                plan = plan_generation(request, model)
-            else:
-                # Decoding (and fetching a URL) and fitting the image are blocking: off the loop.
-                policy = self._policy(model)
-                image = await asyncio.to_thread(image_from_field, request.image, param="image", policy=policy)
-                plan = await asyncio.to_thread(plan_generation, request, model, image)
-            if request.stream:
-                _check_streamable(idempotency_key)
-                return await self._serve_stream(key, request, model, plan, request_id, "image_generation")
-            return await self._serve(key, request, model, plan, request_id, base_url)
-
-        return await self._once(key, idempotency_key, fingerprint, run)
+        claim = self._claim(idempotency_key, fingerprint, request.stream)
+        return await self._serve(key, request, model, planner, claim, request_id, base_url, "image_generation")
 
     async def edit(
         self,
+        key: Any,
         upload: EditUpload,
         *,
-        authorization: str | None,
         request_id: str,
         base_url: str | None,
         idempotency_key: str | None = None,
     ) -> ServedResponse:
         """``POST /v1/images/edits``: image-to-image, or inpainting with a mask."""
-        key = await self._accounts.authenticate(authorization)
+        request = parse_edit_request(upload.fields)
+        model = self._permitted_model(key, request.model)
+        if not upload.images:
+            raise InvalidRequest("Missing required parameter: 'image'.", param="image")
+        if len(upload.images) > model.rules.max_reference_images:
+            raise InvalidRequest(
+                f"Invalid 'image': model '{model.id}' uses at most {model.rules.max_reference_images} input "
+                f"image(s), got {len(upload.images)}.",
+                param="image",
+            )
+        policy = self._policy(model)
 
-        async def run() -> ServedResponse:
-            request = parse_edit_request(upload.fields)
-            model = self._permitted_model(key, request.model)
-            if not upload.images:
-                raise InvalidRequest("Missing required parameter: 'image'.", param="image")
-            if len(upload.images) > model.rules.max_reference_images:
-                raise InvalidRequest(
-                    f"Invalid 'image': model '{model.id}' uses at most {model.rules.max_reference_images} input "
-                    f"image(s), got {len(upload.images)}.",
-                    param="image",
-                )
-            plan = await asyncio.to_thread(self._plan_edit, request, model, upload)
-            if request.stream:
-                _check_streamable(idempotency_key)
-                return await self._serve_stream(key, request, model, plan, request_id, "image_edit")
-            return await self._serve(key, request, model, plan, request_id, base_url)
+        def decode_and_plan() -> GenerationPlan:
+            image = decode_image(upload.images[0], param="image", policy=policy)
+            mask = None if upload.mask is None else mask_from_png(upload.mask, image_size=image.size, policy=policy)
+            return plan_generation(request, model, image, mask)
 
-        return await self._once(key, idempotency_key, upload.fingerprint, run)
+        async def planner() -> GenerationPlan:
+            return await self._decoder.run(decode_and_plan)
 
-    async def _once(
+        claim = self._claim(idempotency_key, upload.fingerprint, request.stream)
+        return await self._serve(key, request, model, planner, claim, request_id, base_url, "image_edit")
+
+    async def _serve(
         self,
         key: Any,
-        idem_key: str | None,
-        fingerprint: Callable[[], str],
-        run: Callable[[], Awaitable[ServedResponse]],
+        request: ImageGenerationRequest,
+        model: ModelConfig,
+        planner: Planner,
+        claim: IdempotencyClaim | None,
+        request_id: str,
+        base_url: str | None,
+        prefix: EventPrefix,
     ) -> ServedResponse:
-        """Run the request, or with an ``Idempotency-Key`` return its first successful outcome:
-        the same images and charge, nothing generated or charged again. A repeat while the
-        first attempt runs waits for it (across ingress replicas: the claim is in the
-        database). A failed attempt charged nothing and is forgotten, so its retry runs anew."""
-        if idem_key is None:
-            return await run()
-        if not IDEMPOTENCY_KEY.fullmatch(idem_key):
-            raise InvalidRequest(
-                "Invalid 'Idempotency-Key': 1 to 255 printable ASCII characters.", param="Idempotency-Key"
-            )
-        stale_after_s = self._config.stale_reservation_after_s
-        digest = fingerprint()  # what the request asks, so a reuse for another request is caught
-        deadline = time.monotonic() + self._config.longest_request_s + 30
-        while True:
-            state, outcome = await self._accounts.claim_idempotency(key, idem_key, digest, stale_after_s)
-            if state == "claimed":
-                break
-            if state == "done":
-                return _replayed(outcome)
-            if state == "conflict":
-                raise IdempotencyConflict(
-                    "This Idempotency-Key was already used for a different request; use a new key for a new request.",
-                    param="Idempotency-Key",
-                )
-            if time.monotonic() > deadline:
-                raise IdempotencyConflict(
-                    "A request with this Idempotency-Key is still running; retry later.",
-                    param="Idempotency-Key",
-                    code="idempotency_key_in_use",
-                    retry_after_s=10,
-                )
-            await asyncio.sleep(IDEMPOTENCY_POLL_S)
+        """The one lifecycle of every image request, JSON or stream: check what is cheap to
+        check, admit (rate limit), reserve (the Charge), then decode, plan, enhance, and
+        answer with the chunks that ``hand_over`` sends and settles. A replay of an
+        Idempotency-Key is admitted and permission-checked like any request, and served
+        from its stored outcome without a charge."""
+        self._check_extensions(key, request)
+        if not request.stream:
+            self._check_url_delivery(request, base_url)
+        await self._router.ensure_available(model.id)  # a 503 before anything is held
+        headers = dict(await self._accounts.admit(key, request.n))
+        held = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units, claim)
+        if isinstance(held, Replay):
+            return await self._replayed(held, base_url)
+        charge = Charge(self._accounts, held, request_id, self._metrics)
         try:
-            served = await run()
+            plan = await planner()
+            if request.enhance_prompt:
+                plan = await self._enhanced(plan, model, headers)
+            if request.stream:
+                headers["x-credits-reserved"] = format_credits(held.amount_units)
+                events = self._events(charge, plan, model, request_id, prefix)
+                return ServedResponse(chunks=events, media_type="text/event-stream", headers=headers, charge=charge)
+            return await self._answer(charge, plan, model, request, request_id, base_url, headers, claim is not None)
         except BaseException:
-            await self._accounts.release_idempotency(key, idem_key)
+            # Failed before the answer existed, or the client left (cancelled): nothing was
+            # handed over. Shielded inside, so the cancellation cannot stop the refund.
+            await charge.refund()
             raise
-        await self._accounts.complete_idempotency(key, idem_key, _outcome(served))
-        return served
+
+    def _check_url_delivery(self, request: ImageGenerationRequest, base_url: str | None) -> None:
+        if (request.response_format or "b64_json") != "url":
+            return
+        if self._store is None:
+            raise InvalidRequest("Invalid 'response_format': url delivery is not configured.", param="response_format")
+        if base_url is None and self._store.needs_request_base_url:
+            # The Host header is the client's to choose: a URL built from it could point anywhere.
+            raise InvalidRequest(
+                "Invalid 'response_format': url delivery through this address needs the operator to set "
+                "storage.local.public_base_url.",
+                param="response_format",
+            )
 
     def _permitted_model(self, key: Any, model_id: str) -> ModelConfig:
         model = self._config.model(model_id)
@@ -314,69 +375,7 @@ class ImageGenerationService:
             allowed_url_hosts=tuple(sources.allowed_url_hosts),
             allow_private_addresses=sources.allow_private_addresses,
             fetch_timeout_s=sources.fetch_timeout_s,
-        )
-
-    def _plan_edit(self, request: ImageGenerationRequest, model: ModelConfig, upload: EditUpload) -> GenerationPlan:
-        """Decode the upload and plan it: blocking CPU work, run in a thread."""
-        policy = self._policy(model)
-        image = decode_image(upload.images[0], param="image", policy=policy)
-        mask = None if upload.mask is None else mask_from_png(upload.mask, image_size=image.size, policy=policy)
-        return plan_generation(request, model, image, mask)
-
-    async def _serve(
-        self,
-        key: Any,
-        request: ImageGenerationRequest,
-        model: ModelConfig,
-        plan: GenerationPlan,
-        request_id: str,
-        base_url: str | None,
-    ) -> ServedResponse:
-        """Admit, reserve, generate, deliver, and settle exactly what was delivered."""
-        self._check_extensions(key, request)
-        if plan.response_format == "url":
-            if self._store is None:
-                raise InvalidRequest(
-                    "Invalid 'response_format': url delivery is not configured.", param="response_format"
-                )
-            if base_url is None and self._store.needs_request_base_url:
-                # The Host header is the client's to choose: a URL built from it could point anywhere.
-                raise InvalidRequest(
-                    "Invalid 'response_format': url delivery through this address needs the operator to set "
-                    "storage.local.public_base_url.",
-                    param="response_format",
-                )
-
-        headers = dict(await self._accounts.admit(key, request.n))
-        reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
-        try:
-            if request.enhance_prompt:
-                plan = await self._enhanced(plan, model, headers)
-            delivered, flagged = await self._generate_and_deliver(plan, model, request_id, base_url)
-        except BaseException:
-            # Failure or client disconnect: refund it all. settle() is shielded, so the
-            # cancellation that a disconnect brings cannot stop the refund.
-            await self._settle(reservation, 0, request_id)
-            raise
-        # The charge is settled once the response has been handed over (``after_sent``), not
-        # before: a replica that dies in between leaves the reservation to be refunded (it
-        # cannot know the images arrived), never a charge for images that did not. The
-        # headers say what that settlement will be.
-        headers.update(reservation.settlement_if(len(delivered)).credit_headers())
-        if flagged:
-            headers[FLAGGED_HEADER] = str(flagged)
-        body = ImagesResponse(
-            created=int(self._clock()),
-            data=delivered,
-            output_format=plan.output_format,
-            size=plan.size,
-            quality=plan.quality_label,
-            background="opaque" if request.background is not None else None,
-        )
-        return ServedResponse(
-            body=body,
-            headers=headers,
-            after_sent=functools.partial(self._settle, reservation, len(delivered), request_id),
+            max_jpeg_scans=sources.max_jpeg_scans,
         )
 
     def _check_extensions(self, key: Any, request: ImageGenerationRequest) -> None:
@@ -399,49 +398,137 @@ class ImageGenerationService:
         headers[ENHANCE_HEADER] = "applied" if enhancement.applied else "failed"
         return dataclasses.replace(plan, prompt=enhancement.prompt)
 
-    async def _serve_stream(
+    async def _answer(
         self,
-        key: Any,
+        charge: Charge,
+        plan: GenerationPlan,
+        model: ModelConfig,
         request: ImageGenerationRequest,
-        model: ModelConfig,
-        plan: GenerationPlan,
         request_id: str,
-        prefix: EventPrefix,
+        base_url: str | None,
+        headers: dict[str, str],
+        replayable: bool,
     ) -> ServedResponse:
-        """Check, admit and reserve as ``_serve`` does, and enhance the prompt, all before the
-        first byte (so a refusal is still a plain HTTP error), then answer with the events of
-        ``_stream_events``."""
-        self._check_extensions(key, request)
-        await self._router.ensure_available(model.id)
-        headers = dict(await self._accounts.admit(key, request.n))
-        reservation = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units)
-        headers["x-credits-reserved"] = format_credits(reservation.amount_units)
-        if request.enhance_prompt:
-            try:
-                plan = await self._enhanced(plan, model, headers)
-            except BaseException:
-                await self._settle(reservation, 0, request_id)
-                raise
-        delivery = _StreamDelivery()
-        events = self._stream_events(reservation, plan, model, request_id, prefix, delivery)
-        # A stream that never starts (the client left before its first event) runs no
-        # ``finally``: the response settles it as it ends, however it ends.
-        settle = functools.partial(self._settle_stream, reservation, delivery, request_id)
-        return ServedResponse(body=None, headers=headers, events=events, after_sent=settle)
+        """The JSON answer: the generation drained, the images delivered (base64 or stored
+        behind URLs). The headers say what the settlement will charge once it is handed over.
+        With an Idempotency-Key, the images are stored too and the charge carries the
+        outcome that refers to them."""
+        images = [image async for image in self._images(plan, model, request_id)]
+        passed = [image for image in images if not image.flagged]
+        if not passed:
+            raise ContentFlagged(ALL_FLAGGED)
+        expires_at = int(self._clock()) + (self._store.url_ttl_s if self._store is not None else 0)
+        stored: list[str | None] = [None] * len(passed)
+        if plan.response_format == "url" or replayable:
+            stored = await self._save_all(passed, request_id)
+        if plan.response_format == "url":
+            kept = [(image, name) for image, name in zip(passed, stored) if name is not None]
+            if not kept:
+                raise UpstreamError("The generated images could not be stored; nothing was charged.")
+            passed, stored = [image for image, _ in kept], [name for _, name in kept]
+            urls = await asyncio.gather(*(self._store.url(name, base_url, expires_at) for name in stored))
+            data = [ImageData(url=url, revised_prompt=plan.prompt, seed=i.seed) for i, url in zip(passed, urls)]
+        else:
+            data = [
+                ImageData(b64_json=base64.b64encode(i.data).decode("ascii"), revised_prompt=plan.prompt, seed=i.seed)
+                for i in passed
+            ]
+        headers.update(charge.settlement_if(len(data)).credit_headers())
+        if len(images) > len(passed):
+            headers[FLAGGED_HEADER] = str(len(images) - len(passed))
+        body = ImagesResponse(
+            created=int(self._clock()),
+            data=data,
+            output_format=plan.output_format,
+            size=plan.size,
+            quality=plan.quality_label,
+            background="opaque" if request.background is not None else None,
+        )
+        if replayable and None not in stored:
+            charge.outcome = _outcome(body, stored, plan.response_format, expires_at, headers)
+        return _json_answer(body, headers, charge, len(data))
 
-    async def _stream_events(
-        self,
-        reservation: Any,
-        plan: GenerationPlan,
-        model: ModelConfig,
-        request_id: str,
-        prefix: EventPrefix,
-        delivery: _StreamDelivery,
-    ) -> AsyncGenerator[bytes, None]:
-        """Previews and images as the model yields them; settles, as the stream ends, exactly
-        the images whose ``completed`` event was handed over (a client that goes away is
-        refunded the rest). A failure after the first byte is an ``error`` event."""
-        flagged = 0
+    async def _save_all(self, images: Sequence[GeneratedImage], request_id: str) -> list[str | None]:
+        """Each image's stored name, None where storing failed (logged)."""
+        assert self._store is not None
+        saved = await asyncio.gather(
+            *(
+                self._store.save(
+                    f"{request_id}/{index}.{image.output_format}", image.data, CONTENT_TYPES[image.output_format]
+                )
+                for index, image in enumerate(images)
+            ),
+            return_exceptions=True,
+        )
+        names: list[str | None] = []
+        for image, name in zip(images, saved):
+            if isinstance(name, BaseException):
+                logger.warning("request %s: could not store image seed %d: %s", request_id, image.seed, name)
+                names.append(None)
+            else:
+                names.append(name)
+        return names
+
+    async def _replayed(self, replay: Replay, base_url: str | None) -> ServedResponse:
+        """A charged first outcome, answered again: its images loaded back from storage (or
+        fresh URLs signed for them), its headers as they were, no charge."""
+        assert self._store is not None
+        outcome = json.loads(replay.outcome)
+        body = ImagesResponse.model_validate(outcome["body"])
+        names = outcome["stored"]
+        try:
+            if outcome["format"] == "url":
+                found = await asyncio.gather(*(self._store.url(n, base_url, outcome["expires_at"]) for n in names))
+                data = [item.model_copy(update={"url": url}) for item, url in zip(body.data, found)]
+            else:
+                found = await asyncio.gather(*(self._store.load(name) for name in names))
+                data = [
+                    item.model_copy(update={"b64_json": base64.b64encode(image).decode("ascii")})
+                    for item, image in zip(body.data, found)
+                ]
+        except StorageError:
+            raise IdempotencyConflict(
+                "The first outcome of this Idempotency-Key is no longer stored; use a new key for a new request.",
+                param="Idempotency-Key",
+                code="idempotency_key_expired",
+            ) from None
+        headers = {**outcome["headers"], "idempotent-replayed": "true"}
+        return _json_answer(body.model_copy(update={"data": data}), headers, None, 0)
+
+    async def _generation(self, plan: GenerationPlan, model: ModelConfig, request_id: str) -> AsyncIterator[StreamItem]:
+        """The model's stream for the plan, every final image checked against the plan's seeds."""
+        seen: set[int] = set()
+        jobs = plan.jobs(request_id, model.batching.max_batch_images)
+        # aclosing: leaving early (a failure, the client gone) cancels the replicas' work now,
+        # not when the generator is collected.
+        async with contextlib.aclosing(self._router.stream(model.id, jobs)) as generation:
+            async for item in generation:
+                if isinstance(item, StreamedImage):
+                    index = item.image_index
+                    if not 0 <= index < len(plan.seeds) or item.image.seed != plan.seeds[index] or index in seen:
+                        raise UpstreamError(f"The model '{model.id}' returned an inconsistent result.")
+                    seen.add(index)
+                yield item
+        if len(seen) != len(plan.seeds):
+            raise UpstreamError(f"The model '{model.id}' returned an incomplete result.")
+
+    async def _images(self, plan: GenerationPlan, model: ModelConfig, request_id: str) -> AsyncIterator[GeneratedImage]:
+        """The final images of the generation, in the request's order (a JSON answer has no previews)."""
+        images: dict[int, GeneratedImage] = {}
+        async with contextlib.aclosing(self._generation(plan, model, request_id)) as generation:
+            async for item in generation:
+                if isinstance(item, StreamedImage):
+                    images[item.image_index] = item.image
+        for index in sorted(images):
+            yield images[index]
+
+    async def _events(
+        self, charge: Charge, plan: GenerationPlan, model: ModelConfig, request_id: str, prefix: EventPrefix
+    ) -> AsyncIterator[Chunk]:
+        """Previews and images as the model yields them, each ``completed`` event a chunk
+        that hands over one image (``hand_over`` counts it once sent; a client that goes
+        away pays for the ones it got). A failure after the first byte is an ``error`` event."""
+        flagged = delivered = 0
         common = {
             "background": "opaque",
             "output_format": plan.output_format,
@@ -449,30 +536,29 @@ class ImageGenerationService:
             "size": plan.size,
         }
         try:
-            jobs = plan.jobs(request_id, model.batching.max_batch_images)
-            async for item in self._router.stream(model.id, jobs):
-                b64 = base64.b64encode(item.data if isinstance(item, PreviewImage) else item.image.data).decode("ascii")
-                if isinstance(item, PreviewImage):
-                    event: PartialImageEvent | CompletedEvent = PartialImageEvent(
-                        type=f"{prefix}.partial_image",
-                        b64_json=b64,
-                        created_at=int(self._clock()),
-                        image_index=item.image_index,
-                        partial_image_index=item.partial_image_index,
-                        step=item.step,
-                        total_steps=item.total_steps,
-                        **common,
-                    )
-                else:
-                    if not 0 <= item.image_index < len(plan.seeds) or item.image.seed != plan.seeds[item.image_index]:
-                        raise UpstreamError(f"The model '{model.id}' returned an inconsistent result.")
+            async with contextlib.aclosing(self._generation(plan, model, request_id)) as generation:
+                async for item in generation:
+                    if isinstance(item, PreviewImage):
+                        event: PartialImageEvent | CompletedEvent = PartialImageEvent(
+                            type=f"{prefix}.partial_image",
+                            b64_json=base64.b64encode(item.data).decode("ascii"),
+                            created_at=int(self._clock()),
+                            image_index=item.image_index,
+                            partial_image_index=item.partial_image_index,
+                            step=item.step,
+                            total_steps=item.total_steps,
+                            **common,
+                        )
+                        yield Chunk(sse(event))
+                        continue
                     if item.image.flagged:  # withheld by the safety checker: no event, no charge
                         flagged += 1
                         continue
-                    settlement = reservation.settlement_if(delivery.delivered + 1)
+                    delivered += 1
+                    settlement = charge.settlement_if(delivered)
                     event = CompletedEvent(
                         type=f"{prefix}.completed",
-                        b64_json=b64,
+                        b64_json=base64.b64encode(item.image.data).decode("ascii"),
                         created_at=int(self._clock()),
                         image_index=item.image_index,
                         seed=item.image.seed,
@@ -481,87 +567,8 @@ class ImageGenerationService:
                         credits_remaining=format_credits(settlement.balance_units),
                         **common,
                     )
-                yield sse(event)
-                # The consumer asked for the next event: this one was handed over.
-                if isinstance(event, CompletedEvent):
-                    delivery.delivered += 1
-            if flagged and not delivery.delivered:
-                raise ContentFlagged(
-                    "The safety checker flagged every generated image; nothing was delivered or charged. "
-                    "Change the prompt or the seed.",
-                )
+                    yield Chunk(sse(event), images=1)
+            if flagged and not delivered:
+                raise ContentFlagged(ALL_FLAGGED)
         except Exception as exc:  # noqa: BLE001 - the stream's last event, in the documented shape
-            yield error_event(exc, request_id)
-        finally:
-            await self._settle_stream(reservation, delivery, request_id)
-
-    async def _settle_stream(self, reservation: Any, delivery: _StreamDelivery, request_id: str) -> None:
-        if not delivery.settled:
-            delivery.settled = True
-            await self._settle(reservation, delivery.delivered, request_id)
-
-    async def _settle(self, reservation: Any, delivered: int, request_id: str) -> None:
-        settlement = await self._accounts.settle(reservation, delivered)
-        self._metrics.settled(
-            reservation.model, settlement.delivered, settlement.charged_units, settlement.refunded_units
-        )
-        logger.info(
-            "request %s settled: model=%s images=%d/%d charged_units=%d refunded_units=%d",
-            request_id,
-            reservation.model,
-            settlement.delivered,
-            reservation.images,
-            settlement.charged_units,
-            settlement.refunded_units,
-        )
-
-    async def _generate_and_deliver(
-        self, plan: GenerationPlan, model: ModelConfig, request_id: str, base_url: str | None
-    ) -> tuple[list[ImageData], int]:
-        """The images to deliver, and how many the safety checker withheld."""
-        results = await self._router.generate(model.id, plan.jobs(request_id, model.batching.max_batch_images))
-        images = [image for result in results for image in result.images]
-        if [image.seed for image in images] != list(plan.seeds):
-            raise UpstreamError(f"The model '{model.id}' returned an incomplete result.")
-        passed = [image for image in images if not image.flagged]
-        if not passed:
-            raise ContentFlagged(
-                "The safety checker flagged every generated image; nothing was delivered or charged. "
-                "Change the prompt or the seed.",
-            )
-        flagged = len(images) - len(passed)
-        if plan.response_format == "url":
-            return await self._store_all(passed, plan, request_id, base_url), flagged
-        data = [
-            ImageData(
-                b64_json=base64.b64encode(image.data).decode("ascii"), revised_prompt=plan.prompt, seed=image.seed
-            )
-            for image in passed
-        ]
-        return data, flagged
-
-    async def _store_all(
-        self, images: Sequence[GeneratedImage], plan: GenerationPlan, request_id: str, base_url: str | None
-    ) -> list[ImageData]:
-        assert self._store is not None
-        stored = await asyncio.gather(
-            *(
-                self._store.put(
-                    f"{request_id}/{index}.{image.output_format}",
-                    image.data,
-                    CONTENT_TYPES[image.output_format],
-                    base_url,
-                )
-                for index, image in enumerate(images)
-            ),
-            return_exceptions=True,
-        )
-        data = []
-        for image, url in zip(images, stored):
-            if isinstance(url, BaseException):
-                logger.warning("request %s: could not store image seed %d: %s", request_id, image.seed, url)
-                continue
-            data.append(ImageData(url=url, revised_prompt=plan.prompt, seed=image.seed))
-        if not data:
-            raise UpstreamError("The generated images could not be stored; nothing was charged.")
-        return data
+            yield Chunk(error_event(exc, request_id))

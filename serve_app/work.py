@@ -6,7 +6,7 @@ with no torch in sight: the ingress must import without torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -132,8 +132,3 @@ class StreamedImage:
 
 
 StreamItem = PreviewImage | StreamedImage
-
-
-@dataclass(frozen=True)
-class JobResult:
-    images: tuple[GeneratedImage, ...] = field(default_factory=tuple)

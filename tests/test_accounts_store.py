@@ -20,16 +20,20 @@ import sqlalchemy as sa
 from serve_app.accounts import (
     Accounts,
     DuplicateKeyName,
+    IdempotencyClaim,
     InsufficientCredits,
     KeyNotFound,
     KeyRevoked,
     LocalRateLimiter,
+    Replay,
+    Reservation,
     SchemaTooNew,
     format_credits,
     issue_key,
     open_store,
     parse_credits,
 )
+from serve_app.accounts.errors import IdempotencyKeyInUse, IdempotencyKeyReused
 from serve_app.accounts.keys import bearer_token, generate_key, hash_key, looks_like_key
 from serve_app.accounts.migrate import head_revision
 from serve_app.accounts.store import sqlite_path_from_url
@@ -226,10 +230,11 @@ def test_a_database_of_the_previous_release_upgrades_in_place(tmp_path, version)
         assert not old.may_disable_safety_checker  # revision 0003: existing keys may not
         assert old.balance_units == 7 * PRICE and store.usage(old.id).reserved_units == 3 * PRICE
         assert store.settle(1, 2).refunded_units == PRICE  # the open reservation settles
-        held = store.reserve(old.id, "r2", "m1", 1, PRICE, owner="app:ingress:replica-1")
+        claim = IdempotencyClaim("idem", "digest")
+        held = store.reserve(old.id, "r2", "m1", 1, PRICE, owner="app:ingress:replica-1", claim=claim)
         assert store.open_owners() == {"app:ingress:replica-1"}
-        assert store.claim_idempotency(old.id, "idem", "digest", None, 60) == ("claimed", None)
-        store.settle(held.id, 1)
+        store.settle(held.id, 1, b"outcome")
+        assert store.reserve(old.id, "r3", "m1", 1, PRICE, claim=claim) == Replay(b"outcome")
         assert_sound(store)
     finally:
         store.close()
@@ -390,43 +395,64 @@ def test_release_stale_refunds_abandoned_reservations(store):
 
 
 # -- Idempotency-Key claims ----------------------------------------------------------------
-def test_idempotency_claims(store):
-    key = issue_key(store, "alice").record
-    claim = store.claim_idempotency
-    assert claim(key.id, "order-1", "digest-a", "replica-1", 60) == ("claimed", None)
-    assert claim(key.id, "order-1", "digest-a", "replica-2", 60) == ("running", None)
-    assert claim(key.id, "order-1", "digest-b", "replica-2", 60) == ("conflict", None)
-    store.complete_idempotency(key.id, "order-1", b'{"body": 1}')
-    assert claim(key.id, "order-1", "digest-a", "replica-2", 60) == ("done", b'{"body": 1}')
-    # a failed attempt is forgotten: its retry runs anew; an outcome is never forgotten so
-    assert claim(key.id, "order-2", "digest-c", "replica-1", 60) == ("claimed", None)
-    store.release_idempotency(key.id, "order-2")
-    store.release_idempotency(key.id, "order-1")
-    assert claim(key.id, "order-2", "digest-c", "replica-1", 60) == ("claimed", None)
-    # an attempt that died without an outcome is taken over once it is stale, by one claimant
-    time.sleep(0.05)
-    assert claim(key.id, "order-2", "digest-c", "replica-2", 0.01) == ("claimed", None)
-    assert claim(key.id, "order-2", "digest-c", "replica-3", 60) == ("running", None)
+def test_an_idempotency_claim_lives_exactly_as_long_as_its_reservation(store):
+    key = issue_key(store, "alice", credits_units=10 * PRICE).record
+    first = IdempotencyClaim("order-1", "digest-a")
+    held = store.reserve(key.id, "r1", "m1", 2, PRICE, owner="replica-1", claim=first)
+    with pytest.raises(IdempotencyKeyInUse):  # the first attempt holds its reservation
+        store.reserve(key.id, "r2", "m1", 2, PRICE, claim=first)
+    with pytest.raises(IdempotencyKeyReused):  # the same key for another request
+        store.reserve(key.id, "r2", "m1", 2, PRICE, claim=IdempotencyClaim("order-1", "digest-b"))
+    # a charge stores the outcome in its own transaction: replays are never charged again
+    assert store.settle(held.id, 2, b'{"body": 1}').charged_units == 2 * PRICE
+    balance = store.key_by_id(key.id).balance_units
+    assert store.reserve(key.id, "r3", "m1", 2, PRICE, claim=first) == Replay(b'{"body": 1}')
+    assert store.key_by_id(key.id).balance_units == balance
+
+    # a refund ends the claim with it: the retry runs anew, and is charged once
+    second = IdempotencyClaim("order-2", "digest-c")
+    failed = store.reserve(key.id, "r4", "m1", 1, PRICE, claim=second)
+    store.settle(failed.id, 0, b"never stored")
+    retry = store.reserve(key.id, "r5", "m1", 1, PRICE, claim=second)
+    assert isinstance(retry, Reservation)
+    # a reservation refunded by the stale or orphan sweeper takes its claim along
+    store.release_orphaned(["replica-gone"])
+    store.release_stale(0)
+    assert isinstance(store.reserve(key.id, "r6", "m1", 1, PRICE, claim=second), Reservation)
+    # a refused reservation leaves no claim behind
+    poor = issue_key(store, "bob").record
+    with pytest.raises(InsufficientCredits):
+        store.reserve(poor.id, "r7", "m1", 1, PRICE, claim=first)
+    store.add_credits("bob", PRICE)
+    assert isinstance(store.reserve(poor.id, "r8", "m1", 1, PRICE, claim=first), Reservation)
+    # outcomes are forgotten after the window; open claims end with their reservations only
     assert store.forget_idempotency(3600) == 0
-    assert store.forget_idempotency(0) == 2
-    assert claim(key.id, "order-1", "digest-z", "replica-1", 60) == ("claimed", None)
+    assert store.forget_idempotency(0) == 1
+    with pytest.raises(IdempotencyKeyInUse):
+        store.reserve(poor.id, "r9", "m1", 1, PRICE, claim=first)
+    assert_sound(store)
 
 
-def test_concurrent_idempotency_claims_have_one_winner(store):
-    key = issue_key(store, "alice").record
+def test_concurrent_idempotent_reservations_have_one_winner(store):
+    key = issue_key(store, "alice", credits_units=100 * PRICE).record
     start = threading.Barrier(8)
-    states: list[str] = []
+    outcomes: list[str] = []
 
     def claimant(i: int) -> None:
         start.wait()
-        states.append(store.claim_idempotency(key.id, "order-1", "digest", f"replica-{i}", 60)[0])
+        try:
+            store.reserve(key.id, f"r{i}", "m1", 1, PRICE, owner=f"replica-{i}", claim=IdempotencyClaim("o", "d"))
+            outcomes.append("reserved")
+        except IdempotencyKeyInUse:
+            outcomes.append("in use")
 
     threads = [threading.Thread(target=claimant, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(states) == ["claimed"] + ["running"] * 7
+    assert sorted(outcomes) == ["in use"] * 7 + ["reserved"]
+    assert store.usage(key.id).reserved_units == PRICE
 
 
 # -- concurrency: 40 requests of 2 images, credits for exactly 30 images -------------------

@@ -137,3 +137,29 @@ def test_a_failing_metric_does_not_stop_the_pipeline():
         return await asyncio.gather(coalescer.submit(("a", 1)), coalescer.submit(("b", 1)))
 
     assert asyncio.run(scenario()) == ["done:a", "done:b"]
+
+
+def test_an_abandoned_job_still_queued_never_runs():
+    """A job whose stream ended while it waited (``is_abandoned``, deployments/abandonment.py)
+    is dropped from the queue unrun, its future cancelled; the jobs around it run as before."""
+    pipeline = FakePipeline()
+    abandoned: set[str] = set()
+    coalescer = BatchCoalescer(
+        run_batch=pipeline.run,
+        executor=ThreadPoolExecutor(max_workers=1),
+        size_of=lambda job: job[1],
+        max_images=lambda: 8,
+        is_abandoned=lambda job: job[0] in abandoned,
+    )
+
+    async def scenario():
+        blocker = coalescer.submit(("x", 1))
+        await asyncio.to_thread(pipeline.started.wait)
+        gone = coalescer.submit(("gone", 2))
+        kept = coalescer.submit(("kept", 1))
+        abandoned.add("gone")  # its caller went away; nobody cancelled the future itself
+        assert await asyncio.gather(blocker, kept) == ["done:x", "done:kept"]
+        assert gone.cancelled()
+
+    asyncio.run(scenario())
+    assert pipeline.batches == [["x"], ["kept"]]

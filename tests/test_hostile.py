@@ -82,18 +82,25 @@ def test_non_finite_numbers_are_400s(served, key, literal):
     assert assert_error(response, 400)["param"].startswith("extra_lora_scale")
 
 
-def test_a_body_that_is_not_json_is_a_415(served, key):
+def test_a_body_that_is_not_json_or_no_body_is_the_documented_400(served, key):
+    # The qubrid document's table: a body that fails validation is a 400 invalid_request
+    # (it lists no 415); the message says what is expected.
     content = '{"model": "tiny-sdxl", "prompt": "x"}'
-    for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+    for content_type, body in [("text/plain", content), ("application/x-www-form-urlencoded", content),
+                               (None, content), (None, None), ("application/json", None)]:
         headers = {"content-type": content_type} if content_type else {}
         client = httpx.Client()
         request = client.build_request(
-            "POST", f"{served.base_url}/v1/images/generations", content=content,
+            "POST", f"{served.base_url}/v1/images/generations", content=body,
             headers={"authorization": f"Bearer {key}", **headers},
         )
         if content_type is None:
             request.headers.pop("content-type", None)
-        assert_error(client.send(request), 415)
+        error = assert_error(client.send(request), 400)
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request"), error
+        assert "application/json" in error["message"], error
+        if body is None:
+            assert "no body" in error["message"], error
 
 
 def _raw_request(served, request_id: bytes, path: bytes = b"/health") -> bytes:

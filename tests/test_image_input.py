@@ -5,6 +5,7 @@ No Ray and no network beyond loopback servers started here.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import http.server
@@ -25,7 +26,10 @@ from PIL import Image
 
 from serve_app import image_input
 from serve_app.errors import InvalidRequest
+from serve_app.config import ImageInputConfig
 from serve_app.image_input import (
+    MAX_EXIF_BYTES,
+    Decoder,
     ImageInputPolicy,
     decode_image,
     image_from_field,
@@ -341,6 +345,233 @@ def test_other_url_schemes_refused(value):
 @pytest.mark.parametrize("value", ["", "   ", None, 42])
 def test_empty_or_non_string_field_refused(value):
     refused(lambda: image_from_field(value, param="image", policy=POLICY), param="image", says=("expected base64",))
+
+
+# --- the decode budget: work in proportion to bytes and pixels ------------------------------
+
+
+def progressive_jpeg(size=(64, 48)) -> bytes:
+    data = encode(Image.effect_noise(size, 60).convert("RGB"), "JPEG", progressive=True, quality=90)
+    assert data.count(b"\xff\xda") == 10  # libjpeg's progression: 10 scans
+    return data
+
+
+def with_empty_scans(data: bytes, count: int) -> bytes:
+    """The file with ``count`` more copies of its last scan's header (an AC refinement of one
+    component) and no entropy-coded data after them, just before EOI. libjpeg accepts it and
+    makes a pass over the component's blocks for each: the 900 KB, 90,000-scan file that cost
+    13.6 s of CPU."""
+    sos = data.rindex(b"\xff\xda")
+    header = data[sos : sos + 2 + struct.unpack(">H", data[sos + 2 : sos + 4])[0]]
+    eoi = data.rindex(b"\xff\xd9")
+    return data[:eoi] + header * count + data[eoi:]
+
+
+def test_a_progressive_jpeg_of_empty_scans_is_refused_before_it_is_decoded(monkeypatch):
+    # 1024x1024 and 907 KB: before the scan limit this took 8.9 s of CPU to decode on a
+    # 2-core CI machine (13.6 s in the report), linear in the scans.
+    flat = encode(Image.new("RGB", (1024, 1024), "gray"), "JPEG", progressive=True)
+    hostile = with_empty_scans(flat, 90_000)
+    assert 850_000 < len(hostile) < POLICY.max_bytes
+    # Pillow must never see it: the refusal comes from counting markers in the bytes.
+    monkeypatch.setattr(Image, "open", lambda *args, **kwargs: pytest.fail("the hostile JPEG reached Pillow"))
+    refused(
+        lambda: decode_image(hostile, param="image", policy=POLICY),
+        param="image",
+        says=("the JPEG has more than 100 scans",),
+    )
+    refused(lambda: image_from_field(b64(hostile), param="image", policy=POLICY), param="image", says=("scans",))
+
+
+def test_a_normal_progressive_jpeg_still_decodes_and_the_scan_limit_is_the_policys():
+    data = progressive_jpeg()
+    baseline = decode_image(encode(Image.open(io.BytesIO(data)).convert("RGB"), "PNG"), param="image", policy=POLICY)
+    image = decode_image(data, param="image", policy=POLICY)
+    assert image.size == (64, 48) and image.tobytes() == baseline.tobytes()
+    # Up to the limit, scans are decoded (empty refinements are legal JPEG).
+    padded = with_empty_scans(data, POLICY.max_jpeg_scans - 10)
+    assert decode_image(padded, param="image", policy=POLICY).size == (64, 48)
+    refused(
+        lambda: decode_image(with_empty_scans(data, POLICY.max_jpeg_scans - 9), param="image", policy=POLICY),
+        param="image",
+        says=(f"more than {POLICY.max_jpeg_scans} scans",),
+    )
+    strict = ImageInputPolicy(max_bytes=2_000_000, max_pixels=4_000_000, max_jpeg_scans=9)
+    refused(lambda: decode_image(data, param="image[]", policy=strict), param="image[]", says=("more than 9 scans",))
+    assert ImageInputConfig().max_jpeg_scans == ImageInputPolicy(max_bytes=1, max_pixels=1).max_jpeg_scans == 100
+
+
+def test_scans_of_an_mpo_and_an_exif_thumbnail_count_and_fit_the_default():
+    picture = encode(two_colour(), "MPO", save_all=True, append_images=[Image.new("RGB", (16, 12), "green")])
+    assert decode_image(picture, param="image", policy=POLICY).size == (16, 12)
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    data = encode(Image.effect_noise((640, 480), 60).convert("RGB"), "JPEG", progressive=True, exif=exif)
+    assert decode_image(data, param="image", policy=POLICY).size == (640, 480)
+
+
+def small_jpeg() -> bytes:
+    return encode(two_colour(), "JPEG", quality=95)
+
+
+def png_with_chunks_before_idat(chunks: bytes) -> bytes:
+    data = encode(two_colour(), "PNG")
+    end_of_ihdr = 8 + 25
+    return data[:end_of_ihdr] + chunks + data[end_of_ihdr:]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        # Pillow's JPEG header parser is a Python loop: one step per marker, per fill byte, per junk byte.
+        pytest.param(lambda: small_jpeg()[:2] + b"\xff\xfe\x00\x02" * 450_000 + small_jpeg()[2:], id="jpeg-comments"),
+        pytest.param(lambda: small_jpeg()[:2] + b"\xff" * 1_900_000 + small_jpeg()[2:], id="jpeg-fill-bytes"),
+        pytest.param(
+            lambda: small_jpeg()[:2] + b"\xff\xfe\x00\x02" + b"\0" * 1_900_000 + small_jpeg()[2:], id="jpeg-junk"
+        ),
+        # ... and so is PNG's chunk reader.
+        pytest.param(lambda: png_with_chunks_before_idat(png_chunk(b"abCd", b"") * 150_000), id="png-chunks"),
+    ],
+)
+def test_files_of_tiny_markers_or_chunks_are_refused_within_the_parse_budget(hostile, monkeypatch):
+    data = hostile()
+    assert len(data) < POLICY.max_bytes
+    reads = []
+    real_read = image_input._BudgetedReader.read
+
+    def counting_read(self, *args):
+        reads.append(1)
+        return real_read(self, *args)
+
+    monkeypatch.setattr(image_input._BudgetedReader, "read", counting_read)
+    refused(
+        lambda: decode_image(data, param="image", policy=POLICY),
+        param="image",
+        says=("too many chunks, markers or padding bytes for its size",),
+    )
+    # It stopped at the budget: 10,000 reads plus one per KiB, not one per marker or byte.
+    assert len(reads) <= 10_002 + len(data) // 1024
+
+
+def test_a_png_of_many_ordinary_idat_chunks_decodes():
+    pixels = Image.effect_noise((512, 512), 60).convert("RGB")
+    data = encode(pixels, "PNG", compress_level=0)  # ~786 KB
+    # Re-chunk its image data as libpng does (8 KiB IDAT chunks) and more finely (1 KiB).
+    signature_ihdr, rest = data[:33], data[33:]
+    idat = b""
+    while rest:
+        length, kind = struct.unpack(">I4s", rest[:8])
+        if kind == b"IDAT":
+            idat += rest[8 : 8 + length]
+        rest = rest[12 + length :]
+    for size in (8192, 1024):
+        pieces = b"".join(png_chunk(b"IDAT", idat[i : i + size]) for i in range(0, len(idat), size))
+        rechunked = signature_ihdr + pieces + png_chunk(b"IEND", b"")
+        assert decode_image(rechunked, param="image", policy=POLICY).tobytes() == pixels.tobytes()
+
+
+def test_an_exif_block_larger_than_a_jpeg_can_carry_is_refused():
+    def tiff_with_orientation(padding: int) -> bytes:
+        entry = struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)  # orientation 6 (rotate)
+        return b"II*\0" + struct.pack("<IH", 8, 1) + entry + b"\0\0\0\0" + b"\0" * padding
+
+    fits = png_with_chunks_before_idat(png_chunk(b"eXIf", tiff_with_orientation(1000)))
+    assert decode_image(fits, param="image", policy=POLICY).size == (12, 16)  # orientation applied
+    too_big = png_with_chunks_before_idat(png_chunk(b"eXIf", tiff_with_orientation(MAX_EXIF_BYTES)))
+    data = encode(two_colour(), "PNG")
+    trailing = data[:-12] + png_chunk(b"eXIf", tiff_with_orientation(MAX_EXIF_BYTES)) + data[-12:]  # after IDAT
+    for hostile in (too_big, trailing):
+        refused(
+            lambda: decode_image(hostile, param="image", policy=POLICY),
+            param="image",
+            says=(f"EXIF metadata is larger than {MAX_EXIF_BYTES} bytes",),
+        )
+
+
+# --- the decoding pool ----------------------------------------------------------------------
+
+
+def test_decoding_runs_on_a_pool_of_its_own_bounded_by_the_config():
+    assert ImageInputConfig().decode_threads == 2
+    with pytest.raises(ValueError):
+        ImageInputConfig(decode_threads=0)
+    decoder = Decoder(ImageInputConfig(decode_threads=3).decode_threads)
+    assert decoder.threads == 3 and decoder._executor._max_workers == 3
+    lock = threading.Lock()
+    running, most, names = [0], [0], set()
+    release = threading.Event()
+
+    def work(i: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            names.add(threading.current_thread().name)
+        release.wait(5)
+        with lock:
+            running[0] -= 1
+        return i
+
+    async def main() -> list[int]:
+        tasks = [asyncio.ensure_future(decoder.run(work, i)) for i in range(10)]
+        while running[0] < 3:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert running[0] == 3  # the other seven wait their turn
+        # The loop's default executor stays free meanwhile.
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 2) == "free"
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        assert asyncio.run(main()) == list(range(10))
+    finally:
+        decoder.close()
+    assert most[0] == 3
+    assert all(name.startswith("image-decode") for name in names)
+
+
+def test_work_queued_on_the_pool_never_starts_when_its_request_is_cancelled():
+    decoder = Decoder(1)
+    started, release = [], threading.Event()
+
+    async def main() -> None:
+        busy = asyncio.ensure_future(decoder.run(release.wait, 5))
+        queued = asyncio.ensure_future(decoder.run(started.append, "queued"))
+        await asyncio.sleep(0.05)
+        queued.cancel()
+        await asyncio.sleep(0.05)  # the cancellation reaches the pool's queue
+        release.set()
+        await busy
+        assert await decoder.run(lambda: "next") == "next"
+
+    try:
+        asyncio.run(main())
+    finally:
+        decoder.close()
+    assert started == []
+
+
+def test_the_decoder_decodes_fields_and_passes_refusals_through(server_port):
+    decoder = Decoder(2)
+
+    async def main() -> None:
+        image = await decoder.image_from_field(b64(encode(two_colour(), "PNG")), param="image", policy=POLICY)
+        assert image.size == (16, 12)
+        url = f"http://127.0.0.1:{server_port}/ok.png"
+        image = await decoder.image_from_field(url, param="image", policy=loopback_policy())
+        assert image.getpixel((2, 2)) == (255, 0, 0)
+        hostile = b64(with_empty_scans(progressive_jpeg(), 1000))
+        with pytest.raises(InvalidRequest) as caught:
+            await decoder.image_from_field(hostile, param="image", policy=POLICY)
+        assert caught.value.param == "image" and "scans" in caught.value.message
+        mask = encode(Image.new("RGBA", (16, 12), (0, 0, 0, 0)), "PNG")
+        repaint = await decoder.run(mask_from_png, mask, image_size=(16, 12), policy=POLICY)
+        assert repaint.getpixel((0, 0)) == 255
+
+    try:
+        asyncio.run(main())
+    finally:
+        decoder.close()
 
 
 # --- URLs: a loopback server ----------------------------------------------------------------

@@ -248,8 +248,9 @@ def test_edit_refusals_name_their_field_and_cost_nothing(served):
     not_multipart = httpx.post(
         f"{served.base_url}/v1/images/edits", json={"model": "tiny-sdxl"}, headers={"authorization": f"Bearer {key}"}
     )
-    assert not_multipart.status_code == 415
-    assert not_multipart.json()["error"]["code"] == "unsupported_media_type"
+    assert not_multipart.status_code == 400
+    assert not_multipart.json()["error"]["code"] == "invalid_request"
+    assert "multipart/form-data" in not_multipart.json()["error"]["message"]
     assert _balance(served, key) == 50
 
 

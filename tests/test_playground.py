@@ -64,7 +64,9 @@ def test_playground_generates_with_previews_and_shows_the_credits(served, browse
     page.fill("#api-key", key)
     page.click("#save-key")
     page.wait_for_selector("#model option[value='tiny-sdxl']", state="attached")
-    assert page.evaluate("localStorage.getItem('imagegen.apiKey')") == key
+    # Kept for this tab only: nothing in localStorage unless "Remember key" is ticked.
+    assert page.evaluate("sessionStorage.getItem('imagegen.apiKey')") == key
+    assert page.evaluate("localStorage.getItem('imagegen.apiKey')") is None
     page.select_option("#model", "tiny-sdxl")
     page.fill("#prompt", "a small red apple on a white background")
     page.fill("#size", "128x128")

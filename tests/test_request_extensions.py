@@ -88,8 +88,11 @@ def test_a_lora_changes_the_image_scale_zero_does_not_and_it_never_leaks(family)
     ((zero,),) = generate(pipes, adapters, [job("zero", shape(name, adapters=(("style-a", 0.0),)))])
     ((after,),) = generate(pipes, adapters, [job("after", shape(name))])
     assert np.abs(pixels(styled) - pixels(plain)).mean() > 1.0
-    assert np.array_equal(pixels(zero), pixels(plain))
-    assert np.array_equal(pixels(after), pixels(plain))  # the adapter stayed with its request
+    # Scale 0 and the next plain request are the plain image within 1 level of uint8 (the
+    # design's rule, as for batching): a loaded adapter's peft layers stay on the denoiser's
+    # path, and on some CPUs (SDXL) a matmul through them rounds differently.
+    assert np.abs(pixels(zero) - pixels(plain)).max() <= 1
+    assert np.abs(pixels(after) - pixels(plain)).max() <= 1  # the adapter stayed with its request
 
 
 def test_a_batch_of_mixed_adapters_gives_each_request_its_own_image(family):

@@ -14,7 +14,7 @@ from serve_app.accounts import Accounts, LocalRateLimiter, issue_key, open_store
 from serve_app.config import CREDIT_UNITS, AppConfig, ImageInputConfig
 from serve_app.errors import GenerationTimeout, IdempotencyConflict, InsufficientFunds, InvalidRequest, UpstreamError
 from serve_app.serving import ImageGenerationService
-from serve_app.work import GeneratedImage, JobResult
+from tests.fakes import FakeRouter, FakeStore, answer, serve
 
 CONFIG = AppConfig.model_validate(
     {
@@ -31,47 +31,6 @@ CONFIG = AppConfig.model_validate(
         ]
     }
 )
-
-
-class FakeRouter:
-    """Answers each job with fake encoded images; can fail a given job or hang."""
-
-    def __init__(self, fail_job=None, failure=None, hang=False):
-        self.fail_job = fail_job
-        self.failure = failure or UpstreamError("replica died")
-        self.hang = hang
-        self.calls = []
-
-    async def generate(self, model_id, jobs):
-        self.calls.append(jobs)
-        if self.hang:
-            await asyncio.sleep(3600)
-        results = []
-        for index, job in enumerate(jobs):
-            if index == self.fail_job:
-                raise self.failure
-            results.append(
-                JobResult(
-                    images=tuple(
-                        GeneratedImage(data=b"img%d" % seed, seed=seed, output_format=job.output_format, width=64, height=64)
-                        for seed in job.seeds
-                    )
-                )
-            )
-        return results
-
-
-class FakeStore:
-    def __init__(self, fail_seeds=()):
-        self.fail_seeds = set(fail_seeds)
-        self.stored = {}
-
-    async def put(self, name, data, content_type, base_url):
-        seed = int(data[3:])
-        if seed in self.fail_seeds:
-            raise UpstreamError("disk full")
-        self.stored[name] = (data, content_type)
-        return f"{base_url}/files/{name}"
 
 
 @pytest.fixture
@@ -91,15 +50,8 @@ def service(accounts, router, store=None):
 
 
 async def generate(svc, key, **fields):
-    body = {"model": "m", "prompt": "apple", **fields}
-    served = await svc.generate(body, authorization=f"Bearer {key}", request_id="req_test_1", base_url="http://h")
-    return await handed_over(served)
-
-
-async def handed_over(served):
-    """As the ingress does: the response goes out, then its charge is settled."""
-    if served.after_sent is not None:
-        await served.after_sent()
+    served = await serve(svc, key, {"model": "m", "prompt": "apple", **fields})
+    await answer(served)
     return served
 
 
@@ -227,7 +179,9 @@ def test_an_image_url_from_a_listed_host_becomes_an_image_to_image_job(accounts)
         inside = CONFIG.model_copy(
             update={"image_input": ImageInputConfig(allowed_url_hosts=["127.0.0.1"], allow_private_addresses=True)}
         )
-        listed_but_private = CONFIG.model_copy(update={"image_input": ImageInputConfig(allowed_url_hosts=["127.0.0.1"])})
+        listed_but_private = CONFIG.model_copy(
+            update={"image_input": ImageInputConfig(allowed_url_hosts=["127.0.0.1"])}
+        )
         with pytest.raises(InvalidRequest, match="(?i)address"):
             asyncio.run(generate(ImageGenerationService(listed_but_private, router, accounts), key, image=url))
         served = asyncio.run(generate(ImageGenerationService(inside, router, accounts), key, image=url, strength=0.5))
@@ -258,9 +212,9 @@ def test_edits_with_a_mask_become_inpainting_jobs_and_too_many_images_cost_nothi
     svc = service(accounts, router)
 
     async def edit(upload):
-        return await handed_over(
-            await svc.edit(upload, authorization=f"Bearer {key}", request_id="req_e", base_url="http://h")
-        )
+        served = await serve(svc, key, upload, endpoint="edit", request_id="req_e")
+        await answer(served)
+        return served
 
     served = asyncio.run(edit(EditUpload({"model": "m", "prompt": "x", "n": "2"}, [_png()], buffer.getvalue())))
     job = router.calls[0][0]
@@ -277,39 +231,36 @@ def test_edits_with_a_mask_become_inpainting_jobs_and_too_many_images_cost_nothi
 # Idempotency-Key: a retry returns the first outcome, never a second charge
 
 
-class SlowRouter(FakeRouter):
-    def __init__(self, delay_s=0.3):
-        super().__init__()
-        self.delay_s = delay_s
-
-    async def generate(self, model_id, jobs):
-        await asyncio.sleep(self.delay_s)
-        return await super().generate(model_id, jobs)
-
-
 def test_an_idempotent_retry_returns_the_first_outcome_across_replicas(tmp_path):
-    """Two ingress replicas (two Accounts on one database): the repeat waits for the first
-    attempt, then gets its images and charge; nothing is generated or charged twice."""
+    """Two ingress replicas (two Accounts on one database): a duplicate while the first
+    attempt runs is told to retry (409 in use, Retry-After), and after it gets the first
+    attempt's images and charge; nothing is generated or charged twice."""
     url = f"sqlite:///{tmp_path}/ledger.db"
     first_replica = Accounts(open_store(url), rate_limiter=LocalRateLimiter(), owner="app:ingress:a")
     second_replica = Accounts(open_store(url), rate_limiter=LocalRateLimiter(), owner="app:ingress:b")
     key = make_key(first_replica, 10)
-    router = SlowRouter()
+    router = FakeRouter(delay_s=0.3)
+    store = FakeStore()  # both replicas' storage (S3 in a cluster)
+    body = {"model": "m", "prompt": "apple", "n": 2, "seed": 9}
 
     async def attempt(accounts, body):
-        svc = ImageGenerationService(CONFIG, router, accounts)
-        return await handed_over(
-            await svc.generate(body, authorization=f"Bearer {key}", request_id="r", base_url=None, idempotency_key="retry-1")
-        )
+        svc = ImageGenerationService(CONFIG, router, accounts, store=store)
+        served = await serve(svc, key, body, request_id="r", base_url=None, idempotency_key="retry-1")
+        await answer(served)
+        return served
 
     async def main():
-        body = {"model": "m", "prompt": "apple", "n": 2, "seed": 9}
-        return await asyncio.gather(attempt(first_replica, body), attempt(second_replica, dict(body)))
+        first = asyncio.create_task(attempt(first_replica, body))
+        await asyncio.sleep(0.1)
+        with pytest.raises(IdempotencyConflict) as caught:
+            await attempt(second_replica, dict(body))
+        assert caught.value.code == "idempotency_key_in_use" and caught.value.retry_after_s
+        return await first, await attempt(second_replica, dict(body))
 
     one, two = asyncio.run(main())
     assert [d.b64_json for d in one.body.data] == [d.b64_json for d in two.body.data]
     assert len(router.calls) == 1, "generated once"
-    assert {one.headers.get("idempotent-replayed"), two.headers.get("idempotent-replayed")} == {None, "true"}
+    assert "idempotent-replayed" not in one.headers and two.headers["idempotent-replayed"] == "true"
     assert one.headers["x-credits-charged"] == two.headers["x-credits-charged"] == "3"
     assert asyncio.run(balance(first_replica, key)) == 7
     with pytest.raises(IdempotencyConflict) as caught:  # the same key for another request
@@ -323,20 +274,18 @@ def test_an_idempotent_retry_returns_the_first_outcome_across_replicas(tmp_path)
 def test_a_failed_attempt_is_forgotten_so_its_retry_runs(accounts):
     key = make_key(accounts, 10)
 
-    async def attempt(router):
-        svc = ImageGenerationService(CONFIG, router, accounts)
-        served = await svc.generate({"model": "m", "prompt": "x"}, authorization=f"Bearer {key}", request_id="r",
-                                    base_url=None, idempotency_key="k-2")
-        return await handed_over(served)
+    async def attempt(router, idempotency_key="k-2"):
+        svc = ImageGenerationService(CONFIG, router, accounts, store=FakeStore())
+        served = await serve(svc, key, {"model": "m", "prompt": "x"}, request_id="r", idempotency_key=idempotency_key)
+        await answer(served)
+        return served
 
     with pytest.raises(UpstreamError):
         asyncio.run(attempt(FakeRouter(fail_job=0)))
     served = asyncio.run(attempt(FakeRouter()))
     assert len(served.body.data) == 1 and "idempotent-replayed" not in served.headers
     with pytest.raises(InvalidRequest):
-        asyncio.run(ImageGenerationService(CONFIG, FakeRouter(), accounts).generate(
-            {"model": "m", "prompt": "x"}, authorization=f"Bearer {key}", request_id="r", base_url=None,
-            idempotency_key="bad key\n"))
+        asyncio.run(attempt(FakeRouter(), idempotency_key="bad key\n"))
     assert asyncio.run(balance(accounts, key)) == 8.5
 
 
@@ -363,8 +312,7 @@ def test_a_response_never_handed_over_is_never_charged(accounts):
     stays open (to be refunded as its replica's), never charged."""
     key = make_key(accounts, 10)
     svc = service(accounts, FakeRouter())
-    served = asyncio.run(svc.generate({"model": "m", "prompt": "x"}, authorization=f"Bearer {key}",
-                                      request_id="r", base_url=None))
+    served = asyncio.run(serve(svc, key, {"model": "m", "prompt": "x"}, request_id="r", base_url=None))
     assert served.headers["x-credits-charged"] == "1.5" and served.headers["x-credits-remaining"] == "8.5"
     record = accounts.store.key_by_name("k")
     assert accounts.store.usage(record.id).reserved_units == int(1.5 * CREDIT_UNITS)  # held, not charged

@@ -4,7 +4,6 @@ enhancement, against fakes (real SQLite accounts): what is delivered is what is 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 import pytest
 
@@ -13,32 +12,17 @@ from serve_app.config import CREDIT_UNITS, AppConfig
 from serve_app.enhancer import ENHANCE_HEADER, clean_rewrite
 from serve_app.errors import ContentFlagged, InvalidRequest, PermissionDenied
 from serve_app.serving import FLAGGED_HEADER, ImageGenerationService
-from tests.test_serving import CONFIG, FakeRouter, balance, handed_over
+from tests.fakes import FakeRouter, answer, serve
+from tests.test_serving import CONFIG, balance
 
 WITH_ENHANCER = AppConfig.model_validate(
     {**CONFIG.model_dump(), "prompt_enhancer": {"url": "http://127.0.0.1:9/v1", "timeout_s": 0.5}}
 )
 
 
-class FlaggingRouter(FakeRouter):
+def FlaggingRouter(flagged_seeds):
     """Marks the images of the given seeds as flagged by the model's safety checker."""
-
-    def __init__(self, flagged_seeds):
-        super().__init__()
-        self.flagged_seeds = set(flagged_seeds)
-
-    async def generate(self, model_id, jobs):
-        results = await super().generate(model_id, jobs)
-        return [
-            replace(
-                result,
-                images=tuple(
-                    replace(image, data=b"", flagged=True) if image.seed in self.flagged_seeds else image
-                    for image in result.images
-                ),
-            )
-            for result in results
-        ]
+    return FakeRouter(flag_seeds=flagged_seeds)
 
 
 class Enhancer:
@@ -67,9 +51,9 @@ def make_key(accounts, credits=10, name="k", **options):
 
 
 async def generate(svc, key, **fields):
-    body = {"model": "m", "prompt": "apple", **fields}
-    served = await svc.generate(body, authorization=f"Bearer {key}", request_id="req_x", base_url="http://h")
-    return await handed_over(served)
+    served = await serve(svc, key, {"model": "m", "prompt": "apple", **fields}, request_id="req_x")
+    await answer(served)
+    return served
 
 
 def test_flagged_images_are_neither_delivered_nor_charged(accounts):

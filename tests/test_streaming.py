@@ -22,6 +22,8 @@ from serve_app.accounts import Accounts, LocalRateLimiter, open_store
 from serve_app.errors import InvalidRequest, UpstreamError
 from serve_app.serving import EditUpload, ImageGenerationService
 from serve_app.work import CallShape, GeneratedImage, GenerationJob, PreviewImage, StreamedImage
+from serve_app.charge import hand_over
+from tests.fakes import FakeRouter, answer, serve
 from tests.test_serving import CONFIG, balance, make_key
 
 
@@ -33,37 +35,7 @@ def accounts(tmp_path):
     accounts.close()
 
 
-class FakeStreamingRouter:
-    """Streams, per image: ``partial_images`` previews, then the image; fails after
-    ``fail_after`` items if set."""
-
-    def __init__(self, fail_after=None, flag_seeds=()):
-        self.fail_after = fail_after
-        self.flag_seeds = set(flag_seeds)
-        self.jobs = []
-
-    async def ensure_available(self, model_id):
-        return None
-
-    async def stream(self, model_id, jobs):
-        self.jobs.extend(jobs)
-        sent = 0
-        offset = 0
-        for job in jobs:
-            for index, seed in enumerate(job.seeds):
-                for partial in range(job.partial_images):
-                    if sent == self.fail_after:
-                        raise UpstreamError("The model 'm' failed to generate the image.")
-                    yield PreviewImage(offset + index, partial, b"preview", partial + 1, job.shape.steps)
-                    sent += 1
-                if sent == self.fail_after:
-                    raise UpstreamError("The model 'm' failed to generate the image.")
-                flagged = seed in self.flag_seeds
-                data = b"" if flagged else b"img%d" % seed
-                image = GeneratedImage(data, seed, job.output_format, 64, 64, flagged=flagged)
-                yield StreamedImage(offset + index, image)
-                sent += 1
-            offset += job.num_images
+FakeStreamingRouter = FakeRouter
 
 
 def parse(raw: bytes) -> tuple[str, dict]:
@@ -73,14 +45,19 @@ def parse(raw: bytes) -> tuple[str, dict]:
 
 
 async def stream(svc, key, endpoint="generate", close_after=None, **fields):
+    """Serve a stream as the ingress does; the client goes away after ``close_after`` events
+    (the next send fails, as uvicorn's does once the socket is closed)."""
     body = {"model": "m", "prompt": "apple", "stream": True, **fields}
-    served = await svc.generate(body, authorization=f"Bearer {key}", request_id="req_s", base_url=None)
+    served = await serve(svc, key, body, request_id="req_s", base_url=None)
     events = []
-    async for raw in served.events:
-        events.append(parse(raw))
+
+    async def send(raw: bytes) -> None:
         if close_after is not None and len(events) == close_after:
-            await served.events.aclose()  # the client went away
-            break
+            raise OSError("the client is gone")
+        events.append(parse(raw))
+
+    with contextlib.suppress(OSError):
+        await hand_over(served, send)
     return served, events
 
 
@@ -115,8 +92,8 @@ def test_edit_events_validate_as_openais_edit_events(accounts):
     )
 
     async def run():
-        served = await svc.edit(upload, authorization=f"Bearer {key}", request_id="req_e", base_url=None)
-        return [parse(raw) async for raw in served.events]
+        served = await serve(svc, key, upload, endpoint="edit", request_id="req_e", base_url=None)
+        return [parse(raw) for raw in await answer(served)]
 
     events = asyncio.run(run())
     adapter = TypeAdapter(ImageEditStreamEvent)
@@ -162,9 +139,7 @@ def test_a_stream_cannot_carry_an_idempotency_key(accounts):
     svc = ImageGenerationService(CONFIG, FakeStreamingRouter(), accounts)
     body = {"model": "m", "prompt": "apple", "stream": True}
     with pytest.raises(InvalidRequest) as caught:
-        asyncio.run(
-            svc.generate(body, authorization=f"Bearer {key}", request_id="r", base_url=None, idempotency_key="k1")
-        )
+        asyncio.run(serve(svc, key, body, request_id="r", base_url=None, idempotency_key="k1"))
     assert caught.value.param == "Idempotency-Key"
     assert asyncio.run(balance(accounts, key)) == 10
 
@@ -250,18 +225,18 @@ async def _disconnected():
     ids=["send-fails-at-response-start", "disconnect-cancels-before-the-first-event"],
 )
 def test_a_stream_that_never_started_refunds_everything(accounts, spec_version, send):
-    """The client leaves before the first event: the events generator never runs (so its
-    ``finally`` never settles); the response settles as it ends, refunding all of it."""
-    from serve_app.ingress import SettledStreamingResponse
+    """The client leaves before the first event: the events generator never runs; the
+    response settles as it ends, refunding all of it."""
+    from serve_app.ingress import ChargedResponse
 
     key = make_key(accounts, 10)
     svc = ImageGenerationService(CONFIG, FakeStreamingRouter(), accounts)
 
     async def run():
         body = {"model": "m", "prompt": "apple", "stream": True, "n": 2}
-        served = await svc.generate(body, authorization=f"Bearer {key}", request_id="req_gone", base_url=None)
+        served = await serve(svc, key, body, request_id="req_gone", base_url=None)
         assert await balance(accounts, key) == 10 - 3  # held
-        response = SettledStreamingResponse(served.events, served.after_sent, media_type="text/event-stream")
+        response = ChargedResponse(served)
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}}
         with contextlib.suppress(ClientDisconnect):  # the server's to log
             await asyncio.wait_for(response(scope, _disconnected, send), timeout=5)
@@ -271,8 +246,8 @@ def test_a_stream_that_never_started_refunds_everything(accounts, spec_version, 
     assert asyncio.run(run()) == (10, 0)
 
 
-def test_a_stream_settles_once_when_both_it_and_its_response_end(accounts):
-    from serve_app.ingress import SettledStreamingResponse
+def test_a_stream_settles_once_when_it_and_its_response_end(accounts):
+    from serve_app.ingress import ChargedResponse
 
     key = make_key(accounts, 10)
     svc = ImageGenerationService(CONFIG, FakeStreamingRouter(), accounts)
@@ -283,8 +258,8 @@ def test_a_stream_settles_once_when_both_it_and_its_response_end(accounts):
 
     async def run():
         body = {"model": "m", "prompt": "apple", "stream": True, "n": 2, "seed": 1}
-        served = await svc.generate(body, authorization=f"Bearer {key}", request_id="req_both", base_url=None)
-        response = SettledStreamingResponse(served.events, served.after_sent, media_type="text/event-stream")
+        served = await serve(svc, key, body, request_id="req_both", base_url=None)
+        response = ChargedResponse(served)
         await response({"type": "http", "asgi": {"spec_version": "2.4"}}, _disconnected, send)
         return await balance(accounts, key)
 

@@ -31,9 +31,11 @@ from serve_app.accounts.rate_limit import (
 )
 from serve_app.accounts.records import (
     ApiKey,
+    IdempotencyClaim,
     IssuedKey,
     LedgerEntry,
     ModelUsage,
+    Replay,
     Reservation,
     Settlement,
     Usage,
@@ -48,6 +50,7 @@ __all__ = [
     "AccountsError",
     "ApiKey",
     "DuplicateKeyName",
+    "IdempotencyClaim",
     "InsufficientCredits",
     "IssuedKey",
     "KeyNotFound",
@@ -58,6 +61,7 @@ __all__ = [
     "RateLimitBook",
     "RateLimitDecision",
     "RateLimiter",
+    "Replay",
     "Reservation",
     "SchemaTooNew",
     "Settlement",

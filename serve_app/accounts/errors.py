@@ -37,6 +37,14 @@ class InsufficientCredits(AccountsError):
         self.balance_units = balance_units
 
 
+class IdempotencyKeyReused(AccountsError):
+    """The Idempotency-Key was claimed for a request that asked something else."""
+
+
+class IdempotencyKeyInUse(AccountsError):
+    """The Idempotency-Key's first attempt still holds its reservation."""
+
+
 class SchemaTooNew(AccountsError):
     """The database was migrated by a newer version of the service."""
 
@@ -44,6 +52,8 @@ class SchemaTooNew(AccountsError):
 __all__ = [
     "AccountsError",
     "DuplicateKeyName",
+    "IdempotencyKeyInUse",
+    "IdempotencyKeyReused",
     "InsufficientCredits",
     "KeyNotFound",
     "KeyRevoked",

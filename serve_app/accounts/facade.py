@@ -7,12 +7,10 @@ Per request, in this order::
     limits = await accounts.check_rate_limit(key, images=n)                    # 429
     #   (or: headers = await accounts.admit(key, n), the x-ratelimit-* headers only)
     reservation = await accounts.reserve(key, request_id, model_id, n, price)  # 402
-    delivered = 0
-    try:
-        ... generate; delivered = len(data) ...
-    finally:
-        settlement = await accounts.settle(reservation, delivered)
-    headers = {**limits.headers(), **settlement.credit_headers()}
+    ... generate, deliver ...
+    settlement = await accounts.settle(reservation, delivered)
+
+(``serve_app.charge.Charge`` owns the last two steps for a request.)
 
 Blocking database work runs on a small private thread pool, never on the event loop.
 ``settle`` is shielded from cancellation (a client disconnect cannot stop a refund), and a
@@ -35,12 +33,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from serve_app.accounts.errors import InsufficientCredits, KeyRevoked
+from serve_app.accounts.errors import IdempotencyKeyInUse, IdempotencyKeyReused, InsufficientCredits, KeyRevoked
 from serve_app.accounts.keys import bearer_token, hash_key, looks_like_key
 from serve_app.accounts.rate_limit import LocalRateLimiter, RateLimitDecision, RateLimiter
-from serve_app.accounts.records import ApiKey, Reservation, Settlement, Usage
+from serve_app.accounts.records import ApiKey, IdempotencyClaim, Replay, Reservation, Settlement, Usage
 from serve_app.accounts.store import AccountStore, open_store
-from serve_app.errors import InsufficientFunds, InvalidAPIKey, MissingAPIKey, ModelNotPermitted
+from serve_app.errors import IdempotencyConflict, InsufficientFunds, InvalidAPIKey, MissingAPIKey, ModelNotPermitted
 from serve_app.periodic import run_periodically
 
 T = TypeVar("T")
@@ -51,6 +49,9 @@ MISSING_KEY_MESSAGE = (
 )
 INVALID_KEY_MESSAGE = "Incorrect API key provided."
 REVOKED_KEY_MESSAGE = "The API key provided has been revoked."
+# A duplicate of a request still running is told to come back (the SDKs retry a 409 after
+# Retry-After) rather than held open polling the database.
+IDEMPOTENCY_RETRY_AFTER_S = 5
 
 
 class Accounts:
@@ -165,14 +166,27 @@ class Accounts:
         return (await self.check_rate_limit(key, images)).headers()
 
     # -- 402 and billing -------------------------------------------------------------
-    async def reserve(self, key: ApiKey, request_id: str, model_id: str, images: int, price_units: int) -> Reservation:
+    async def reserve(
+        self,
+        key: ApiKey,
+        request_id: str,
+        model_id: str,
+        images: int,
+        price_units: int,
+        claim: IdempotencyClaim | None = None,
+    ) -> Reservation | Replay:
         """Hold ``images x price_units`` or raise InsufficientFunds (InvalidAPIKey if the key
         was revoked since it authenticated): the store's domain errors, as the client sees
-        them. Nothing is held when it raises."""
+        them. Nothing is held when it raises. With ``claim``: the Idempotency-Key is claimed
+        with the hold, a ``Replay`` of its charged first outcome comes back instead, or an
+        IdempotencyConflict (reused for another request / first attempt still running).
+
+        Shielded: a caller cancelled while the transaction commits (the client left) gets
+        its hold refunded, and its claim released with it, as soon as it lands."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(
             self._executor,
-            functools.partial(self.store.reserve, key.id, request_id, model_id, images, price_units, self.owner),
+            functools.partial(self.store.reserve, key.id, request_id, model_id, images, price_units, self.owner, claim),
         )
         try:
             return await asyncio.shield(future)
@@ -183,22 +197,37 @@ class Accounts:
             raise InsufficientFunds(str(exc)) from None
         except KeyRevoked:
             raise InvalidAPIKey(REVOKED_KEY_MESSAGE) from None
+        except IdempotencyKeyReused:
+            raise IdempotencyConflict(
+                "This Idempotency-Key was already used for a different request; use a new key for a new request.",
+                param="Idempotency-Key",
+            ) from None
+        except IdempotencyKeyInUse:
+            raise IdempotencyConflict(
+                "A request with this Idempotency-Key is still running; retry it later to get its outcome.",
+                param="Idempotency-Key",
+                code="idempotency_key_in_use",
+                retry_after_s=IDEMPOTENCY_RETRY_AFTER_S,
+            ) from None
 
-    def _refund_orphan(self, future: asyncio.Future[Reservation]) -> None:
+    def _refund_orphan(self, future: asyncio.Future[Reservation | Replay]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
         reservation = future.result()
+        if not isinstance(reservation, Reservation):
+            return
         logger.info("request %s cancelled while reserving: refunding", reservation.request_id)
         try:
             self._executor.submit(self.store.settle, reservation.id, 0)
         except RuntimeError:  # shutting down: settle here rather than leave credits held
             self.store.settle(reservation.id, 0)
 
-    async def settle(self, reservation: Reservation, delivered: int) -> Settlement:
-        """Charge ``delivered`` images and refund the rest. Idempotent, and it completes
-        even if the calling task is cancelled meanwhile."""
+    async def settle(self, reservation: Reservation, delivered: int, outcome: bytes | None = None) -> Settlement:
+        """Charge ``delivered`` images and refund the rest, storing ``outcome`` for the
+        reservation's Idempotency-Key replays in the same transaction (``store.settle``).
+        Idempotent, and it completes even if the calling task is cancelled meanwhile."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.store.settle, reservation.id, delivered)
+        future = loop.run_in_executor(self._executor, self.store.settle, reservation.id, delivered, outcome)
         return await asyncio.shield(future)
 
     async def release_stale(self, older_than_s: float) -> list[Settlement]:
@@ -257,15 +286,6 @@ class Accounts:
         return self._orphan_sweeper
 
     # -- Idempotency-Key -------------------------------------------------------------
-    async def claim_idempotency(self, key: ApiKey, idem_key: str, fingerprint: str, stale_after_s: float):
-        return await self._run(self.store.claim_idempotency, key.id, idem_key, fingerprint, self.owner, stale_after_s)
-
-    async def complete_idempotency(self, key: ApiKey, idem_key: str, outcome: bytes) -> None:
-        await asyncio.shield(self._run(self.store.complete_idempotency, key.id, idem_key, outcome))
-
-    async def release_idempotency(self, key: ApiKey, idem_key: str) -> None:
-        await asyncio.shield(self._run(self.store.release_idempotency, key.id, idem_key))
-
     async def forget_idempotency(self, older_than_s: float) -> int:
         return await self._run(self.store.forget_idempotency, older_than_s)
 

@@ -34,6 +34,24 @@ class ApiKey:
 
 
 @dataclass(frozen=True)
+class IdempotencyClaim:
+    """An ``Idempotency-Key``, the digest of what its request asks, and how long a charged
+    outcome of it is replayed (after that, the key starts a new request)."""
+
+    idem_key: str
+    fingerprint: str
+    window_s: float = float("inf")
+
+
+@dataclass(frozen=True)
+class Replay:
+    """A reservation that was not made: the key's first attempt already delivered and was
+    charged, and this is its stored outcome."""
+
+    outcome: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
 class IssuedKey:
     """What issuing a key returns: the record and the plaintext, shown once."""
 
@@ -148,6 +166,8 @@ class Usage:
 
 __all__ = [
     "ApiKey",
+    "IdempotencyClaim",
+    "Replay",
     "IssuedKey",
     "LedgerEntry",
     "LedgerKind",

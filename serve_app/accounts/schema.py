@@ -97,7 +97,11 @@ idempotency = sa.Table(
     sa.Column("owner", sa.Text),  # the ingress replica running the first attempt
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("outcome", sa.LargeBinary),  # NULL while the first attempt runs
+    # The reservation of the attempt that holds the claim: its settlement stores the outcome
+    # (a charge) or deletes the claim (a refund), in the same transaction.
+    sa.Column("reservation_id", ID),
     sa.Index("idempotency_created", "created"),
+    sa.Index("idempotency_reservation", "reservation_id"),
 )
 
 __all__ = ["ID", "idempotency", "keys", "ledger", "metadata", "reservations"]

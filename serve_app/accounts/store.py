@@ -34,13 +34,25 @@ from sqlalchemy.exc import IntegrityError
 from serve_app.accounts.errors import (
     AccountsError,
     DuplicateKeyName,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
     InsufficientCredits,
     KeyNotFound,
     KeyRevoked,
 )
 from serve_app.accounts.keys import generate_key, hash_key, hashes_match, validate_key_name
 from serve_app.accounts.migrate import upgrade
-from serve_app.accounts.records import ApiKey, IssuedKey, LedgerEntry, ModelUsage, Reservation, Settlement, Usage
+from serve_app.accounts.records import (
+    ApiKey,
+    IdempotencyClaim,
+    IssuedKey,
+    LedgerEntry,
+    ModelUsage,
+    Replay,
+    Reservation,
+    Settlement,
+    Usage,
+)
 from serve_app.accounts.schema import idempotency, keys, ledger, reservations
 
 SUPPORTED_URLS = "sqlite:///path/to/file.db or postgresql+psycopg://user:password@host/database"
@@ -313,11 +325,26 @@ class AccountStore:
         return int(conn.execute(sa.select(keys.c.balance_units).where(keys.c.id == key_id)).scalar_one())
 
     def reserve(
-        self, key_id: int, request_id: str, model: str, images: int, price_units: int, owner: str | None = None
-    ) -> Reservation:
+        self,
+        key_id: int,
+        request_id: str,
+        model: str,
+        images: int,
+        price_units: int,
+        owner: str | None = None,
+        claim: IdempotencyClaim | None = None,
+    ) -> Reservation | Replay:
         """Hold images x price atomically, or raise InsufficientCredits (carrying the balance
         it saw) / KeyRevoked (revoked meanwhile) with nothing written. ``owner`` names the
-        ingress replica whose request holds it (``release_orphaned``)."""
+        ingress replica whose request holds it (``release_orphaned``).
+
+        With ``claim``, the Idempotency-Key is claimed in the same transaction: the first
+        attempt gets its reservation, and the claim lives exactly as long as that
+        reservation is open (``settle`` stores the outcome with the charge, or deletes the
+        claim with the refund). A later attempt gets ``Replay`` of a charged outcome, or
+        IdempotencyKeyInUse while the first one holds its reservation, or
+        IdempotencyKeyReused if the key was claimed for another request; either way nothing
+        is held."""
         if images <= 0:
             raise ValueError("images must be positive")
         if price_units < 0:
@@ -326,19 +353,25 @@ class AccountStore:
         status = sa.select(keys.c.balance_units, keys.c.revoked_at).where(keys.c.id == key_id)
         # Lock-free fast path for the common rejection: a balance read now that cannot
         # cover the amount is a valid answer at this instant (402s never queue for the lock).
-        with self.engine.connect() as conn:
-            row = conn.execute(status).first()
-        if row is None or row.revoked_at is not None or row.balance_units < amount:
-            self._refuse(row, images, model, amount)
+        # A replay of a charged outcome is never refused for the balance, so not with a claim.
+        if claim is None:
+            with self.engine.connect() as conn:
+                row = conn.execute(status).first()
+            if row is None or row.revoked_at is not None or row.balance_units < amount:
+                self._refuse(row, images, model, amount)
         now = time.time()
         with self._write() as conn:
+            if claim is not None:
+                replay = self._claim(conn, key_id, claim, owner, now)
+                if replay is not None:
+                    return replay
             balance = conn.execute(
                 sa.update(keys)
                 .where(keys.c.id == key_id, keys.c.revoked_at.is_(None), keys.c.balance_units >= amount)
                 .values(balance_units=keys.c.balance_units - amount)
                 .returning(keys.c.balance_units)
             ).scalar_one_or_none()
-            if balance is None:
+            if balance is None:  # raising rolls the claim back with everything else
                 self._refuse(conn.execute(status).first(), images, model, amount)
             reservation_id = conn.execute(
                 sa.insert(reservations).values(
@@ -352,7 +385,44 @@ class AccountStore:
                 )
             ).inserted_primary_key[0]
             self._ledger_row(conn, now, request_id, key_id, model, "reserve", images, -amount, reservation_id)
+            if claim is not None:
+                i = idempotency.c
+                conn.execute(
+                    sa.update(idempotency)
+                    .where(i.key_id == key_id, i.idem_key == claim.idem_key)
+                    .values(reservation_id=reservation_id)
+                )
         return Reservation(reservation_id, key_id, request_id, model, images, price_units, now, int(balance))
+
+    def _claim(
+        self, conn: sa.Connection, key_id: int, claim: IdempotencyClaim, owner: str | None, now: float
+    ) -> Replay | None:
+        """Claim the key inside the reservation's transaction: None when this attempt is the
+        first (the caller links its reservation), a Replay when one was charged, else raise."""
+        i = idempotency.c
+        # RETURNING, not rowcount: psycopg does not report this INSERT's row count.
+        inserted = conn.execute(
+            self._insert_if_absent(idempotency)
+            .values(key_id=key_id, idem_key=claim.idem_key, fingerprint=claim.fingerprint, owner=owner, created=now)
+            .returning(i.key_id)
+        ).first()
+        if inserted is not None:
+            return None
+        this = (i.key_id == key_id, i.idem_key == claim.idem_key)
+        row = conn.execute(sa.select(i.fingerprint, i.outcome, i.created).where(*this)).first()
+        if row is not None and row.outcome is not None and row.created < now - claim.window_s:
+            # An outcome past its window (its stored images may be gone): the key is free again.
+            conn.execute(sa.delete(idempotency).where(*this))
+            return self._claim(conn, key_id, claim, owner, now)
+        if row is None:
+            # Settled and deleted between our INSERT and this read (possible on PostgreSQL,
+            # whose reads see other transactions' commits): the retry will find it free.
+            raise IdempotencyKeyInUse("the first attempt is finishing")
+        if row.fingerprint != claim.fingerprint:
+            raise IdempotencyKeyReused("the Idempotency-Key was used for a different request")
+        if row.outcome is None:
+            raise IdempotencyKeyInUse("the first attempt is still running")
+        return Replay(bytes(row.outcome))
 
     @staticmethod
     def _refuse(row: Any, images: int, model: str, amount: int) -> NoReturn:
@@ -360,9 +430,14 @@ class AccountStore:
             raise KeyRevoked("the key is revoked")
         raise InsufficientCredits(images=images, model=model, amount_units=amount, balance_units=int(row.balance_units))
 
-    def settle(self, reservation_id: int, delivered: int) -> Settlement:
+    def settle(self, reservation_id: int, delivered: int, outcome: bytes | None = None) -> Settlement:
         """Charge delivered x price, refund the rest. Idempotent: a second call changes
-        nothing and returns the first outcome with ``already_settled=True``."""
+        nothing and returns the first outcome with ``already_settled=True``.
+
+        The reservation's Idempotency-Key claim, if it has one, ends in the same
+        transaction: a charge stores ``outcome`` for replays, a full refund (or a charge
+        with no outcome to replay) deletes the claim so a retry runs anew. A stored outcome
+        is therefore always a charged one, and no claim outlives its reservation."""
         now = time.time()
         r = reservations.c
         with self._write() as conn:
@@ -399,8 +474,17 @@ class AccountStore:
                 self._ledger_row(
                     conn, now, row.request_id, row.key_id, row.model, "refund", undelivered, refund, reservation_id
                 )
+            self._end_claim(conn, reservation_id, outcome if delivered else None)
             balance = self._balance(conn, row.key_id)
         return Settlement(reservation_id, delivered, delivered * price, undelivered * price, balance)
+
+    @staticmethod
+    def _end_claim(conn: sa.Connection, reservation_id: int, outcome: bytes | None) -> None:
+        claim = idempotency.c.reservation_id == reservation_id
+        if outcome is None:
+            conn.execute(sa.delete(idempotency).where(claim, idempotency.c.outcome.is_(None)))
+        else:
+            conn.execute(sa.update(idempotency).where(claim).values(outcome=outcome))
 
     def _settle_all(self, where: Any) -> list[Settlement]:
         r = reservations.c
@@ -442,63 +526,13 @@ class AccountStore:
         return history
 
     # -- idempotency -----------------------------------------------------------------
-    def claim_idempotency(
-        self, key_id: int, idem_key: str, fingerprint: str, owner: str | None, stale_after_s: float
-    ) -> tuple[str, bytes | None]:
-        """Claim ``idem_key`` for a first attempt. Returns ("claimed", None) if this call
-        may run the request, ("done", outcome) if an attempt completed, ("running", None)
-        if one is running, ("conflict", None) if the key was used for another request. A
-        claim older than ``stale_after_s`` without an outcome is taken over."""
-        now = time.time()
-        i = idempotency.c
-        this = (i.key_id == key_id, i.idem_key == idem_key)
-        with self._write() as conn:
-            # RETURNING, not rowcount: psycopg does not report this INSERT's row count.
-            inserted = conn.execute(
-                self._insert_if_absent(idempotency)
-                .values(key_id=key_id, idem_key=idem_key, fingerprint=fingerprint, owner=owner, created=now)
-                .returning(i.key_id)
-            ).first()
-            if inserted is not None:
-                return "claimed", None
-            row = conn.execute(sa.select(i.fingerprint, i.created, i.outcome).where(*this)).first()
-            if row is None:
-                # Released or forgotten between our INSERT and this read (possible on
-                # PostgreSQL, whose reads see other transactions' commits): the caller
-                # polls and claims again.
-                return "running", None
-            if row.fingerprint != fingerprint:
-                return "conflict", None
-            if row.outcome is not None:
-                return "done", bytes(row.outcome)
-            if row.created < now - stale_after_s:  # its attempt died without an outcome: take over
-                taken = conn.execute(
-                    sa.update(idempotency)
-                    .where(*this, i.created == row.created, i.outcome.is_(None))
-                    .values(owner=owner, created=now)
-                ).rowcount
-                if taken == 1:
-                    return "claimed", None
-            return "running", None
-
-    def complete_idempotency(self, key_id: int, idem_key: str, outcome: bytes) -> None:
-        i = idempotency.c
-        with self._write() as conn:
-            conn.execute(
-                sa.update(idempotency).where(i.key_id == key_id, i.idem_key == idem_key).values(outcome=outcome)
-            )
-
-    def release_idempotency(self, key_id: int, idem_key: str) -> None:
-        """Forget a claim whose attempt failed: a retry runs anew (nothing was charged)."""
-        i = idempotency.c
-        with self._write() as conn:
-            conn.execute(sa.delete(idempotency).where(i.key_id == key_id, i.idem_key == idem_key, i.outcome.is_(None)))
-
     def forget_idempotency(self, older_than_s: float) -> int:
-        """Drop outcomes older than the window; returns how many."""
+        """Drop outcomes older than the window; returns how many. A claim still waiting for
+        its outcome ends with its reservation, not here."""
+        i = idempotency.c
         with self._write() as conn:
             return conn.execute(
-                sa.delete(idempotency).where(idempotency.c.created < time.time() - older_than_s)
+                sa.delete(idempotency).where(i.created < time.time() - older_than_s, i.outcome.is_not(None))
             ).rowcount
 
     # -- reporting -------------------------------------------------------------------

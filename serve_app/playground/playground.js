@@ -3,12 +3,20 @@
 // seed, a download link, and the credits charged and remaining.
 "use strict";
 
+// The key lives in this tab's sessionStorage (gone when the tab closes); only with "Remember
+// key on this device" ticked does it go to localStorage, which outlives the tab.
 const KEY_STORAGE = "imagegen.apiKey";
 const $ = (id) => document.getElementById(id);
 const MIME = { png: "image/png", jpeg: "image/jpeg", webp: "image/webp" };
 
 function apiKey() {
-  return localStorage.getItem(KEY_STORAGE) || "";
+  return sessionStorage.getItem(KEY_STORAGE) || localStorage.getItem(KEY_STORAGE) || "";
+}
+
+function keyPlaceholder() {
+  if (localStorage.getItem(KEY_STORAGE)) return "key remembered on this device";
+  if (sessionStorage.getItem(KEY_STORAGE)) return "key kept for this tab";
+  return "qbt_... API key";
 }
 
 function setStatus(text, isError = false) {
@@ -168,16 +176,24 @@ async function generate(submit) {
 
 $("save-key").addEventListener("click", () => {
   const key = $("api-key").value.trim();
-  if (key) localStorage.setItem(KEY_STORAGE, key);
+  if (key) {
+    // One place at a time: a key kept for the tab never leaves an older remembered one behind.
+    const [keep, drop] = $("remember-key").checked ? [localStorage, sessionStorage] : [sessionStorage, localStorage];
+    keep.setItem(KEY_STORAGE, key);
+    drop.removeItem(KEY_STORAGE);
+  }
   $("api-key").value = "";
-  $("api-key").placeholder = key ? "key saved in this browser" : "qbt_... API key";
+  $("api-key").placeholder = keyPlaceholder();
   loadModels();
 });
 $("forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_STORAGE);
   localStorage.removeItem(KEY_STORAGE);
-  $("api-key").placeholder = "qbt_... API key";
+  $("remember-key").checked = false;
+  $("api-key").placeholder = keyPlaceholder();
   loadModels();
 });
 $("generate-form").addEventListener("submit", generate);
-if (apiKey()) $("api-key").placeholder = "key saved in this browser";
+$("remember-key").checked = Boolean(localStorage.getItem(KEY_STORAGE));
+$("api-key").placeholder = keyPlaceholder();
 loadModels();

@@ -12,6 +12,7 @@ import abc
 import asyncio
 import re
 import secrets
+import time
 
 from serve_app.errors import UpstreamError
 
@@ -96,13 +97,31 @@ class ImageStore(abc.ABC):
         ``public_base_url``); the ingress passes one only for a loopback Host."""
         return False
 
-    @abc.abstractmethod
     async def put(self, name: str, data: bytes, content_type: str, base_url: str | None) -> str:
         """Store ``data`` under a name derived from ``name`` and return a URL valid for
         ``url_ttl_s`` seconds. ``name`` is a relative name such as ``f"{request_id}/{i}.png"``;
         random bits are added so the stored name cannot be guessed. ``base_url`` is the
         ingress's external base URL for the current request (used by the local backend
         when no public_base_url is configured). Raises ``StorageError``."""
+        # Expiry is fixed before the write, so an object's age + ttl is never earlier than
+        # its URL's expiry and retention cannot delete an object whose URL still works.
+        expires_at = int(time.time()) + self.url_ttl_s
+        stored = await self.save(name, data, content_type)
+        return await self.url(stored, base_url, expires_at)
+
+    @abc.abstractmethod
+    async def save(self, name: str, data: bytes, content_type: str) -> str:
+        """Store ``data`` under a name derived from ``name`` (random bits added); return the
+        stored name, which ``url`` and ``load`` take. Kept for ``url_ttl_s``. Raises
+        ``StorageError``."""
+
+    @abc.abstractmethod
+    async def url(self, stored: str, base_url: str | None, expires_at: int) -> str:
+        """A URL for a stored object that stops working at ``expires_at`` (unix seconds)."""
+
+    @abc.abstractmethod
+    async def load(self, stored: str) -> bytes:
+        """A stored object's bytes. Raises ``StorageError`` when it is gone."""
 
     async def run_sweeper(self) -> None:
         """Background retention loop; backends whose store expires objects itself (S3: a

@@ -52,19 +52,27 @@ class LocalImageStore(ImageStore):
     def needs_request_base_url(self) -> bool:
         return self.public_base_url is None
 
-    async def put(self, name: str, data: bytes, content_type: str, base_url: str | None) -> str:
-        base = self.public_base_url or base_url
-        if base is None:
-            raise StorageError("no public_base_url and no trusted request base URL")
+    async def save(self, name: str, data: bytes, content_type: str) -> str:
         stored = unguessable_name(name)
-        # Expiry is fixed before the write, so the file's mtime + ttl is never earlier than
-        # the URL's expiry and the sweep cannot delete a file whose URL still works.
-        expires = int(time.time()) + self.url_ttl_s
         try:
             await asyncio.to_thread(self._write, stored, data)
         except OSError as exc:
             raise StorageError(f"local write failed: {type(exc).__name__} errno={exc.errno}") from exc
-        return self.url_for(stored, expires, base.rstrip("/"))
+        return stored
+
+    async def url(self, stored: str, base_url: str | None, expires_at: int) -> str:
+        base = self.public_base_url or base_url
+        if base is None:
+            raise StorageError("no public_base_url and no trusted request base URL")
+        return self.url_for(stored, expires_at, base.rstrip("/"))
+
+    async def load(self, stored: str) -> bytes:
+        if not is_valid_name(stored):
+            raise StorageError("not a stored name")
+        try:
+            return await asyncio.to_thread((self.root / stored).read_bytes)
+        except OSError as exc:
+            raise StorageError(f"local read failed: {type(exc).__name__} errno={exc.errno}") from exc
 
     def url_for(self, name: str, expires: int, base_url: str) -> str:
         signature = self._signer.signature(name, expires)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
+from typing import Any
 
 from serve_app.config import S3StorageConfig
 
@@ -42,20 +44,43 @@ class S3ImageStore(ImageStore):
     def __repr__(self) -> str:
         return f"S3ImageStore(bucket={self.bucket!r}, prefix={self.prefix!r}, url_ttl_s={self.url_ttl_s})"
 
-    async def put(self, name: str, data: bytes, content_type: str, base_url: str | None) -> str:
+    async def save(self, name: str, data: bytes, content_type: str) -> str:
         key = self.prefix + unguessable_name(name)
-        return await asyncio.to_thread(self._put_and_presign, key, data, content_type)
+        await asyncio.to_thread(
+            self._call,
+            "upload",
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+        )
+        return key
 
-    def _put_and_presign(self, key: str, data: bytes, content_type: str) -> str:
+    async def url(self, stored: str, base_url: str | None, expires_at: int) -> str:
+        expires_in = max(1, expires_at - int(time.time()))
+        return await asyncio.to_thread(
+            self._call,
+            "presign",
+            self._client.generate_presigned_url,
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": stored},
+            ExpiresIn=expires_in,
+        )
+
+    async def load(self, stored: str) -> bytes:
+        def read() -> bytes:
+            response = self._call("download", self._client.get_object, Bucket=self.bucket, Key=stored)
+            return response["Body"].read()
+
+        return await asyncio.to_thread(read)
+
+    def _call(self, what: str, method: Any, *args: Any, **kwargs: Any) -> Any:
+        """One client call, its failures as ``StorageError`` with nothing secret in them."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
-            self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
-            return self._client.generate_presigned_url(
-                "get_object",
-                Params={"Bucket": self.bucket, "Key": key},
-                ExpiresIn=self.url_ttl_s,
-            )
+            return method(*args, **kwargs)
         except ClientError as exc:
             response = exc.response if isinstance(exc.response, dict) else {}
             error = response.get("Error") or {}
@@ -66,7 +91,7 @@ class S3ImageStore(ImageStore):
             ) from None
         except BotoCoreError as exc:
             # Class name only: some botocore messages quote endpoints or profile names.
-            raise StorageError(f"s3 upload to bucket {self.bucket!r} failed: {type(exc).__name__}") from None
+            raise StorageError(f"s3 {what} with bucket {self.bucket!r} failed: {type(exc).__name__}") from None
 
     async def close(self) -> None:
         await super().close()
