@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -111,24 +112,44 @@ def _tokenizers(family: str, work: Path) -> dict[str, Any]:
     return {"tokenizer": build_qwen_tokenizer(work / "qwen")}
 
 
-def build_fp16_fix_vae(folder: Path, dtype: str) -> Path:
-    """SDXL's fp16-fix VAE architecture (madebyollin/sdxl-vae-fp16-fix: SDXL's VAE config with
-    force_upcast false) with random weights, saved where ``optimisations.fp16_vae`` loads it."""
-    import torch
+def build_fp16_fix_vae(folder: Path, source: Any) -> Path:
+    """SDXL's fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix: SDXL's VAE config with force_upcast
+    false) holding ``source``'s own weights, saved where ``optimisations.fp16_vae`` loads it.
 
-    with default_dtype(getattr(torch, dtype)):
-        torch.manual_seed(0)
-        vae = build_module("sdxl", "vae", "vae_fp16_fix")
-    vae.save_pretrained(str(folder))
+    The pipeline's own weights, not new random ones: the fp16-safe rung's pixel difference then
+    measures what that switch changes here, decoding in float16 instead of float32, and no
+    other weights. (Random weights were never trained to stay inside float16's range as the
+    real fp16-fix ones were, so a large difference there says that, not that the switch is
+    wrong.)"""
+    source.save_pretrained(str(folder))
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
+    # The one key in which configs/sdxl/vae_fp16_fix.json differs from SDXL's VAE config.
+    config["force_upcast"] = read_config("sdxl", "vae_fp16_fix")["force_upcast"]
+    config_file.write_text(json.dumps(config, indent=2))
     return folder
 
 
 # --- FLOPs on meta-device models -----------------------------------------------------------
 
 
-def count_flops(family: str, width: int, height: int, steps: int, guidance: float, batch: int = 1) -> dict[str, Any]:
+def count_flops(
+    family: str,
+    width: int,
+    height: int,
+    steps: int,
+    guidance: float,
+    batch: int = 1,
+    text_lengths: dict[str, list[int]] | None = None,
+) -> dict[str, Any]:
     """FLOPs of one text-to-image call of ``batch`` images, by component, counted with
-    FlopCounterMode on meta-device models fed the tensors the pipeline feeds them."""
+    FlopCounterMode on meta-device models fed the tensors the pipeline feeds them.
+
+    ``text_lengths`` are the token counts a real call used, as ``record_text_lengths`` in
+    bench/gpu_pipeline.py saw them: per text encoder, the length of each of its calls for one
+    image; for ``denoiser``, the text length of each denoiser call of one step (Qwen-Image's
+    prompt and its blank negative prompt differ). Without them, the padded lengths (CLIP 77,
+    T5 256/512) and a typical Qwen-Image prompt (QWEN_PROMPT_TOKENS) are assumed."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -136,7 +157,7 @@ def count_flops(family: str, width: int, height: int, steps: int, guidance: floa
     parts: dict[str, float] = {}
     with torch.device("meta"), default_dtype(torch.bfloat16), torch.no_grad():
         modules = {name: build_module(family, name) for name in COMPONENTS[family] if name != "scheduler"}
-        for part, module_name, call, times in counters(width, height, steps, guidance, batch):
+        for part, module_name, call, times in counters(width, height, steps, guidance, batch, text_lengths or {}):
             with FlopCounterMode(display=False) as counter:
                 call(modules[module_name])
             parts[part] = parts.get(part, 0.0) + counter.get_total_flops() * times
@@ -147,6 +168,7 @@ def count_flops(family: str, width: int, height: int, steps: int, guidance: floa
         "steps": steps,
         "guidance": guidance,
         "batch": batch,
+        "text_lengths": text_lengths,
         "tflop_per_image": total / batch / 1e12,
         "tflop_by_part_per_image": {k: v / batch / 1e12 for k, v in parts.items()},
         "params_billion": {k: sum(p.numel() for p in m.parameters()) / 1e9 for k, m in modules.items()},
@@ -165,29 +187,44 @@ def _ids(*shape: int) -> Any:
     return torch.zeros(*shape, dtype=torch.long, device="meta")
 
 
-def _sdxl_calls(width: int, height: int, steps: int, guidance: float, batch: int):
+def _calls_by_length(lengths: dict[str, list[int]], name: str, default: list[int]) -> list[tuple[int, int]]:
+    """(token count, number of calls) of a module's recorded calls, or of ``default``."""
+    return sorted(Counter(lengths.get(name) or default).items())
+
+
+def _sdxl_calls(width: int, height: int, steps: int, guidance: float, batch: int, lengths: dict[str, list[int]]):
     # Classifier-free guidance runs the UNet on the prompt and the negative (zeroed when none
     # is given: no encoder pass for it) in one doubled batch.
     cfg = 2 if guidance > 1 else 1
     rows = batch * cfg
     h, w = height // 8, width // 8
-    yield "text_encoder", "text_encoder", lambda m: m(_ids(batch, 77), output_hidden_states=True), 1
-    yield "text_encoder_2", "text_encoder_2", lambda m: m(_ids(batch, 77), output_hidden_states=True), 1
+    for name in ("text_encoder", "text_encoder_2"):
+        for length, times in _calls_by_length(lengths, name, [77]):
+            yield name, name, lambda m, n=length: m(_ids(batch, n), output_hidden_states=True), times
+    text = (lengths.get("denoiser") or [77])[0]
     added = {"text_embeds": _meta(rows, 1280), "time_ids": _meta(rows, 6)}
     unet = lambda m: m(
-        _meta(rows, 4, h, w), _meta(()), encoder_hidden_states=_meta(rows, 77, 2048), added_cond_kwargs=added
+        _meta(rows, 4, h, w), _meta(()), encoder_hidden_states=_meta(rows, text, 2048), added_cond_kwargs=added
     )
     yield "denoiser", "unet", unet, steps
     yield "vae_decode", "vae", lambda m: m.decode(_meta(batch, 4, h, w)), 1
 
 
-def _flux_calls(width: int, height: int, steps: int, guidance: float, batch: int):
+def _flux_calls(width: int, height: int, steps: int, guidance: float, batch: int, lengths: dict[str, list[int]]):
     from serve_app.families.flux import MAX_SEQUENCE_LENGTH_DEV, MAX_SEQUENCE_LENGTH_SCHNELL
 
-    text = MAX_SEQUENCE_LENGTH_DEV if guidance > 0 else MAX_SEQUENCE_LENGTH_SCHNELL
+    padded = MAX_SEQUENCE_LENGTH_DEV if guidance > 0 else MAX_SEQUENCE_LENGTH_SCHNELL
+    text = (lengths.get("denoiser") or [padded])[0]
     image = (height // 16) * (width // 16)
-    yield "text_encoder", "text_encoder", lambda m: m(_ids(batch, 77), output_hidden_states=False), 1
-    yield "text_encoder_2", "text_encoder_2", lambda m: m(_ids(batch, text), output_hidden_states=False), 1
+    for length, times in _calls_by_length(lengths, "text_encoder", [77]):
+        yield "text_encoder", "text_encoder", lambda m, n=length: m(_ids(batch, n), output_hidden_states=False), times
+    for length, times in _calls_by_length(lengths, "text_encoder_2", [text]):
+        yield (
+            "text_encoder_2",
+            "text_encoder_2",
+            lambda m, n=length: m(_ids(batch, n), output_hidden_states=False),
+            times,
+        )
 
     def transformer(m):
         return m(
@@ -205,21 +242,21 @@ def _flux_calls(width: int, height: int, steps: int, guidance: float, batch: int
     yield "vae_decode", "vae", lambda m: m.decode(_meta(batch, 16, height // 8, width // 8)), 1
 
 
-def _qwen_calls(width: int, height: int, steps: int, guidance: float, batch: int):
+def _qwen_calls(width: int, height: int, steps: int, guidance: float, batch: int, lengths: dict[str, list[int]]):
     # True CFG: a second transformer pass (and encoder pass) per step for the negative prompt.
     cfg = 2 if guidance > 1 else 1
-    text = QWEN_PROMPT_TOKENS
     gh, gw = height // 16, width // 16
 
-    def encoder(m):
-        ids = _ids(batch, QWEN_TEMPLATE_PREFIX_TOKENS + text)
+    def encoder(m, n):
         # No padding in one prompt: a mask of ones, which is what no mask means (and meta
         # tensors cannot be inspected for padding).
-        return m(input_ids=ids, attention_mask=None, output_hidden_states=True)
+        return m(input_ids=_ids(batch, n), attention_mask=None, output_hidden_states=True)
 
-    yield "text_encoder", "text_encoder", encoder, cfg
+    default = [QWEN_TEMPLATE_PREFIX_TOKENS + QWEN_PROMPT_TOKENS] * cfg
+    for length, times in _calls_by_length(lengths, "text_encoder", default):
+        yield "text_encoder", "text_encoder", lambda m, n=length: encoder(m, n), times
 
-    def transformer(m):
+    def transformer(m, text):
         return m(
             hidden_states=_meta(batch, gh * gw, 64),
             timestep=_meta(batch),
@@ -229,5 +266,6 @@ def _qwen_calls(width: int, height: int, steps: int, guidance: float, batch: int
             return_dict=False,
         )
 
-    yield "denoiser", "transformer", transformer, steps * cfg
+    for text, times in _calls_by_length(lengths, "denoiser", [QWEN_PROMPT_TOKENS] * cfg):
+        yield "denoiser", "transformer", lambda m, n=text: transformer(m, n), steps * times
     yield "vae_decode", "vae", lambda m: m.decode(_meta(batch, 16, 1, height // 8, width // 8)), 1

@@ -233,12 +233,20 @@ class BucketedCompile:
             self.calls["eager"] += 1
             return self.original_forward(*args, **kwargs)
         self.calls["compiled"] += 1
+        if not self.cuda_graphs:
+            return self._run_compiled(args, kwargs)
         import torch
 
-        if self.cuda_graphs:
-            # Each denoiser call is a new step: CUDA graph trees may reuse the previous
-            # call's output memory (the pipeline has consumed it by then).
-            torch.compiler.cudagraph_mark_step_begin()
+        # The denoiser cannot tell where a scheduler step begins (true CFG, as Qwen-Image runs
+        # it, makes two calls per step), so every call marks a new step and its outputs are
+        # copied out of the graph pool: the next replay may reuse that memory while the
+        # pipeline still holds this output (one latent-sized copy per call).
+        torch.compiler.cudagraph_mark_step_begin()
+        return clone_tensors(self._run_compiled(args, kwargs))
+
+    def _run_compiled(self, args: tuple, kwargs: dict[str, Any]) -> Any:
+        import torch
+
         if self._warming:
             return self.compiled_forward(*args, **kwargs)
         # A request never traces. Where a warmed graph's guards no longer hold, because the
@@ -278,6 +286,15 @@ class BucketedCompile:
                 yield
             finally:
                 self._warming = False
+
+
+def clone_tensors(output: Any) -> Any:
+    """``output`` with every tensor in it copied (tuples, lists, dicts and diffusers' output
+    classes, which diffusers registers with torch's pytree)."""
+    import torch
+    from torch.utils._pytree import tree_map_only
+
+    return tree_map_only(torch.Tensor, torch.Tensor.clone, output)
 
 
 def compiled_of(module: Any) -> BucketedCompile | None:

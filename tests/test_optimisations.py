@@ -239,3 +239,77 @@ def test_lora_and_go_fast_calls_run_uncompiled_and_nothing_compiles_on_a_request
     assert ran == {"compiled": plain.steps, "eager": 0}
     assert np.abs(images - expected).max() <= 2
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+# --- CUDA graphs: two denoiser calls per scheduler step -------------------------------------
+
+
+class FakeGraphPool:
+    """What CUDA graph trees do to a compiled function's outputs, without CUDA: a replay writes
+    its output into the graph pool, and once a new step is marked
+    (``torch.compiler.cudagraph_mark_step_begin``) the next replay reuses the memory of every
+    output given out before the mark (on a GPU, reading such an output raises "accessing
+    tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
+
+    def __init__(self, forward):
+        self.forward = forward
+        self.pool: torch.Tensor | None = None
+        self.marked = False
+
+    def mark_step_begin(self) -> None:
+        self.marked = True
+
+    def replay(self, *args, **kwargs):
+        (result,) = self.forward(*args, **kwargs)
+        if self.marked and self.pool is not None and self.pool.shape == result.shape:
+            self.pool.copy_(result)  # the memory of the outputs before the mark, overwritten
+        else:
+            self.pool = result.clone()
+        self.marked = False
+        return (self.pool,)
+
+
+class TinyDenoiser(torch.nn.Module):
+    def forward(self, latents, context):
+        return (latents * 2 + context,)
+
+
+def test_cuda_graph_outputs_survive_true_cfg_two_calls_per_step(monkeypatch):
+    """True CFG (Qwen-Image) calls the denoiser for the prompt, then for the negative prompt,
+    and only then combines the two outputs: the first must still hold its values."""
+    from deployments.optimisations import BucketedCompile
+
+    module = TinyDenoiser()
+    compiled = BucketedCompile(module, mode="reduce-overhead", backend="inductor")
+    assert compiled.cuda_graphs
+    pool = FakeGraphPool(compiled.original_forward)
+    compiled.compiled_forward = pool.replay  # nothing is compiled: the fake stands in for inductor
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", pool.mark_step_begin)
+
+    latents = torch.ones(1, 4)
+    # Two shapes, two graphs (Qwen-Image's blank negative prompt is shorter than the prompt).
+    prompt, negative = torch.full((1, 4), 10.0), torch.full((1, 1), -10.0)
+    with compiled.warming():
+        module(latents, prompt)
+        module(latents, negative)
+    assert len(compiled.warmed) == 2
+    for step in range(3):
+        (conditional,) = module(latents, prompt)
+        (unconditional,) = module(latents, negative)
+        assert torch.equal(conditional, latents * 2 + prompt), f"step {step}: the prompt's output was overwritten"
+        assert torch.equal(unconditional, latents * 2 + negative)
+        latents = unconditional + 4.0 * (conditional - unconditional)
+    assert compiled.calls == {"compiled": 2 + 6, "eager": 0}  # the warm-up's two, then every call
+
+
+def test_outputs_are_copied_whatever_their_container():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from deployments.optimisations import clone_tensors
+
+    sample = torch.ones(2, 3)
+    for output in ((sample,), Transformer2DModelOutput(sample=sample), {"sample": sample}):
+        copied = clone_tensors(output)
+        assert type(copied) is type(output)
+        copy = copied[0] if isinstance(copied, tuple) else copied["sample"]
+        assert torch.equal(copy, sample) and copy.data_ptr() != sample.data_ptr()
