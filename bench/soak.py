@@ -83,6 +83,12 @@ INVALID_SHARE = 0.03  # an unknown field: must be 400 invalid_request, nothing c
 IMAGE_TO_IMAGE_SHARE = 0.25  # `image` (64x64 PNG data URI) + strength 0.5
 URL_SHARE = 0.2  # response_format: url
 MAX_N = 3  # n uniform in 1..MAX_N
+# Abandon-and-retry (--abandon-share of the valid requests): the client sends with an
+# Idempotency-Key, closes its socket at a random moment within --abandon-within-s, then
+# retries with the same key (as the README advises) until it gets its answer; now and then
+# it abandons a retry too. Each key must end with its images delivered once and charged once.
+RETRY_ABANDON_SHARE = 0.3
+MAX_RETRIES = 60
 STRENGTH = 0.5
 INPUT_SIZE = 64
 
@@ -154,13 +160,19 @@ class Record:
     code: str | None  # the JSON error code; "connection_error", "client_timeout", "no_json_error"
     images: int  # images in a 200's data
     charged_units: int | None  # x-credits-charged, in micro-credits; None: no header
+    idem_key: str | None = None  # the Idempotency-Key of an abandon-and-retry request
+    final: bool = True  # the answer the client kept (False: an abandoned or refused attempt)
+    replayed: bool = False  # a 200 with idempotent-replayed: true
 
 
-def request_bytes(port: int, payload: dict[str, Any], api_key: str, request_id: str) -> bytes:
+def request_bytes(port: int, payload: dict[str, Any], api_key: str, request_id: str,
+                  idem_key: str | None = None) -> bytes:
     body = json.dumps(payload, separators=(",", ":")).encode()
+    idempotency = f"Idempotency-Key: {idem_key}\r\n" if idem_key else ""
     head = (
         f"POST /v1/images/generations HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nAuthorization: Bearer {api_key}\r\nX-Request-Id: {request_id}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nAuthorization: Bearer {api_key}\r\nX-Request-Id: {request_id}\r\n"
+        f"{idempotency}\r\n"
     )
     return head.encode() + body
 
@@ -209,16 +221,18 @@ class OneShotConnection(HttpConnection):
             raise
 
 
-async def send(connection: OneShotConnection, raw: bytes, timeout_s: float) -> tuple[int, str | None, int, int | None]:
-    """(status, code, images, charged units); status 0 when no response came."""
+async def send(connection: OneShotConnection, raw: bytes, timeout_s: float,
+               abandon_after_s: float | None = None) -> tuple[int, str | None, int, int | None, bool]:
+    """(status, code, images, charged units, replayed); status 0 when no response came.
+    ``abandon_after_s``: the client closes its socket then, whatever the server is doing."""
     try:
-        response = await asyncio.wait_for(connection.send_once(raw), timeout_s)
+        response = await asyncio.wait_for(connection.send_once(raw), abandon_after_s or timeout_s)
     except asyncio.TimeoutError:
-        return 0, "client_timeout", 0, None
+        return 0, ("abandoned" if abandon_after_s else "client_timeout"), 0, None, False
     except (OSError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError):
-        return 0, "connection_error", 0, None
+        return 0, "connection_error", 0, None, False
     code, images, charged = read_outcome(response)
-    return response.status, code, images, charged
+    return response.status, code, images, charged, response.headers.get("idempotent-replayed") == "true"
 
 
 # -- processes and their memory --------------------------------------------------------------
@@ -464,12 +478,13 @@ def read_ledger(db_path: Path, stale_after_s: float) -> dict[str, Any]:
 
 
 def client_totals(records: list[Record], price_units: dict[str, int], key_names: list[str]) -> dict[str, Any]:
-    """What the clients were given and told: images of the 200s x price, and the sum of the
-    x-credits-charged headers (of the 200s, and of anything else that carried one)."""
+    """What the clients were given and told: images of the answers they kept x price, and the
+    sum of their x-credits-charged headers (of the 200s, and of anything else that carried
+    one). An Idempotency-Key's answer counts once: a replay repeats the first one's charge."""
     per_key = {name: {"images": 0, "expected_units": 0, "header_units": 0} for name in key_names}
     images = expected = header_200 = header_other = missing_header = 0
     for r in records:
-        if r.status == 200:
+        if r.status == 200 and r.final:
             images += r.images
             expected += r.images * price_units[r.model]
             header_200 += r.charged_units or 0
@@ -478,19 +493,37 @@ def client_totals(records: list[Record], price_units: dict[str, int], key_names:
             entry["images"] += r.images
             entry["expected_units"] += r.images * price_units[r.model]
             entry["header_units"] += r.charged_units or 0
-        elif r.charged_units:
+        elif r.status != 200 and r.charged_units:
             header_other += r.charged_units
+    keyed = [r for r in records if r.idem_key is not None]
+    retried = {
+        "keys": len({r.idem_key for r in keyed}),
+        "attempts": len(keyed),
+        "abandoned_attempts": sum(r.code == "abandoned" for r in keyed),
+        "in_use_409s": sum(r.code == "idempotency_key_in_use" for r in keyed),
+        "replayed_200s": sum(r.replayed for r in keyed),
+        "keys_without_an_answer": len({r.idem_key for r in keyed} - {r.idem_key for r in keyed if r.final}),
+    }
     return {"images": images, "expected_units": expected, "header_units_200": header_200,
-            "header_units_not_200": header_other, "200s_without_header": missing_header, "per_key": per_key}
+            "header_units_not_200": header_other, "200s_without_header": missing_header, "per_key": per_key,
+            "abandon_and_retry": retried}
 
 
 def reconcile(records: list[Record], settlements: dict[str, dict[str, Any]], limit: int = 20) -> dict[str, Any]:
     """Request by request (the client sends its own x-request-id, which the ingress uses for
-    the reservation): where the ledger and the client disagree."""
-    seen = {r.request_id: r for r in records}
+    the reservation): where the ledger and the client disagree. The attempts of one
+    Idempotency-Key are one request: what all their reservations charged must be the images
+    of the answer the client kept."""
+    seen = {r.request_id for r in records}
     mismatches = []
     counts: Counter[str] = Counter()
+
+    def charged(request_ids: list[str]) -> int:
+        return sum((settlements.get(rid) or {}).get("delivered") or 0 for rid in request_ids)
+
     for r in records:
+        if r.idem_key is not None:
+            continue
         settlement = settlements.get(r.request_id)
         if settlement is None:
             if r.status == 200:
@@ -506,6 +539,18 @@ def reconcile(records: list[Record], settlements: dict[str, dict[str, Any]], lim
             counts["charged but no 200"] += 1
             mismatches.append({"request_id": r.request_id, "what": "charged but no 200", "status": r.status,
                                "code": r.code, "charged_images": delivered, "t_s": round(r.end, 1)})
+    by_key: dict[str, list[Record]] = {}
+    for r in records:
+        if r.idem_key is not None:
+            by_key.setdefault(r.idem_key, []).append(r)
+    for idem_key, attempts in by_key.items():
+        kept = [r for r in attempts if r.final and r.status == 200]
+        got = sum(r.images for r in kept)
+        paid = charged([r.request_id for r in attempts])
+        if len(kept) > 1 or paid != got:
+            counts["idempotency key charged other images than delivered"] += 1
+            mismatches.append({"idempotency_key": idem_key, "what": "charged != delivered", "client_images": got,
+                               "charged_images": paid, "attempts": [(r.status, r.code) for r in attempts]})
     for request_id in settlements:
         if request_id not in seen:
             counts["reservation no client sent"] += 1
@@ -633,19 +678,44 @@ async def run_load(port: int, keys: list[str], models: list[str], args, on_start
         connection = OneShotConnection(HOST, port)
         key_index = index % len(keys)
         seq = 0
+
+        async def attempt(planned: PlannedRequest, model: str, request_id: str, idem_key: str | None,
+                          abandon_after_s: float | None, final: bool) -> Record:
+            nonlocal connection
+            raw = request_bytes(port, planned.payload, keys[key_index], request_id, idem_key)
+            start = time.perf_counter()
+            status, code, got, charged, replayed = await send(connection, raw, args.client_timeout_s,
+                                                              abandon_after_s)
+            if code == "abandoned":
+                connection = OneShotConnection(HOST, port)  # the old socket was closed mid-request
+            record = Record("load", index, seq, key_index, model, planned.kind, planned.response_format,
+                            planned.n, request_id, start - t0, time.perf_counter() - t0, status, code, got, charged,
+                            idem_key, final and status != 0 and code != "idempotency_key_in_use", replayed)
+            records.append(record)
+            return record
+
         try:
             while time.perf_counter() < end_at and seq < 1_000_000:
                 model = models[(index + seq) % len(models)]
                 planned = plan_request(rng, model, index, seq, images)
                 request_id = f"soak-{run_tag}-{index}-{seq}"
-                raw = request_bytes(port, planned.payload, keys[key_index], request_id)
-                start = time.perf_counter()
-                status, code, got, charged = await send(connection, raw, args.client_timeout_s)
-                end = time.perf_counter()
-                records.append(Record("load", index, seq, key_index, model, planned.kind, planned.response_format,
-                                      planned.n, request_id, start - t0, end - t0, status, code, got, charged))
+                if planned.kind != "invalid" and rng.random() < args.abandon_share:
+                    # Abandon, then retry with the same key until the answer comes.
+                    idem_key = request_id
+                    record = await attempt(planned, model, request_id, idem_key,
+                                           rng.uniform(0.0, args.abandon_within_s), final=False)
+                    for retry in range(1, MAX_RETRIES + 1):
+                        if record.status not in (0, 409) or time.perf_counter() > end_at + args.client_timeout_s:
+                            break
+                        if record.code == "idempotency_key_in_use":
+                            await asyncio.sleep(rng.uniform(0.05, 0.5))  # Retry-After, shortened
+                        abandon = rng.uniform(0.0, args.abandon_within_s) if rng.random() < RETRY_ABANDON_SHARE else None
+                        record = await attempt(planned, model, f"{request_id}-r{retry}", idem_key, abandon,
+                                               final=abandon is None)
+                else:
+                    record = await attempt(planned, model, request_id, None, None, final=True)
                 seq += 1
-                if status == 0:
+                if record.status == 0 and record.code != "abandoned":
                     await asyncio.sleep(0.2)  # no server to talk to: don't spin
         finally:
             await connection.close()
@@ -864,6 +934,15 @@ def run(args) -> dict[str, Any]:
         clients = client_totals(records, prices, key_names)
         doc["checks"] = ledger_checks(ledger, clients, parse_credits(args.credits), inconsistencies)
         doc["reconciliation"] = reconcile(records, ledger.pop("settlements"))
+        wrong_keys = doc["reconciliation"]["counts"].get("idempotency key charged other images than delivered", 0)
+        retried = clients["abandon_and_retry"]
+        doc["checks"].append({
+            "check": "every abandoned-and-retried Idempotency-Key: answered once, charged for exactly its images",
+            "ok": wrong_keys == 0 and retried["keys_without_an_answer"] == 0,
+            "detail": f"{retried['keys']} keys, {retried['attempts']} attempts ({retried['abandoned_attempts']} "
+                      f"abandoned, {retried['in_use_409s']} told in use, {retried['replayed_200s']} replayed); "
+                      f"{wrong_keys} mischarged, {retried['keys_without_an_answer']} unanswered",
+        })
         fault_impact(fault_log, load_records)
         doc.update({
             "config": {
@@ -871,6 +950,7 @@ def run(args) -> dict[str, Any]:
                 "credits_per_key": args.credits, "key_rpm": args.key_rpm, "key_ipm": args.key_ipm,
                 "kill_every_s": args.kill_every_s, "ingress_kill_at_s": args.ingress_kill_at_s,
                 "client_timeout_s": args.client_timeout_s, "seed": args.seed, "ray_num_cpus": 2,
+                "abandon_share": args.abandon_share, "abandon_within_s": args.abandon_within_s,
                 "release_stale_after_s": stale_after, "release_stale_every_s": stale_every,
                 "mix": {"invalid": INVALID_SHARE, "image_to_image": IMAGE_TO_IMAGE_SHARE, "url": URL_SHARE,
                         "n": f"1..{MAX_N}", "strength": STRENGTH, "input": f"{INPUT_SIZE}x{INPUT_SIZE} PNG data URI"},
@@ -1017,6 +1097,11 @@ def main() -> int:
     parser.add_argument("--settle-timeout-s", type=float, default=None,
                         help="how long to wait for open reservations after the load (default: until the last "
                              "stale release can have happened, plus 60 s)")
+    parser.add_argument("--abandon-share", type=float, default=0.2,
+                        help="share of valid requests sent with an Idempotency-Key, abandoned (socket closed) at a "
+                             "random moment and retried with the same key until answered (default 0.2)")
+    parser.add_argument("--abandon-within-s", type=float, default=1.5,
+                        help="an abandoned attempt closes its socket uniformly within this many seconds")
     parser.add_argument("--memory-every-s", type=float, default=60.0, help="memory timeline interval (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     parser.add_argument("--note", action="append", default=[], help="a note for the docs section; repeatable")

@@ -38,6 +38,15 @@ class ModelDefaults(StrictModel):
     strength: float = Field(
         0.8, gt=0, le=1, description="image-to-image strength when a request sends an image without one"
     )
+    variation_strength: float = Field(
+        0.7, gt=0, le=1, description="image-to-image strength of /v1/images/variations (empty prompt) unless sent"
+    )
+    response_format: Literal["b64_json", "url"] = Field(
+        "b64_json",
+        description="of a JSON answer whose request sends none (or null); url falls back to b64_json where the "
+        "request cannot be given a URL (local storage without public_base_url, reached through a non-loopback "
+        "address)",
+    )
 
     @field_validator("size")
     @classmethod
@@ -67,7 +76,7 @@ class BatchingConfig(StrictModel):
         default_factory=dict,
         max_length=32,
         description="a lower image limit for one pipeline call at a size (``1328x1328: 2``), chosen from the "
-        "peak memory bench/gpu_pipeline.py measures per batch size; other sizes use max_batch_images",
+        "peak reserved memory bench/gpu_pipeline.py measures per batch size; other sizes use max_batch_images",
     )
 
     @field_validator("max_images_by_size")
@@ -386,6 +395,11 @@ class AccountsConfig(StrictModel):
 
 class LocalStorageConfig(StrictModel):
     root: Path = Path("data/images")
+    files_root: Path = Field(
+        Path("data/files"),
+        description="uploaded and batch output files (/v1/files): their own folder, which the image sweep never "
+        "touches; they are kept until files.retention_s or a DELETE",
+    )
     public_base_url: str | None = Field(
         None, description="external base URL of the ingress; default: the request's own base URL"
     )
@@ -398,6 +412,9 @@ class LocalStorageConfig(StrictModel):
 class S3StorageConfig(StrictModel):
     bucket: str = Field(min_length=3)
     prefix: str = "images/"
+    files_prefix: str = Field(
+        "files/", description="/v1/files objects: keep them out of the images prefix's lifecycle rule"
+    )
     region: str | None = None
     endpoint_url: str | None = None
     addressing_style: Literal["path", "virtual"] | None = Field(
@@ -418,6 +435,50 @@ class StorageConfig(StrictModel):
         if self.backend == "s3" and self.url_ttl_s > 7 * 24 * 3600:
             raise ValueError("url_ttl_s: S3 presigned URLs live at most 7 days (604800 s)")
         return self
+
+
+class FilesConfig(StrictModel):
+    """``/v1/files``: OpenAI's limits on an upload for the Batch API, and how long files live."""
+
+    max_bytes: int = Field(200 * 1024 * 1024, ge=1024, description="largest upload (OpenAI: 200 MB for a batch)")
+    max_lines: int = Field(50_000, ge=1, description="requests in one batch input file (OpenAI: 50,000)")
+    max_line_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="one JSONL line (an edit's input image travels in it)"
+    )
+    retention_s: int = Field(
+        30 * 86400, ge=3600, description="files are deleted this long after their creation (OpenAI: 30 days)"
+    )
+
+
+class BatchesConfig(StrictModel):
+    """The Batch API's runner: an asyncio task in every ingress replica that claims lines of
+    the database with leases (serve_app/batches/runner.py)."""
+
+    enabled: bool = True
+    price_factor: Decimal = Field(
+        Decimal("0.5"), ge=0, le=1, decimal_places=6, description="a batch image costs price_per_image x this"
+    )
+    completion_window_s: float = Field(
+        86400.0, gt=0, description="'24h': queued lines of a batch older than this expire"
+    )
+    max_concurrent_lines: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="lines one ingress replica runs at once; keep it below the models' max_ongoing_requests so "
+        "batch work never fills a replica's request slots",
+    )
+    lease_s: float = Field(
+        60.0,
+        ge=1,
+        description="a claimed line is another replica's to take when its lease (renewed while it runs) runs "
+        "out: its runner died",
+    )
+    poll_interval_s: float = Field(1.0, gt=0, le=60)
+    max_attempts: int = Field(
+        3, ge=1, le=20, description="claims of one line before it fails (a line that keeps killing its runner)"
+    )
+    retry_after_s: float = Field(5.0, gt=0, description="wait before a line refused for now (503, in use) runs again")
 
 
 class IngressOptions(StrictModel):
@@ -487,6 +548,12 @@ class PromptEnhancerConfig(StrictModel):
 
 class AppConfig(StrictModel):
     models: list[ModelConfig] = Field(min_length=1)
+    default_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="the model of a request that names none (model absent or null); default: the first of models",
+    )
     cache_dir: Path = Field(Path("data/models"), description="where built-in models are built")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     body_read_timeout_s: float = Field(
@@ -506,6 +573,8 @@ class AppConfig(StrictModel):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     image_input: ImageInputConfig = Field(default_factory=ImageInputConfig)
     prompt_enhancer: PromptEnhancerConfig | None = Field(None, description="none: enhance_prompt is a 400")
+    files: FilesConfig = Field(default_factory=FilesConfig)
+    batches: BatchesConfig = Field(default_factory=BatchesConfig)
     single_machine: bool = Field(
         False,
         description="the operator declares that every replica of this application runs on one machine: "
@@ -524,6 +593,18 @@ class AppConfig(StrictModel):
 
     def model(self, model_id: str) -> ModelConfig | None:
         return next((m for m in self.models if m.id == model_id), None)
+
+    @property
+    def default_model_id(self) -> str:
+        """The model of a request that names none: ``default_model``, else the first model."""
+        return self.default_model if self.default_model is not None else self.models[0].id
+
+    @model_validator(mode="after")
+    def _default_model_is_configured(self) -> AppConfig:
+        if self.default_model is not None and self.model(self.default_model) is None:
+            known = ", ".join(model.id for model in self.models)
+            raise ValueError(f"default_model {self.default_model!r} is not one of models ({known})")
+        return self
 
     @property
     def stale_reservation_after_s(self) -> float:
@@ -638,9 +719,11 @@ __all__ = [
     "OUTPUT_FORMATS",
     "AccountsConfig",
     "AppConfig",
+    "BatchesConfig",
     "BatchingConfig",
     "CompileOptions",
     "DeploymentOptions",
+    "FilesConfig",
     "GoFastConfig",
     "ImageInputConfig",
     "LocalStorageConfig",
