@@ -12,6 +12,13 @@ one that still fits in ``max_images``. An idle pipeline starts at once; a busy o
 full batch next instead of several small ones. A job whose caller has gone (its future is
 cancelled, or ``is_abandoned`` says so) is dropped from the queue before it runs. Kept free of
 torch and Serve so it is tested with a fake pipeline.
+
+Two lanes (``is_batch``): interactive jobs are taken first, oldest first, as above; batch jobs
+(Batch API lines) only top the batch up, and only when they share the call shape of an
+interactive job taken (``shape_of``), so they ride in a pipeline call that runs anyway and add
+no call of their own. With no interactive job waiting, batch jobs make a batch of their own.
+An interactive job thus never waits for batch work longer than the one batch running when it
+arrived.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -35,6 +42,7 @@ class _Pending(Generic[JobT, OutcomeT]):
     job: JobT
     images: int
     future: asyncio.Future[OutcomeT]
+    batch: bool = False
 
 
 class BatchCoalescer(Generic[JobT, OutcomeT]):
@@ -56,6 +64,8 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         max_images: Callable[[], int],
         on_batch: Callable[[int], None] | None = None,
         is_abandoned: Callable[[JobT], bool] | None = None,
+        is_batch: Callable[[JobT], bool] | None = None,
+        shape_of: Callable[[JobT], Hashable] | None = None,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
@@ -65,6 +75,8 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         self._worker: asyncio.Task[None] | None = None
         self._on_batch = on_batch
         self._is_abandoned = is_abandoned
+        self._is_batch = is_batch
+        self._shape_of = shape_of
 
     def submit(self, job: JobT) -> asyncio.Future[OutcomeT]:
         """Queue a job; the future gets its outcome. Call on the event loop.
@@ -74,26 +86,48 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[OutcomeT] = loop.create_future()
-        self._queue.append(_Pending(job, self._size_of(job), future))
+        batch = self._is_batch is not None and self._is_batch(job)
+        self._queue.append(_Pending(job, self._size_of(job), future, batch))
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
         return future
 
     def _take_merged(self) -> list[_Pending[JobT, OutcomeT]]:
-        """The oldest live job plus the following ones while they fit, in order."""
+        """The oldest live interactive job plus the following interactive ones while they
+        fit, in order, topped up with batch jobs of their shapes; with no interactive job,
+        the same of the batch jobs."""
+        live: deque[_Pending[JobT, OutcomeT]] = deque()
+        for pending in self._queue:
+            if pending.future.cancelled() or self._abandoned(pending.job):
+                pending.future.cancel()  # its caller is gone: no pipeline time for it
+            else:
+                live.append(pending)
+        self._queue = live
+        limit = self._max_images()
+        interactive = [pending for pending in live if not pending.batch]
+        batch = [pending for pending in live if pending.batch]
+        taken = self._fitting(interactive or batch, limit)
+        if interactive and batch and self._shape_of is not None:
+            shapes = {self._shape_of(pending.job) for pending in taken}
+            room = limit - sum(pending.images for pending in taken)
+            riders = [pending for pending in batch if self._shape_of(pending.job) in shapes]
+            taken += self._fitting(riders, room, first_always=False)
+        chosen = {id(pending) for pending in taken}
+        self._queue = deque(pending for pending in live if id(pending) not in chosen)
+        return taken
+
+    @staticmethod
+    def _fitting(
+        candidates: list[_Pending[JobT, OutcomeT]], limit: int, first_always: bool = True
+    ) -> list[_Pending[JobT, OutcomeT]]:
+        """The first candidates, in order, while they fit in ``limit`` images (the first one
+        always, with ``first_always``: a job over the limit still runs, alone)."""
         taken: list[_Pending[JobT, OutcomeT]] = []
         images = 0
-        limit = self._max_images()
-        while self._queue:
-            pending = self._queue[0]
-            if pending.future.cancelled() or self._abandoned(pending.job):
-                # Its caller is gone: no pipeline time for it.
-                self._queue.popleft()
-                pending.future.cancel()
-                continue
-            if taken and images + pending.images > limit:
+        for pending in candidates:
+            if (taken or not first_always) and images + pending.images > limit:
                 break
-            taken.append(self._queue.popleft())
+            taken.append(pending)
             images += pending.images
         return taken
 

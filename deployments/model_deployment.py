@@ -101,6 +101,9 @@ class ImageModelDeployment:
                 [1, 2, 4, 8, 16, 32, 64],
             ).observe,
             is_abandoned=lambda work: work.abandoned,
+            # Batch API lines only fill the slots interactive jobs leave (serve_app/lane.py).
+            is_batch=lambda work: work.job.priority == "batch",
+            shape_of=lambda work: work.job.shape,
         )
         self._queue_wait = model_histogram(
             "imagegen_queue_wait_seconds",
@@ -161,6 +164,11 @@ class ImageModelDeployment:
         offsets = [sum(work.num_images for work in parts[:i]) for i in range(len(parts))]
         checked = self._safety is not None and job.check_safety
         finished = False
+        # The prompt's tokens for the response's usage, once per job. On the pipeline thread:
+        # a fast tokenizer's truncation settings are shared state, which a count on another
+        # thread would change under a running pipeline call. Queued before this job's batch,
+        # so it is done when the images are; it takes a millisecond or so.
+        text_tokens = loop.run_in_executor(self._pipeline_thread, self._count_text_tokens, job)
 
         def put(future: asyncio.Future[StreamItem | None]) -> None:
             ready.append(future)
@@ -202,9 +210,11 @@ class ImageModelDeployment:
                 except Exception as exc:  # noqa: BLE001 - ends the stream with it
                     failed(exc)
                     return
+            tokens = await asyncio.shield(text_tokens)  # shared by the job's parts
             for index, (image, seed, flagged) in enumerate(zip(outcome.images, work.job.seeds, flags)):
                 encode = self._encode_final
-                put(loop.run_in_executor(self._encode_pool, encode, image, seed, offset + index, work.job, flagged))
+                args = (image, seed, offset + index, work.job, flagged, tokens)
+                put(loop.run_in_executor(self._encode_pool, encode, *args))
 
         if job.partial_images > 0:
             for work, offset in zip(parts, offsets):
@@ -266,9 +276,21 @@ class ImageModelDeployment:
 
     @classmethod
     def _encode_final(
-        cls, image: Any, seed: int, image_index: int, job: GenerationJob, flagged: bool = False
+        cls, image: Any, seed: int, image_index: int, job: GenerationJob, flagged: bool = False, text_tokens: int = 0
     ) -> StreamedImage:
-        return StreamedImage(image_index=image_index, image=cls._encode(image, seed, job, flagged))
+        return StreamedImage(image_index=image_index, image=cls._encode(image, seed, job, flagged, text_tokens))
+
+    def _count_text_tokens(self, job: GenerationJob) -> int:
+        """The job's prompt and negative prompt tokens as ``usage`` reports them
+        (``Family.count_text_tokens``); 0, logged, if the tokenizer fails: a count is not
+        worth failing a generation for."""
+        texts = [job.prompt] if job.negative_prompt is None else [job.prompt, job.negative_prompt]
+        try:
+            family, pipe = self._pipelines.family, self._pipelines.text_to_image
+            return sum(family.count_text_tokens(pipe, job.shape, text) for text in texts)
+        except Exception:  # reported as 0 text tokens
+            logger.warning("request %s: could not count the prompt's tokens", job.request_id, exc_info=True)
+            return 0
 
     @serve.batch(
         max_batch_size=_INITIAL_BATCH.max_batch_images,
@@ -315,7 +337,9 @@ class ImageModelDeployment:
             raise
 
     @staticmethod
-    def _encode(image: Any, seed: int, job: GenerationJob, flagged: bool = False) -> GeneratedImage:
+    def _encode(
+        image: Any, seed: int, job: GenerationJob, flagged: bool = False, text_tokens: int = 0
+    ) -> GeneratedImage:
         from deployments.encoding import encode_image
 
         return GeneratedImage(
@@ -326,6 +350,7 @@ class ImageModelDeployment:
             output_format=job.output_format,
             width=image.width,
             height=image.height,
+            text_tokens=text_tokens,
         )
 
     def check_health(self) -> None:

@@ -81,7 +81,9 @@ def anchor_paths(config: AppConfig, base: Path) -> AppConfig:
     prefix = "sqlite:///"
     if database_url.startswith(prefix) and not database_url.startswith(prefix + "/"):
         database_url = prefix + str(base / database_url[len(prefix) :])
-    local_storage = config.storage.local.model_copy(update={"root": base / config.storage.local.root})
+    local_storage = config.storage.local.model_copy(
+        update={"root": base / config.storage.local.root, "files_root": base / config.storage.local.files_root}
+    )
     return config.model_copy(
         update={
             "cache_dir": base / config.cache_dir,

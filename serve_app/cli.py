@@ -7,6 +7,9 @@
     imagegen usage [NAME] [--json]
     imagegen reservations release-stale [--older-than SECONDS]
     imagegen db upgrade
+    imagegen batches list [--key NAME] [--status STATUS] [--limit N] [--json]
+    imagegen batches show BATCH_ID [--json]
+    imagegen batches cancel BATCH_ID
 
 The database is SQLite (``sqlite:///path``) or PostgreSQL (``postgresql+psycopg://...``);
 every command first brings its schema to this release's (Alembic revisions shipped in the
@@ -121,6 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
         "never less than the longest model timeout_s, when a request may still deliver)",
     )
     stale.set_defaults(handler=cmd_release_stale)
+
+    batches = commands.add_parser("batches", help="Batch API batches of every key")
+    batch_commands = batches.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    blist = batch_commands.add_parser("list", parents=[leaf], help="batches, newest first")
+    blist.add_argument("--key", default=None, metavar="NAME", help="only this key's batches")
+    blist.add_argument("--status", default=None, help="only batches in this status (in_progress, completed, ...)")
+    blist.add_argument("--limit", type=_positive_int, default=20)
+    blist.add_argument("--json", action="store_true", help="machine-readable output")
+    blist.set_defaults(handler=cmd_batches_list)
+    bshow = batch_commands.add_parser("show", parents=[leaf], help="one batch, with its request counts")
+    bshow.add_argument("batch_id")
+    bshow.add_argument("--json", action="store_true", help="machine-readable output (OpenAI's Batch object)")
+    bshow.set_defaults(handler=cmd_batches_show)
+    bcancel = batch_commands.add_parser(
+        "cancel", parents=[leaf], help="cancel a batch: lines not started never run; running ones finish"
+    )
+    bcancel.add_argument("batch_id")
+    bcancel.set_defaults(handler=cmd_batches_cancel)
 
     database = commands.add_parser("db", help="the accounts database itself")
     database_commands = database.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -344,6 +365,89 @@ def cmd_release_stale(ctx: Context, args: argparse.Namespace) -> None:
     released = ctx.store.release_stale(older_than)
     total = sum(s.refunded_units for s in released)
     print(f"Released {len(released)} stale reservation(s), refunding {_credits(total)} credits.")
+
+
+def _batch_store(ctx: Context):
+    from serve_app.batches.store import BatchStore
+
+    return BatchStore(ctx.store)
+
+
+def _batch_row(ctx: Context, batch, names: dict[int, str]) -> tuple[str, ...]:
+    counts = batch.counts
+    done = counts.completed + counts.failed
+    return (
+        batch.id,
+        names.get(batch.key_id, str(batch.key_id)),
+        batch.status,
+        f"{done}/{counts.total}",
+        str(counts.failed),
+        _when(batch.created_at),
+    )
+
+
+def cmd_batches_list(ctx: Context, args: argparse.Namespace) -> None:
+    from serve_app.batches.service import batch_object
+
+    key_id = ctx.store.key_by_name(args.key).id if args.key else None
+    rows, more = _batch_store(ctx).list_batches(key_id, after=None, limit=args.limit, status=args.status)
+    if args.json:
+        print(json.dumps([batch_object(row).model_dump(mode="json") for row in rows], indent=2))
+        return
+    if not rows:
+        print("No batches.")
+        return
+    names = {k.id: k.name for k in ctx.store.list_keys()}
+    _table([("BATCH", "KEY", "STATUS", "DONE", "FAILED", "CREATED"), *(_batch_row(ctx, row, names) for row in rows)])
+    if more:
+        print(f"(more than {args.limit}; raise --limit)")
+
+
+def cmd_batches_show(ctx: Context, args: argparse.Namespace) -> None:
+    from serve_app.batches.service import batch_object
+
+    batch = _batch_store(ctx).batch(None, args.batch_id)
+    if batch is None:
+        raise CLIError(f"no batch {args.batch_id!r}")
+    if args.json:
+        print(json.dumps(batch_object(batch).model_dump(mode="json"), indent=2))
+        return
+    key = ctx.store.key_by_id(batch.key_id)
+    counts = batch.counts
+    print(f"{batch.id} ({batch.endpoint}) of key '{key.name}': {batch.status}")
+    print(f"  requests: {counts.total} total, {counts.completed} completed, {counts.failed} failed")
+    for label, value in (
+        ("created", batch.created_at),
+        ("expires", batch.expires_at),
+        ("in progress", batch.in_progress_at),
+        ("finalizing", batch.finalizing_at),
+        ("completed", batch.completed_at),
+        ("cancelling", batch.cancelling_at),
+        ("cancelled", batch.cancelled_at),
+        ("expired", batch.expired_at),
+        ("failed", batch.failed_at),
+    ):
+        if value is not None:
+            print(f"  {label}: {_when(value)}")
+    for label, file_id in (
+        ("input file", batch.input_file_id),
+        ("output file", batch.output_file_id),
+        ("error file", batch.error_file_id),
+    ):
+        if file_id is not None:
+            print(f"  {label}: {file_id}")
+    for error in batch.errors or []:
+        print(f"  error (line {error.get('line')}): {error.get('message')}")
+
+
+def cmd_batches_cancel(ctx: Context, args: argparse.Namespace) -> None:
+    batch = _batch_store(ctx).cancel(None, args.batch_id)
+    if batch is None:
+        raise CLIError(f"no batch {args.batch_id!r}")
+    if batch.status == "cancelling":
+        print(f"Cancelling {batch.id}: lines not started will not run; it ends once its running lines finish.")
+    else:
+        print(f"Batch {batch.id} is {batch.status}; nothing to cancel.")
 
 
 def cmd_db_upgrade(ctx: Context, args: argparse.Namespace) -> None:

@@ -26,6 +26,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from serve_app.accounts import build_accounts
+from serve_app.batches.runner import BatchMetrics, BatchRunner
+from serve_app.batches.service import BatchService
+from serve_app.batches.store import BatchStore
+from serve_app.charge import ServedResponse, hand_over
 from serve_app.config import AppConfig
 from serve_app.enhancer import build_enhancer
 from serve_app.errors import (
@@ -38,11 +42,11 @@ from serve_app.errors import (
 )
 from serve_app.http_errors import REQUEST_ID_HEADER, SAFE_REQUEST_ID, error_response
 from serve_app.metrics import ServeMetrics
+from serve_app.multipart import FormPart, parse_form
 from serve_app.openapi import install_openapi
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter, live_replica_owners, replica_owner
-from serve_app.charge import ServedResponse, hand_over
 from serve_app.serving import EditUpload, ImageGenerationService
-from serve_app.storage import LocalImageStore, build_image_store
+from serve_app.storage import LocalImageStore, build_file_store, build_image_store
 
 logger = logging.getLogger("ray.serve")
 
@@ -50,6 +54,12 @@ SAFE_REQUEST_ID_RE = re.compile(SAFE_REQUEST_ID)
 # Bounds of an edits form: OpenAI's image[] takes up to 16 files, plus the mask.
 EDIT_MAX_FILES = 17
 EDIT_MAX_FIELDS = 64
+# The parts of the image forms that are files, with or without a filename.
+EDIT_FILE_PARTS = ("image", "image[]", "mask")
+VARIATION_FILE_PARTS = ("image",)
+# What a text value sent as an image part looks like: a data URI, or base64 (an image file's
+# own bytes never are: PNG, JPEG and WEBP start with bytes outside that alphabet).
+_TEXT_IMAGE = re.compile(rb"data:.*|[A-Za-z0-9+/=_\s-]+", re.DOTALL)
 
 # The playground page (serve_app/playground/): static, read once. Its policy lets it load
 # nothing but itself, talk to nothing but this server, and be framed by no page (the key
@@ -206,6 +216,25 @@ def _scales_from_zero(autoscaling_config: dict[str, Any] | None) -> bool:
     return autoscaling_config is not None and int(autoscaling_config.get("min_replicas", 1)) == 0
 
 
+def _image_part(part: FormPart) -> bytes:
+    """An image file part's bytes; a 400 that says how to send it when they are text (base64 or
+    a data URI), which a form's image part never carries."""
+    if part.filename is None and _TEXT_IMAGE.fullmatch(part.data[:4096]) and _TEXT_IMAGE.fullmatch(part.data):
+        raise InvalidRequest(
+            "Invalid 'image': a form's image part carries the image file's bytes (curl: -F image=@photo.png), "
+            "not base64 or a data URI.",
+            param="image",
+        )
+    return part.data
+
+
+def _text_part(part: FormPart) -> str:
+    try:
+        return part.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"Invalid '{part.name}': a form field must be UTF-8 text.", param=part.name) from None
+
+
 class ChargedResponse(StreamingResponse):
     """A served answer, JSON or events, sent by ``hand_over``: the one place a charged
     response leaves, counting what was sent and settling once however the response ends
@@ -277,6 +306,20 @@ class ImageGenerationIngress:
             metrics=self._metrics,
             enhancer=build_enhancer(self._config.prompt_enhancer, enhancer_handle),
         )
+        # The Batch API: files and batches in the accounts database, bytes in the file store,
+        # and this replica's runner of batch lines (serve_app/batches/).
+        self._files = build_file_store(self._config.storage)
+        batch_store = BatchStore(self._accounts.store)
+        self._batches = BatchService(self._config, batch_store, self._files)
+        self._batch_runner = BatchRunner(
+            self._config, self._service, self._accounts.store, batch_store, self._files, owner, BatchMetrics(True)
+        )
+
+    async def check_health(self) -> None:
+        """Serve's periodic health check, on the replica's event loop: it starts the
+        background work of a replica that no request has reached yet (one Serve restarted
+        must resume the batches it was running without waiting for traffic)."""
+        self._start_background_work()
 
     def _start_background_work(self) -> None:
         """Retention sweeps, started once on the replica's event loop by the first request
@@ -289,6 +332,8 @@ class ImageGenerationIngress:
             self._config.idempotency_replay_window_s,
         )
         self._accounts.start_orphan_sweeper(self._live_owners, accounts.orphan_check_every_s)
+        if self._config.batches.enabled:
+            self._batch_runner.start()
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
@@ -353,6 +398,90 @@ class ImageGenerationIngress:
             headers={"cache-control": f"private, max-age={max_age}", "x-content-type-options": "nosniff"},
         )
 
+    # -- the Batch API: /v1/files and /v1/batches (serve_app/batches/service.py) -----------
+    @api.post("/v1/files")
+    async def upload_file(self, request: Request) -> Response:
+        async def work(key: Any) -> Any:
+            _require_media_type(request, "multipart/form-data")
+            limit = self._config.files.max_bytes + 64 * 1024  # the form's own parts around the file
+            body = await read_body(request, limit, self._config.body_read_timeout_s)
+            parts = parse_form(
+                body, request.headers.get("content-type", ""), file_names=("file",), max_files=1, max_fields=4
+            )
+            form = {part.name: part for part in parts}
+            if "file" not in form:
+                raise InvalidRequest("Missing required parameter: 'file'.", param="file")
+            if "purpose" not in form:
+                raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose")
+            upload = form["file"]
+            purpose = _text_part(form["purpose"])
+            return await self._batches.upload_file(key, upload.filename or "file.jsonl", purpose, upload.data)
+
+        return await self._keyed(request, work)
+
+    @api.get("/v1/files")
+    async def list_files(self, request: Request) -> Response:
+        query = request.query_params
+        return await self._keyed(
+            request,
+            lambda key: self._batches.list_files(
+                key,
+                after=query.get("after"),
+                limit=query.get("limit"),
+                order=query.get("order"),
+                purpose=query.get("purpose"),
+            ),
+        )
+
+    @api.get("/v1/files/{file_id}")
+    async def retrieve_file(self, file_id: str, request: Request) -> Response:
+        return await self._keyed(request, lambda key: self._batches.retrieve_file(key, file_id))
+
+    @api.get("/v1/files/{file_id}/content")
+    async def file_content(self, file_id: str, request: Request) -> Response:
+        async def work(key: Any) -> Response:
+            data = await self._batches.file_content(key, file_id)
+            return Response(data, media_type="application/octet-stream", headers={"x-content-type-options": "nosniff"})
+
+        return await self._keyed(request, work)
+
+    @api.delete("/v1/files/{file_id}")
+    async def delete_file(self, file_id: str, request: Request) -> Response:
+        return await self._keyed(request, lambda key: self._batches.delete_file(key, file_id))
+
+    @api.post("/v1/batches")
+    async def create_batch(self, request: Request) -> Response:
+        async def work(key: Any) -> Any:
+            return await self._batches.create_batch(key, await self._read_json(request))
+
+        return await self._keyed(request, work)
+
+    @api.get("/v1/batches")
+    async def list_batches(self, request: Request) -> Response:
+        query = request.query_params
+        return await self._keyed(
+            request, lambda key: self._batches.list_batches(key, after=query.get("after"), limit=query.get("limit"))
+        )
+
+    @api.get("/v1/batches/{batch_id}")
+    async def retrieve_batch(self, batch_id: str, request: Request) -> Response:
+        return await self._keyed(request, lambda key: self._batches.retrieve_batch(key, batch_id))
+
+    @api.post("/v1/batches/{batch_id}/cancel")
+    async def cancel_batch(self, batch_id: str, request: Request) -> Response:
+        return await self._keyed(request, lambda key: self._batches.cancel_batch(key, batch_id))
+
+    async def _keyed(self, request: Request, work: Callable[[Any], Awaitable[Any]]) -> Response:
+        """Authenticate, then do ``work(key)``: its model as JSON (or its own response), or
+        the error on the wire."""
+        self._start_background_work()
+        try:
+            key = await self._service.authenticate(request.headers.get("authorization"))
+            result = await work(key)
+        except Exception as exc:  # noqa: BLE001 - mapped to the wire in one place
+            return error_for(exc, request)
+        return result if isinstance(result, Response) else JSONResponse(result.model_dump(mode="json"))
+
     @api.post("/v1/images/generations")
     async def generate_images(self, request: Request) -> Response:
         return await self._respond(request, "generations", self._read_json, self._service.generate)
@@ -360,6 +489,10 @@ class ImageGenerationIngress:
     @api.post("/v1/images/edits")
     async def edit_images(self, request: Request) -> Response:
         return await self._respond(request, "edits", self._read_edit_form, self._service.edit)
+
+    @api.post("/v1/images/variations")
+    async def create_variations(self, request: Request) -> Response:
+        return await self._respond(request, "variations", self._read_variation_form, self._service.variation)
 
     async def _respond(
         self, request: Request, endpoint: str, read: Callable[[Request], Awaitable[Any]], serve: Callable[..., Any]
@@ -391,7 +524,9 @@ class ImageGenerationIngress:
     def _model_tag(self, payload: Any) -> str:
         """The request's model for a metric tag: a configured id, never a client's free text."""
         fields = payload.fields if isinstance(payload, EditUpload) else payload
-        model = fields.get("model") if isinstance(fields, dict) else None
+        model = fields.get("model", None) if isinstance(fields, dict) else "unknown"
+        if model is None:  # absent or null: the default model
+            return self._config.default_model_id
         return model if isinstance(model, str) and self._config.model(model) is not None else "unknown"
 
     async def _read_body(self, request: Request) -> bytes:
@@ -414,35 +549,49 @@ class ImageGenerationIngress:
 
     async def _read_edit_form(self, request: Request) -> EditUpload:
         """OpenAI's edits form: text fields once each, ``image`` / ``image[]`` files, a ``mask`` file."""
+        return await self._read_image_form(request, EDIT_FILE_PARTS)
+
+    async def _read_variation_form(self, request: Request) -> EditUpload:
+        """OpenAI's variations form: text fields once each, one ``image`` file."""
+        return await self._read_image_form(request, VARIATION_FILE_PARTS)
+
+    async def _read_image_form(self, request: Request, file_names: tuple[str, ...]) -> EditUpload:
+        """A multipart image form: the parts named in ``file_names`` are files (their bytes,
+        whether or not the part has a filename: curl's ``-F image=<x.png`` sends none), a
+        ``name[]`` text part is one item of a list field, any other part a text field."""
         _require_media_type(request, "multipart/form-data")
         body = await self._read_body(request)  # bounded before the parser sees it
-
-        async def replay() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=EDIT_MAX_FILES, max_fields=EDIT_MAX_FIELDS)
-        except StarletteHTTPException as exc:  # too many parts, malformed multipart
-            raise InvalidRequest(f"The multipart form could not be read: {exc.detail}") from None
+        parts = parse_form(
+            body,
+            request.headers.get("content-type", ""),
+            file_names=file_names,
+            max_files=EDIT_MAX_FILES,
+            max_fields=EDIT_MAX_FIELDS,
+        )
         fields: dict[str, str | list[str]] = {}
         images: list[bytes] = []
         mask: bytes | None = None
-        for name, value in form.multi_items():
-            if isinstance(value, str) and name.endswith("[]"):
-                # A list field, one part per item, as the OpenAI SDKs send arrays in a form
-                # (`extra_lora_weights[]`); bounded by the form's field count and the model.
-                items = fields.setdefault(name[:-2], [])
-                if not isinstance(items, list):
-                    raise InvalidRequest(f"Invalid '{name[:-2]}': send it once.", param=name[:-2])
-                items.append(value)
-            elif isinstance(value, str):
-                if name in fields:
-                    raise InvalidRequest(f"Invalid '{name}': send it once.", param=name)
-                fields[name] = value
-            elif name in ("image", "image[]"):
-                images.append(await value.read())
-            elif name == "mask" and mask is None:
-                mask = await value.read()
-            else:
+        for part in parts:
+            name = part.name
+            if name in ("image", "image[]") and name in file_names:
+                images.append(_image_part(part))
+            elif name == "mask" and name in file_names:
+                if mask is not None:
+                    raise InvalidRequest("Invalid 'mask': send it once.", param="mask")
+                mask = part.data
+            elif part.filename is not None:
                 raise InvalidRequest(f"Invalid '{name}': unexpected file part.", param=name)
+            else:
+                value = _text_part(part)
+                if name.endswith("[]"):
+                    # A list field, one part per item, as the OpenAI SDKs send arrays in a form
+                    # (`extra_lora_weights[]`); bounded by the form's field count and the model.
+                    items = fields.setdefault(name[:-2], [])
+                    if not isinstance(items, list):
+                        raise InvalidRequest(f"Invalid '{name[:-2]}': send it once.", param=name[:-2])
+                    items.append(value)
+                elif name in fields:
+                    raise InvalidRequest(f"Invalid '{name}': send it once.", param=name)
+                else:
+                    fields[name] = value
         return EditUpload(fields=fields, images=images, mask=mask)

@@ -35,6 +35,7 @@ from serve_app.protocol import (
     ImageEditRequest,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageVariationRequest,
     ModelCard,
     ModelList,
 )
@@ -208,7 +209,7 @@ def _edit_form() -> dict[str, Any]:
         "title": "ImageEditForm",
         "type": "object",
         "properties": properties,
-        "required": ["image", "prompt", "model"],
+        "required": ["image", "prompt"],
         "additionalProperties": False,
     }
     image_types = ", ".join(_IMAGE_TYPES)
@@ -217,6 +218,31 @@ def _edit_form() -> dict[str, Any]:
         "image[]": {"contentType": image_types},
         "mask": {"contentType": "image/png"},
     }
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema, "encoding": encoding}}}
+
+
+# Fields of ImageVariationRequest (inherited from generations) that a variation refuses.
+_NOT_VARIATION_FIELDS = ("prompt", "image", "stream", "partial_images", "enhance_prompt")
+
+
+def _variation_form() -> dict[str, Any]:
+    """OpenAI's multipart form for variations: one ``image`` file, and
+    ``ImageVariationRequest``'s fields as form fields (no prompt: a variation has none)."""
+    fields = ImageVariationRequest.model_json_schema(mode="validation")
+    if "$defs" in fields:
+        raise RuntimeError("ImageVariationRequest has nested models; document their multipart encoding")
+    properties: dict[str, Any] = {
+        name: _form_field(schema) for name, schema in fields["properties"].items() if name not in _NOT_VARIATION_FIELDS
+    }
+    properties["image"] = {**_BINARY, "description": "The image to make variations of (png, jpeg or webp)."}
+    schema = {
+        "title": "ImageVariationForm",
+        "type": "object",
+        "properties": properties,
+        "required": ["image"],
+        "additionalProperties": False,
+    }
+    encoding = {"image": {"contentType": ", ".join(_IMAGE_TYPES)}}
     return {"required": True, "content": {"multipart/form-data": {"schema": schema, "encoding": encoding}}}
 
 
@@ -343,6 +369,14 @@ CONTRACTS: dict[tuple[str, str], _Contract] = {
         request_body=_edit_form,
         parameters=lambda: [dict(_IDEMPOTENCY_KEY)],
         description="Image-to-image, or inpainting with a `mask` (OpenAI's multipart edits form).",
+    ),
+    ("post", "/v1/images/variations"): _Contract(
+        ok=lambda _: _json_ok(ImagesResponse, {**_CREDIT_HEADERS, **_RATE_LIMIT_HEADERS}, "The generated images."),
+        errors=_POST_ERRORS,
+        request_body=_variation_form,
+        parameters=lambda: [dict(_IDEMPOTENCY_KEY)],
+        description="Variations of an image: image-to-image with an empty prompt at the model's "
+        "`defaults.variation_strength` (OpenAI's multipart variations form).",
     ),
 }
 
@@ -474,3 +508,11 @@ def _referenced(document: dict[str, Any], name: str) -> bool:
 
 
 __all__ = ["CONTRACTS", "build_document", "install_openapi"]
+
+
+# The Batch API's operations and wire models (serve_app/batches/openapi.py), built on the
+# helpers above.
+from serve_app.batches.openapi import batch_contracts, batch_models
+
+_MODELS += batch_models()
+CONTRACTS.update(batch_contracts())

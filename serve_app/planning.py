@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from serve_app.config import SIZE_PATTERN, ModelConfig
 from serve_app.errors import InvalidRequest
+from serve_app.lane import Priority
 from serve_app.protocol import MAX_SEED, ImageGenerationRequest
 from serve_app.work import CallShape, GenerationJob, InputImage, Mode
 
@@ -45,6 +46,7 @@ class GenerationPlan:
     mask: InputImage | None = None
     check_safety: bool = True  # run the model's safety checker (when it has one)
     partial_images: int = 0  # previews per image, streamed requests only
+    priority: Priority = "interactive"  # the lane (serve_app.lane): batch jobs fill what interactive leave
 
     @property
     def size(self) -> str:
@@ -64,6 +66,7 @@ class GenerationPlan:
             mask=self.mask,
             check_safety=self.check_safety,
             partial_images=self.partial_images,
+            priority=self.priority,
         )
         return job.split(max_images_per_job)
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from serve_app.errors import InvalidRequest
+from serve_app.usage import Usage
 
 MAX_SEED = 2**63 - 1
 # Absolute bounds, whatever a model allows: a model's own limits (limits.max_prompt_chars) are
 # checked in planning, but nothing larger than this is even parsed into a request.
 MAX_TEXT_CHARS = 32_000
 MAX_LORAS = 8
+# Integer fields that also take an integral float (1.0, as some clients serialize numbers);
+# 1.5 stays a 400.
+INTEGER_FIELDS = ("n", "output_compression", "partial_images", "num_inference_steps", "seed", "output_quality")
 
 
 class ImageGenerationRequest(BaseModel):
@@ -26,10 +30,12 @@ class ImageGenerationRequest(BaseModel):
 
     # --- OpenAI images API -------------------------------------------------------------
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
-    model: str = Field(min_length=1, max_length=128)
+    # None (absent or null): the config's default_model.
+    model: str | None = Field(None, min_length=1, max_length=128)
     background: Literal["transparent", "opaque", "auto"] | None = None
     moderation: Literal["low", "auto"] | None = None
-    n: int = Field(1, ge=1, le=10)
+    n: int = Field(1, ge=1, le=10)  # null: 1
+    # jpeg / webp quality; with png it is ignored, as OpenAI ignores it.
     output_compression: int | None = Field(None, ge=0, le=100)
     output_format: Literal["png", "jpeg", "jpg", "webp"] | None = None
     partial_images: int | None = Field(None, ge=0, le=3)
@@ -65,6 +71,20 @@ class ImageGenerationRequest(BaseModel):
     image_size: str | None = Field(None, max_length=32)
     output_quality: int | None = Field(None, ge=0, le=100)
 
+    @field_validator("n", mode="before")
+    @classmethod
+    def _null_is_one(cls, value: object) -> object:
+        """OpenAI's ``n: null`` means the default."""
+        return 1 if value is None else value
+
+    @field_validator(*INTEGER_FIELDS, mode="before")
+    @classmethod
+    def _integral_float(cls, value: object) -> object:
+        """``1.0`` is the integer 1 (JSON has one number type); ``1.5`` stays a float, refused."""
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
     @model_validator(mode="after")
     def _honourable(self) -> ImageGenerationRequest:
         """Reject what no model here can do, rather than silently ignoring it."""
@@ -78,19 +98,20 @@ class ImageGenerationRequest(BaseModel):
             ("background", self.background == "transparent", "transparent backgrounds are not supported"),
             ("style", self.style is not None, "style presets are not supported; describe the style in the prompt"),
         ]
-        if not self.prompt.strip():
-            raise _FieldError("prompt", "it must contain more than whitespace")
+        self._check_prompt()
         for param, rejected, why in unsupported:
             if rejected:
                 raise _FieldError(param, why)
         if self.output_compression is not None and self.output_quality is not None:
             if self.output_compression != self.output_quality:
                 raise _FieldError("output_compression", "output_compression and output_quality disagree; send one")
-        if self.output_compression is not None and self.resolved_output_format() == "png":
-            raise _FieldError("output_compression", "output_compression applies to jpeg and webp only")
         if self.size is not None and self.size != "auto" and (self.aspect_ratio or self.image_size):
             raise _FieldError("size", "send either size or aspect_ratio/image_size, not both")
         return self
+
+    def _check_prompt(self) -> None:
+        if not self.prompt.strip():
+            raise _FieldError("prompt", "it must contain more than whitespace")
 
     def resolved_output_format(self, default: str = "png") -> str:
         fmt = self.output_format or default
@@ -120,6 +141,32 @@ class ImageEditRequest(ImageGenerationRequest):
         return self
 
 
+class ImageVariationRequest(ImageGenerationRequest):
+    """The text fields of ``POST /v1/images/variations``: OpenAI's multipart form (``model``,
+    ``n``, ``size``, ``response_format``, ``user``) plus the same extensions as edits. A
+    variation is image-to-image from the ``image`` file with an empty prompt, at the model's
+    ``defaults.variation_strength`` unless ``strength`` is sent. Not strict: form values
+    arrive as text. The image file travels beside it."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, frozen=True)
+
+    prompt: str = ""  # never sent: a variation has no prompt
+
+    def _check_prompt(self) -> None:
+        if "prompt" in self.model_fields_set:
+            raise _FieldError("prompt", "a variation has no prompt; to change an image by a prompt, use /v1/images/edits")
+
+    @model_validator(mode="after")
+    def _variation_fields(self) -> ImageVariationRequest:
+        if self.image is not None:
+            raise _FieldError("image", "send the image as a file part, not as text")
+        if self.stream is True:
+            raise _FieldError("stream", "variations are not streamed; send stream: false")
+        if self.enhance_prompt:
+            raise _FieldError("enhance_prompt", "a variation has no prompt to enhance")
+        return self
+
+
 class _FieldError(ValueError):
     """A validator's complaint that names its field (pydantic reports it at the model)."""
 
@@ -143,6 +190,14 @@ def parse_edit_request(fields: dict[str, str | list[str]]) -> ImageEditRequest:
     """Validate the text fields of an edits form, the first problem a 400 naming its field."""
     try:
         return ImageEditRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise _to_invalid_request(exc) from None
+
+
+def parse_variation_request(fields: dict[str, str | list[str]]) -> ImageVariationRequest:
+    """Validate the text fields of a variations form, the first problem a 400 naming its field."""
+    try:
+        return ImageVariationRequest.model_validate(fields)
     except ValidationError as exc:
         raise _to_invalid_request(exc) from None
 
@@ -179,6 +234,8 @@ class ImagesResponse(BaseModel):
     size: str
     quality: Literal["low", "medium", "high"] | None = None
     background: Literal["opaque"] | None = None
+    # OpenAI's token usage in our documented units (serve_app/usage.py); credits are headers.
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

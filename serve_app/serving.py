@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from serve_app.accounts.records import IdempotencyClaim, Replay, Reservation, Settlement
 from serve_app.accounts.units import format_credits
@@ -38,6 +38,7 @@ from serve_app.errors import (
     UpstreamError,
 )
 from serve_app.image_input import Decoder, ImageInputPolicy, decode_image, mask_from_png
+from serve_app.lane import INTERACTIVE, Lane
 from serve_app.metrics import NoMetrics, ServiceMetrics
 from serve_app.planning import GenerationPlan, plan_generation
 from serve_app.protocol import (
@@ -48,10 +49,12 @@ from serve_app.protocol import (
     ModelList,
     parse_edit_request,
     parse_generation_request,
+    parse_variation_request,
 )
 from serve_app.routing import ModelRouter
 from serve_app.storage import CONTENT_TYPES, StorageError
 from serve_app.streaming import CompletedEvent, EventPrefix, PartialImageEvent, error_event, sse
+from serve_app.usage import Usage, count_usage
 from serve_app.work import GeneratedImage, PreviewImage, StreamedImage, StreamItem
 
 logger = logging.getLogger("ray.serve")
@@ -130,6 +133,8 @@ class EditUpload:
         return digest.hexdigest()
 
 
+RequestT = TypeVar("RequestT", bound=ImageGenerationRequest)
+
 # What turns a request's large inputs (an image, a mask) into its plan: awaited after the
 # reservation; the decoding runs on the decoder's own bounded pool.
 Planner = Callable[[], Awaitable[GenerationPlan]]
@@ -162,6 +167,15 @@ def _outcome(
             "headers": replayed,
         }
     ).encode()
+
+
+def _usage(plan: GenerationPlan, made: Sequence[GeneratedImage], delivered: Sequence[GeneratedImage]) -> Usage:
+    """OpenAI's ``usage`` (units in serve_app/usage.py): the request's input once (the prompt's
+    tokens, as the replica counted them for the images it ``made``, and the input image at the
+    size the model saw it), and the output of the ``delivered`` images only."""
+    inputs = [] if plan.image is None else [(plan.image.width, plan.image.height)]
+    text_tokens = max((image.text_tokens for image in made), default=0)
+    return count_usage(text_tokens, inputs, [(image.width, image.height) for image in delivered])
 
 
 def _json_answer(body: ImagesResponse, headers: dict[str, str], charge: Charge | None, images: int) -> ServedResponse:
@@ -249,10 +263,13 @@ class ImageGenerationService:
         request_id: str,
         base_url: str | None,
         idempotency_key: str | None = None,
+        lane: Lane = INTERACTIVE,
     ) -> ServedResponse:
-        """``POST /v1/images/generations``: text-to-image, or image-to-image with ``image``."""
+        """``POST /v1/images/generations``: text-to-image, or image-to-image with ``image``.
+        ``lane``: a Batch API line's price, admission and priority (``serve_app.lane``)."""
         request = parse_generation_request(payload)
-        model = self._permitted_model(key, request.model)
+        model = self._requested_model(key, request)
+        request = self._with_default_response_format(request, model, base_url)
         if request.image is None:
             plan = plan_generation(request, model)  # validated before admission
 
@@ -272,7 +289,9 @@ class ImageGenerationService:
             return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
         claim = self._claim(idempotency_key, fingerprint, request.stream)
-        return await self._serve(key, request, model, planner, claim, request_id, base_url, "image_generation")
+        return await self._serve(
+            key, request, model, planner, claim, request_id, base_url, "image_generation", lane=lane
+        )
 
     async def edit(
         self,
@@ -282,10 +301,12 @@ class ImageGenerationService:
         request_id: str,
         base_url: str | None,
         idempotency_key: str | None = None,
+        lane: Lane = INTERACTIVE,
     ) -> ServedResponse:
         """``POST /v1/images/edits``: image-to-image, or inpainting with a mask."""
         request = parse_edit_request(upload.fields)
-        model = self._permitted_model(key, request.model)
+        model = self._requested_model(key, request)
+        request = self._with_default_response_format(request, model, base_url)
         if not upload.images:
             raise InvalidRequest("Missing required parameter: 'image'.", param="image")
         if len(upload.images) > model.rules.max_reference_images:
@@ -305,7 +326,59 @@ class ImageGenerationService:
             return await self._decoder.run(decode_and_plan)
 
         claim = self._claim(idempotency_key, upload.fingerprint, request.stream)
-        return await self._serve(key, request, model, planner, claim, request_id, base_url, "image_edit")
+        return await self._serve(key, request, model, planner, claim, request_id, base_url, "image_edit", lane=lane)
+
+    async def variation(
+        self,
+        key: Any,
+        upload: EditUpload,
+        *,
+        request_id: str,
+        base_url: str | None,
+        idempotency_key: str | None = None,
+        lane: Lane = INTERACTIVE,
+    ) -> ServedResponse:
+        """``POST /v1/images/variations``: image-to-image from the one ``image`` with an empty
+        prompt, at the model's ``defaults.variation_strength`` (or the ``strength`` sent),
+        billed like a generation."""
+        request = parse_variation_request(upload.fields)
+        model = self._requested_model(key, request)
+        if not upload.images:
+            raise InvalidRequest("Missing required parameter: 'image'.", param="image")
+        if len(upload.images) > 1:
+            raise InvalidRequest(
+                f"Invalid 'image': a variation is made from one image, got {len(upload.images)}.", param="image"
+            )
+        if request.strength is None:
+            request = request.model_copy(update={"strength": model.defaults.variation_strength})
+        request = self._with_default_response_format(request, model, base_url)
+        policy = self._policy(model)
+
+        def decode_and_plan() -> GenerationPlan:
+            return plan_generation(request, model, decode_image(upload.images[0], param="image", policy=policy))
+
+        async def planner() -> GenerationPlan:
+            return await self._decoder.run(decode_and_plan)
+
+        claim = self._claim(idempotency_key, upload.fingerprint, request.stream)
+        # Never streamed (the request refuses stream: true), so the event prefix is unused.
+        return await self._serve(key, request, model, planner, claim, request_id, base_url, "image_edit", lane=lane)
+
+    def _requested_model(self, key: Any, request: ImageGenerationRequest) -> ModelConfig:
+        """The request's model, or the config's default model when it names none (absent or null)."""
+        return self._permitted_model(key, request.model if request.model is not None else self._config.default_model_id)
+
+    def _with_default_response_format(self, request: RequestT, model: ModelConfig, base_url: str | None) -> RequestT:
+        """``request`` with its ``response_format`` decided when it sends none: the model's
+        ``defaults.response_format``, but b64_json where this request cannot be given a URL
+        (no storage, or local files without public_base_url reached through a non-loopback
+        address). A stream always carries base64."""
+        if request.response_format is not None or request.stream:
+            return request
+        chosen = model.defaults.response_format
+        if chosen == "url" and (self._store is None or (base_url is None and self._store.needs_request_base_url)):
+            chosen = "b64_json"
+        return request.model_copy(update={"response_format": chosen})
 
     async def _serve(
         self,
@@ -317,6 +390,8 @@ class ImageGenerationService:
         request_id: str,
         base_url: str | None,
         prefix: EventPrefix,
+        *,
+        lane: Lane = INTERACTIVE,
     ) -> ServedResponse:
         """The one lifecycle of every image request, JSON or stream: check what is cheap to
         check, admit (rate limit), reserve (the Charge), then decode, plan, enhance, and
@@ -327,13 +402,16 @@ class ImageGenerationService:
         if not request.stream:
             self._check_url_delivery(request, base_url)
         await self._router.ensure_available(model.id)  # a 503 before anything is held
-        headers = dict(await self._accounts.admit(key, request.n))
-        held = await self._accounts.reserve(key, request_id, model.id, request.n, model.price_units, claim)
+        headers = dict(await self._accounts.admit(key, request.n)) if lane.rate_limited else {}
+        price_units = lane.price_units(model.price_units)
+        held = await self._accounts.reserve(key, request_id, model.id, request.n, price_units, claim)
         if isinstance(held, Replay):
             return await self._replayed(held, base_url)
         charge = Charge(self._accounts, held, request_id, self._metrics)
         try:
             plan = await planner()
+            if lane.priority != plan.priority:
+                plan = dataclasses.replace(plan, priority=lane.priority)
             if request.enhance_prompt:
                 plan = await self._enhanced(plan, model, headers)
             if request.stream:
@@ -443,6 +521,7 @@ class ImageGenerationService:
             size=plan.size,
             quality=plan.quality_label,
             background="opaque" if request.background is not None else None,
+            usage=_usage(plan, images, passed),
         )
         if replayable and None not in stored:
             charge.outcome = _outcome(body, stored, plan.response_format, expires_at, headers)
@@ -563,6 +642,7 @@ class ImageGenerationService:
                         image_index=item.image_index,
                         seed=item.image.seed,
                         revised_prompt=plan.prompt,
+                        usage=_usage(plan, [item.image], [item.image]),
                         credits_charged=format_credits(settlement.charged_units),
                         credits_remaining=format_credits(settlement.balance_units),
                         **common,

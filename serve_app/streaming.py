@@ -17,22 +17,9 @@ from typing import Literal
 from pydantic import BaseModel
 
 from serve_app.http_errors import error_body
+from serve_app.usage import Usage
 
 EventPrefix = Literal["image_generation", "image_edit"]
-
-
-class InputTokensDetails(BaseModel):
-    image_tokens: int = 0
-    text_tokens: int = 0
-
-
-class StreamUsage(BaseModel):
-    """OpenAI's token usage: these models are billed per image in credits, so all zero."""
-
-    input_tokens: int = 0
-    input_tokens_details: InputTokensDetails = InputTokensDetails()
-    output_tokens: int = 0
-    total_tokens: int = 0
 
 
 class _ImageEvent(BaseModel):
@@ -55,7 +42,7 @@ class PartialImageEvent(_ImageEvent):
 
 
 class CompletedEvent(_ImageEvent):
-    usage: StreamUsage = StreamUsage()
+    usage: Usage  # this image's: the request's input and this image's output (serve_app/usage.py)
     # --- extensions -----------------------------------------------------------------------
     seed: int
     revised_prompt: str | None = None

@@ -18,6 +18,9 @@ class Mode(str, Enum):
     TEXT_TO_IMAGE = "text-to-image"
     IMAGE_TO_IMAGE = "image-to-image"
     INPAINT = "inpaint"
+    # An instruction edit from one or more reference images (Qwen-Image-Edit): the image is
+    # made anew, conditioned on the references; no strength, no mask.
+    EDIT = "edit"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class CallShape:
     adapters: tuple[tuple[str, float], ...] = ()
     # The model's speed mode (transformer caching) is on for this call.
     go_fast: bool = False
+    # (width, height) of each further reference image of a multi-reference edit (Mode.EDIT):
+    # they lengthen the denoiser's sequence, so only equal ones can share a call.
+    reference_sizes: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,11 +86,17 @@ class GenerationJob:
     output_quality: int = 80
     image: InputImage | None = None  # image-to-image and inpainting
     mask: InputImage | None = None  # inpainting
+    # The further input images of a multi-reference edit (Mode.EDIT), after ``image``, each
+    # at its own aspect ratio; empty otherwise.
+    references: tuple[InputImage, ...] = ()
     # Run the model's safety checker on these images (when the model has one).
     check_safety: bool = True
     # Previews to stream per image (OpenAI's partial_images, 0-3); 0 for a plain request.
     # Not part of the CallShape: previews read the latents, they do not change the math.
     partial_images: int = 0
+    # "batch": a Batch API line, which a replica runs only in batch slots interactive jobs
+    # leave empty (deployments/coalescing.py). Not part of the CallShape either.
+    priority: str = "interactive"
 
     @property
     def num_images(self) -> int:
@@ -109,6 +121,9 @@ class GeneratedImage:
     height: int
     # The safety checker flagged it: ``data`` is empty and the image is not delivered.
     flagged: bool = False
+    # The job's prompt (and negative prompt) tokens under the model's tokenizer, counted by
+    # the replica for the response's ``usage`` (serve_app/usage.py); 0 when not counted.
+    text_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -75,8 +75,12 @@ def served(ray_session, tmp_path_factory, request):
                     "orphan_check_every_s": 2.0,
                 }
             ),
+            # Batch lines of a killed ingress are taken over after 5 s, not a minute.
+            "batches": base.batches.model_copy(update={"lease_s": 5.0, "retry_after_s": 1.0}),
             "storage": base.storage.model_copy(
-                update={"local": base.storage.local.model_copy(update={"root": data / "images"})}
+                update={
+                    "local": base.storage.local.model_copy(update={"root": data / "images", "files_root": data / "files"})
+                }
             ),
         }
     )

@@ -54,7 +54,10 @@ class FakeRouter:
                         raise self.failure
                     flagged = seed in self.flag_seeds
                     data = b"" if flagged else b"img%d" % seed
-                    yield StreamedImage(offset + index, GeneratedImage(data, seed, job.output_format, 64, 64, flagged))
+                    # Text tokens as a replica counts them for usage; here one per word.
+                    tokens = len(job.prompt.split()) + len((job.negative_prompt or "").split())
+                    image = GeneratedImage(data, seed, job.output_format, 64, 64, flagged, text_tokens=tokens)
+                    yield StreamedImage(offset + index, image)
                     sent += 1
                 offset += job.num_images
             finished = True
@@ -100,7 +103,8 @@ async def answer(served: ServedResponse) -> list[bytes]:
 
 
 async def serve(svc, secret, fields, *, endpoint="generate", request_id="req_test_1", base_url="http://h", **options):
-    """Authenticate as the ingress does, then serve ``fields`` (a JSON body, or an EditUpload)."""
+    """Authenticate as the ingress does, then serve ``fields`` (a JSON body, or an EditUpload)
+    at ``endpoint``: ``generate``, ``edit`` or ``variation``."""
     key = await svc.authenticate(f"Bearer {secret}")
-    method = svc.generate if endpoint == "generate" else svc.edit
+    method = getattr(svc, endpoint)
     return await method(key, fields, request_id=request_id, base_url=base_url, **options)

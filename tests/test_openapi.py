@@ -15,6 +15,7 @@ from serve_app.protocol import ErrorResponse, ImageEditRequest, ImageGenerationR
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
+VARIATIONS = "/v1/images/variations"
 IMAGE = "/v1/files/images/{name}"
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 # Every status that README's error table documents, and what only some routes answer.
@@ -84,7 +85,7 @@ def test_the_generations_body_is_the_request_model(document: dict) -> None:
     schema = resolve(document, body["content"]["application/json"]["schema"])
     assert list(schema["properties"]) == list(ImageGenerationRequest.model_fields)
     required = {name for name, info in ImageGenerationRequest.model_fields.items() if info.is_required()}
-    assert set(schema["required"]) == required == {"prompt", "model"}
+    assert set(schema["required"]) == required == {"prompt"}  # model: the config's default_model
     assert schema["additionalProperties"] is False  # unknown fields are a 400
     assert schema == ImageGenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
 
@@ -98,7 +99,7 @@ def test_the_edits_body_is_openais_multipart_form(document: dict) -> None:
     assert {k: props["image"][k] for k in binary} == binary
     assert {k: props["mask"][k] for k in binary} == binary
     assert props["image[]"]["type"] == "array" and props["image[]"]["items"] == binary
-    assert set(schema["required"]) == {"image", "prompt", "model"}
+    assert set(schema["required"]) == {"image", "prompt"}
     # The text fields are the edit model's (its `image` travels as the file part).
     assert set(props) - {"image", "image[]", "mask"} == set(ImageEditRequest.model_fields) - {"image"}
     text = {name: props[name] for name in ImageEditRequest.model_fields if name != "image"}
@@ -107,7 +108,17 @@ def test_the_edits_body_is_openais_multipart_form(document: dict) -> None:
     assert '"null"' not in json.dumps(text)  # a form field is left out, never null
 
 
-@pytest.mark.parametrize("path", [GENERATIONS, EDITS])
+def test_the_variations_body_is_openais_multipart_form(document: dict) -> None:
+    body = document["paths"][VARIATIONS]["post"]["requestBody"]
+    schema = body["content"]["multipart/form-data"]["schema"]
+    props = schema["properties"]
+    assert {k: props["image"][k] for k in ("type", "format")} == {"type": "string", "format": "binary"}
+    assert schema["required"] == ["image"]
+    assert {"model", "n", "size", "response_format", "user", "seed", "strength"} <= set(props)
+    assert not {"prompt", "stream", "mask", "enhance_prompt"} & set(props)  # a variation has no prompt
+
+
+@pytest.mark.parametrize("path", [GENERATIONS, EDITS, VARIATIONS])
 def test_post_routes(document: dict, path: str) -> None:
     operation = document["paths"][path]["post"]
     assert set(operation["responses"]) == POST_STATUSES

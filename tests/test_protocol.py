@@ -70,6 +70,10 @@ def test_jpg_is_an_alias_of_jpeg():
         ("n", 11),
         ("n", "2"),
         ("n", 1.5),
+        ("n", True),
+        ("seed", 7.5),
+        ("num_inference_steps", 4.5),
+        ("output_compression", 50.5),
         ("prompt", ""),
         ("prompt", 5),
         ("model", ""),
@@ -121,13 +125,56 @@ def test_unknown_field_is_named():
     assert "Unrecognized request argument supplied: steps" == caught.value.message
 
 
-@pytest.mark.parametrize("missing", ["model", "prompt"])
+@pytest.mark.parametrize("missing", ["prompt"])
 def test_missing_required_field(missing):
     body = dict(BASE)
     del body[missing]
     with pytest.raises(InvalidRequest) as caught:
         parse_generation_request(body)
     assert caught.value.param == missing
+
+
+def test_openai_nulls_mean_the_default():
+    """The SDK types allow null for model and n: the default model (chosen by the service), one image."""
+    request = parse_generation_request({"prompt": "x", "model": None, "n": None})
+    assert request.model is None and request.n == 1
+    assert parse_generation_request({"prompt": "x"}).model is None
+
+
+def test_integral_floats_are_integers():
+    fields = {"n": 2.0, "seed": 42.0, "num_inference_steps": 8.0, "output_compression": 70.0, "output_quality": 70.0}
+    request = parse_generation_request({**BASE, "output_format": "jpeg", **fields, "partial_images": 1.0, "stream": True})
+    for name, value in {**fields, "partial_images": 1}.items():
+        assert getattr(request, name) == value and type(getattr(request, name)) is int, name
+
+
+def test_output_compression_is_ignored_for_png_as_openai_does():
+    request = parse_generation_request({**BASE, "output_format": "png", "output_compression": 100})
+    assert request.resolved_output_format() == "png" and request.output_compression == 100
+    unset = {k: v for k, v in BASE.items() if k not in ("output_format", "output_quality")}
+    assert parse_generation_request({**unset, "output_compression": 5}).resolved_output_format() == "png"
+
+
+def test_variation_form_fields():
+    from serve_app.protocol import parse_variation_request
+
+    request = parse_variation_request({"model": "m", "n": "2", "size": "64x64", "response_format": "url", "user": "u"})
+    assert (request.prompt, request.n, request.size, request.response_format) == ("", 2, "64x64", "url")
+    assert parse_variation_request({"n": "3.0", "seed": "7"}).n == 3
+    assert parse_variation_request({}).model is None
+    refused = [
+        ({"prompt": "a cat"}, "prompt"),
+        ({"stream": "true"}, "stream"),
+        ({"enhance_prompt": "true"}, "enhance_prompt"),
+        ({"image": "aGk="}, "image"),
+        ({"mask": "x"}, "mask"),
+        ({"n": "1.5"}, "n"),
+        ({"n": "11"}, "n"),
+    ]
+    for fields, param in refused:
+        with pytest.raises(InvalidRequest) as caught:
+            parse_variation_request(fields)
+        assert caught.value.param == param, fields
 
 
 def test_body_must_be_an_object():
@@ -138,7 +185,6 @@ def test_body_must_be_an_object():
 def test_conflicting_fields_are_rejected():
     cases = [
         ({"output_compression": 50, "output_quality": 60}, "output_compression"),
-        ({"output_compression": 50}, "output_compression"),  # png has no compression level
         ({"size": "64x64", "aspect_ratio": "1:1"}, "size"),
     ]
     for extra, param in cases:

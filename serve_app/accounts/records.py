@@ -167,11 +167,11 @@ class Usage:
 __all__ = [
     "ApiKey",
     "IdempotencyClaim",
-    "Replay",
     "IssuedKey",
     "LedgerEntry",
     "LedgerKind",
     "ModelUsage",
+    "Replay",
     "Reservation",
     "Settlement",
     "Usage",

@@ -104,4 +104,89 @@ idempotency = sa.Table(
     sa.Index("idempotency_reservation", "reservation_id"),
 )
 
-__all__ = ["ID", "idempotency", "keys", "ledger", "metadata", "reservations"]
+# -- the Batch API (serve_app/batches) ------------------------------------------------------
+# A file's bytes live in the storage backend (``stored``); its row is what the API lists.
+files = sa.Table(
+    "files",
+    metadata,
+    sa.Column("seq", ID, primary_key=True),  # list order and the `after` cursor
+    sa.Column("id", sa.Text, nullable=False, unique=True),  # file-<hex>
+    sa.Column("key_id", ID, sa.ForeignKey("keys.id"), nullable=False),
+    sa.Column("filename", sa.Text, nullable=False),
+    sa.Column("purpose", sa.Text, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("lines", sa.Integer),  # requests of a batch input file
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("stored", sa.Text, nullable=False),  # the object's name in the file store
+    sa.Index("files_key", "key_id", "seq"),
+    sa.Index("files_expires", "expires_at"),
+    sqlite_autoincrement=True,
+)
+
+# A batch, and the one row per input line that owns its state: the runner claims a line
+# with a conditional UPDATE (owner + lease), so the database, not a process, holds the work.
+batches = sa.Table(
+    "batches",
+    metadata,
+    sa.Column("seq", ID, primary_key=True),
+    sa.Column("id", sa.Text, nullable=False, unique=True),  # batch_<hex>
+    sa.Column("key_id", ID, sa.ForeignKey("keys.id"), nullable=False),
+    sa.Column("endpoint", sa.Text, nullable=False),
+    sa.Column("input_file_id", sa.Text, nullable=False),
+    sa.Column("completion_window", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("model", sa.Text),
+    sa.Column("metadata", sa.Text),  # JSON object
+    sa.Column("errors", sa.Text),  # JSON list of {code, message, param, line}
+    sa.Column("output_file_id", sa.Text),
+    sa.Column("error_file_id", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("in_progress_at", sa.Float),
+    sa.Column("finalizing_at", sa.Float),
+    sa.Column("completed_at", sa.Float),
+    sa.Column("failed_at", sa.Float),
+    sa.Column("expired_at", sa.Float),
+    sa.Column("cancelling_at", sa.Float),
+    sa.Column("cancelled_at", sa.Float),
+    sa.Column("owner", sa.Text),  # the runner assembling its output files, until lease_until
+    sa.Column("lease_until", sa.Float),
+    sa.CheckConstraint(
+        "status IN ('validating', 'failed', 'in_progress', 'finalizing', 'completed', 'expired', 'cancelling', "
+        "'cancelled')",
+        name="batches_status_known",
+    ),
+    sa.Index("batches_key", "key_id", "seq"),
+    sa.Index("batches_status", "status"),
+    sqlite_autoincrement=True,
+)
+
+batch_lines = sa.Table(
+    "batch_lines",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("batch_seq", ID, sa.ForeignKey("batches.seq"), nullable=False),
+    sa.Column("line_no", sa.Integer, nullable=False),  # 1-based, as in the input file
+    sa.Column("custom_id", sa.Text, nullable=False),
+    sa.Column("body", sa.Text, nullable=False),  # the request's JSON body
+    sa.Column("request_id", sa.Text, nullable=False),  # every attempt of the line uses it
+    # queued -> running -> succeeded | failed; queued -> cancelled | expired
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("owner", sa.Text),  # the runner that claimed it, until lease_until
+    sa.Column("lease_until", sa.Float),
+    sa.Column("not_before", sa.Float, nullable=False, server_default="0"),  # a retry's wait
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("images", sa.Integer, nullable=False, server_default="0"),  # delivered (and charged)
+    sa.Column("result", sa.Text),  # the output line's object name in the file store
+    sa.Column("finished_at", sa.Float),
+    sa.CheckConstraint(
+        "state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'expired')", name="batch_lines_state_known"
+    ),
+    sa.UniqueConstraint("batch_seq", "line_no", name="batch_lines_batch_line"),
+    sa.Index("batch_lines_state", "state", "batch_seq"),
+    sqlite_autoincrement=True,
+)
+
+__all__ = ["ID", "batch_lines", "batches", "files", "idempotency", "keys", "ledger", "metadata", "reservations"]

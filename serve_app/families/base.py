@@ -54,6 +54,9 @@ class Family:
     # the attribute of the pipeline that holds the denoiser (the LoRA target).
     transformer_cache: ClassVar[bool] = False
     denoiser: ClassVar[str] = "transformer"
+    # The pipeline's tokenizer attributes a request's ``usage.text_tokens`` is counted with
+    # (the largest count wins): those of the encoders whose token sequence the denoiser reads.
+    text_tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
     @property
     def default_go_fast(self) -> GoFastConfig:
@@ -100,6 +103,25 @@ class Family:
         [B, C, height / 8, width / 8] in the VAE's pipeline space, for previews
         (``deployments.previews``): families that pack latent patches unpack them here."""
         raise NotImplementedError
+
+    def prompt_token_limit(self, tokenizer: Any, shape: CallShape) -> int | None:
+        """The most tokens of a prompt's own text that ``tokenizer``'s encoder reads in a call
+        of ``shape`` (the pipeline truncates the rest); None: no limit."""
+        return None
+
+    def count_text_tokens(self, pipe: Any, shape: CallShape, text: str) -> int:
+        """``text``'s tokens as a response's ``usage`` reports them (serve_app/usage.py): under
+        each of ``text_tokenizers``, without special tokens, padding or prompt template, at
+        most ``prompt_token_limit``; the largest of those counts."""
+        counts = [0]
+        for attribute in self.text_tokenizers:
+            tokenizer = getattr(pipe, attribute, None)
+            if tokenizer is None:
+                continue
+            limit = self.prompt_token_limit(tokenizer, shape)
+            bounds = {"verbose": False} if limit is None else {"truncation": True, "max_length": limit}
+            counts.append(len(tokenizer(text, add_special_tokens=False, **bounds)["input_ids"]))
+        return max(counts)
 
     def after_load(self, pipe: Any, model: ModelConfig | None) -> None:
         """Fixes and checks once the text-to-image pipeline is loaded (``model`` is None

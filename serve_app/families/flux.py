@@ -80,6 +80,11 @@ MAX_SEQUENCE_LENGTH_SCHNELL = 256
 MAX_SEQUENCE_LENGTH_DEV = 512
 
 
+def max_sequence_length(shape: CallShape) -> int:
+    """T5 tokens of a call: dev's length for weights that take guidance (above 0), else schnell's."""
+    return MAX_SEQUENCE_LENGTH_DEV if shape.guidance > 0 else MAX_SEQUENCE_LENGTH_SCHNELL
+
+
 class Flux(Family):
     name = "flux"
     size_multiple = 16  # the VAE downsamples by 8 and the transformer packs 2x2 latent patches
@@ -94,6 +99,8 @@ class Flux(Family):
     class_name_prefix = "Flux"
     tiny_model = "tiny-flux"
     transformer_cache = True
+    # T5's sequence is what the transformer attends to; CLIP gives it one pooled vector only.
+    text_tokenizers = ("tokenizer_2",)
 
     @property
     def default_go_fast(self):
@@ -134,8 +141,11 @@ class Flux(Family):
         return {
             "prompt": list(prompts),
             "guidance_scale": shape.guidance,
-            "max_sequence_length": MAX_SEQUENCE_LENGTH_DEV if shape.guidance > 0 else MAX_SEQUENCE_LENGTH_SCHNELL,
+            "max_sequence_length": max_sequence_length(shape),
         }
+
+    def prompt_token_limit(self, tokenizer: Any, shape: CallShape) -> int | None:
+        return max_sequence_length(shape) - 1  # T5 ends the sequence with its </s> token
 
     def after_load(self, pipe: Any, model: ModelConfig | None) -> None:
         if model is None:

@@ -18,6 +18,9 @@ BLANK_NEGATIVE_PROMPT = " "
 # shared template tokens, and the prompt moves a pixel by a level or two. Larger text-value
 # projections make the prompt visibly steer it (which tests of prompt routing rely on).
 TINY_TEXT_VALUE_GAIN = 8.0
+# The pipelines' max_sequence_length (not passed, so their default): text tokens kept after
+# the template's prefix is dropped, the prompt's first.
+MAX_SEQUENCE_LENGTH = 512
 
 
 class QwenImage(Family):
@@ -57,6 +60,9 @@ class QwenImage(Family):
                 list(negative_prompts) if negative_prompts is not None else [BLANK_NEGATIVE_PROMPT] * len(prompts)
             )
         return {"prompt": list(prompts), "true_cfg_scale": shape.guidance, "negative_prompt": negative}
+
+    def prompt_token_limit(self, tokenizer: Any, shape: CallShape) -> int | None:
+        return MAX_SEQUENCE_LENGTH
 
     def after_load(self, pipe: Any, model: Any) -> None:
         start_idx = prompt_template_prefix_length(pipe.tokenizer, pipe.prompt_template_encode)

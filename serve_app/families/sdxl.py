@@ -25,6 +25,8 @@ class SDXL(Family):
     # SDXL's VAE config says force_upcast: float16 pipelines decode in float32.
     vae_upcast_in_float16 = True
     denoiser = "unet"
+    # Both CLIP encoders' sequences feed the UNet; their tokenizers share CLIP's BPE vocabulary.
+    text_tokenizers = ("tokenizer", "tokenizer_2")
 
     @property
     def default_go_fast(self):
@@ -48,6 +50,10 @@ class SDXL(Family):
 
     def preview_latents(self, pipe: Any, latents: Any, height: int, width: int) -> Any:
         return latents  # the UNet's latents are already [B, C, h, w]
+
+    def prompt_token_limit(self, tokenizer: Any, shape: CallShape) -> int | None:
+        # A CLIP encoder reads model_max_length (77) tokens, two of them its start and end tokens.
+        return tokenizer.model_max_length - 2
 
     def build_tiny(self, work: Path) -> None:
         from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel

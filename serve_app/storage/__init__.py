@@ -1,7 +1,7 @@
 """Object storage for ``response_format: "url"``: see ``base.ImageStore``."""
 
 from .base import CONTENT_TYPES, ImageStore, StorageError, content_type_for
-from .factory import build_image_store
+from .factory import build_file_store, build_image_store
 from .local import ROUTE_PREFIX, LocalImageStore
 
 
@@ -20,6 +20,7 @@ __all__ = [
     "LocalImageStore",
     "S3ImageStore",
     "StorageError",
+    "build_file_store",
     "build_image_store",
     "content_type_for",
 ]

@@ -123,6 +123,10 @@ class ImageStore(abc.ABC):
     async def load(self, stored: str) -> bytes:
         """A stored object's bytes. Raises ``StorageError`` when it is gone."""
 
+    async def delete(self, stored: str) -> None:
+        """Remove a stored object; one already gone is not an error. Raises ``StorageError``."""
+        raise StorageError(f"{type(self).__name__} cannot delete objects")
+
     async def run_sweeper(self) -> None:
         """Background retention loop; backends whose store expires objects itself (S3: a
         bucket lifecycle rule) return at once."""

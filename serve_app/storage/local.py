@@ -74,6 +74,14 @@ class LocalImageStore(ImageStore):
         except OSError as exc:
             raise StorageError(f"local read failed: {type(exc).__name__} errno={exc.errno}") from exc
 
+    async def delete(self, stored: str) -> None:
+        if not is_valid_name(stored):
+            raise StorageError("not a stored name")
+        try:
+            await asyncio.to_thread((self.root / stored).unlink, missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"local delete failed: {type(exc).__name__} errno={exc.errno}") from exc
+
     def url_for(self, name: str, expires: int, base_url: str) -> str:
         signature = self._signer.signature(name, expires)
         return f"{base_url.rstrip('/')}{ROUTE_PREFIX}{quote(name)}?expires={expires}&signature={signature}"

@@ -75,6 +75,9 @@ class S3ImageStore(ImageStore):
 
         return await asyncio.to_thread(read)
 
+    async def delete(self, stored: str) -> None:
+        await asyncio.to_thread(self._call, "delete", self._client.delete_object, Bucket=self.bucket, Key=stored)
+
     def _call(self, what: str, method: Any, *args: Any, **kwargs: Any) -> Any:
         """One client call, its failures as ``StorageError`` with nothing secret in them."""
         from botocore.exceptions import BotoCoreError, ClientError
