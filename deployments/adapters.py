@@ -101,11 +101,10 @@ def build_tiny_lora(family_name: str, base: Path, work: Path) -> None:
 
     from serve_app.families import get_family
     from serve_app.families.tiny_parts import seeded
-    from serve_app.work import Mode
 
     family = get_family(family_name)
-    pipeline_class = family.pipeline_class(Mode.TEXT_TO_IMAGE)
-    denoiser = getattr(pipeline_class.from_pretrained(base), family.denoiser)
+    pipeline_class = family.pipeline_class(family.base_mode)
+    denoiser = getattr(pipeline_class.from_pretrained(base, **family.load_components(str(base))), family.denoiser)
     seeded(0)
     denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TINY_LORA_TARGETS, init_lora_weights=False))
     with torch.no_grad():

@@ -25,6 +25,8 @@ class PipelineCall:
     seeds: list[int] = field(default_factory=list)
     images: list[InputImage] | None = None  # image-to-image and inpainting
     masks: list[InputImage] | None = None  # inpainting
+    # A multi-reference edit's further images per entry (Mode.EDIT), after ``images[i]``.
+    references: list[tuple[InputImage, ...]] | None = None
     # (job index, image index within the job) for each entry, to route results back.
     owners: list[tuple[int, int]] = field(default_factory=list)
 
@@ -55,6 +57,7 @@ def _split_call(call: PipelineCall, limit: int) -> list[PipelineCall]:
             seeds=call.seeds[start : start + limit],
             images=part(call.images, start),
             masks=part(call.masks, start),
+            references=part(call.references, start),
             owners=call.owners[start : start + limit],
         )
         for start in range(0, len(call.prompts), limit)
@@ -71,6 +74,7 @@ def _group_by_shape(jobs: Sequence[GenerationJob]) -> list[PipelineCall]:
                 negative_prompts=[] if job.shape.with_negative_prompt else None,
                 images=None if job.shape.mode is Mode.TEXT_TO_IMAGE else [],
                 masks=[] if job.shape.mode is Mode.INPAINT else None,
+                references=[] if job.shape.mode is Mode.EDIT else None,
             )
             calls[job.shape] = call
         for image_index, seed in enumerate(job.seeds):
@@ -81,6 +85,8 @@ def _group_by_shape(jobs: Sequence[GenerationJob]) -> list[PipelineCall]:
                 call.images.append(_required(job.image, "input image", job))
             if call.masks is not None:
                 call.masks.append(_required(job.mask, "mask", job))
+            if call.references is not None:
+                call.references.append(job.references)
             call.seeds.append(seed)
             call.owners.append((job_index, image_index))
     return list(calls.values())

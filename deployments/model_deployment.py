@@ -45,6 +45,8 @@ from serve_app.work import (
     CallShape,
     GeneratedImage,
     GenerationJob,
+    InputImage,
+    Mode,
     PreviewImage,
     StreamedImage,
     StreamItem,
@@ -87,6 +89,11 @@ class ImageModelDeployment:
         )
         self._pipeline_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
         self._encode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="encode")
+        # Counting a prompt's tokens for ``usage``: one thread of its own, with its own copies
+        # of the pipeline's tokenizers, because a fast tokenizer's truncation settings are
+        # shared state that a count would change under a running pipeline call.
+        self._count_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="count-tokens")
+        self._counting_pipe = _tokenizers_of(self._pipelines)
         self._max_batch_images = self.model.batching.max_batch_images
         self._batching = self.model.batching
         self._coalescer: BatchCoalescer[Work, JobOutcome] = BatchCoalescer(
@@ -133,7 +140,11 @@ class ImageModelDeployment:
         from deployments.pipeline_runner import run_pipeline
 
         def run(shape: CallShape, prompts: list[str], seeds: list[int]) -> None:
-            run_pipeline(self._pipelines, shape, prompts, None, seeds, self.model.device)
+            images = None
+            if shape.mode is not Mode.TEXT_TO_IMAGE:  # an edit-only family: a grey input image
+                grey = InputImage(shape.width, shape.height, "RGB", bytes([128]) * (3 * shape.width * shape.height))
+                images = [grey] * len(prompts)
+            run_pipeline(self._pipelines, shape, prompts, None, seeds, self.model.device, images=images)
 
         warm_up(self._pipelines, self.model, run)
 
@@ -164,11 +175,10 @@ class ImageModelDeployment:
         offsets = [sum(work.num_images for work in parts[:i]) for i in range(len(parts))]
         checked = self._safety is not None and job.check_safety
         finished = False
-        # The prompt's tokens for the response's usage, once per job. On the pipeline thread:
-        # a fast tokenizer's truncation settings are shared state, which a count on another
-        # thread would change under a running pipeline call. Queued before this job's batch,
-        # so it is done when the images are; it takes a millisecond or so.
-        text_tokens = loop.run_in_executor(self._pipeline_thread, self._count_text_tokens, job)
+        # The prompt's tokens for the response's usage, once per job, on the counting thread
+        # with its own copies of the tokenizers (see __init__): never a hop on the pipeline
+        # thread between batches.
+        text_tokens = loop.run_in_executor(self._count_thread, self._count_text_tokens, job)
 
         def put(future: asyncio.Future[StreamItem | None]) -> None:
             ready.append(future)
@@ -286,8 +296,8 @@ class ImageModelDeployment:
         worth failing a generation for."""
         texts = [job.prompt] if job.negative_prompt is None else [job.prompt, job.negative_prompt]
         try:
-            family, pipe = self._pipelines.family, self._pipelines.text_to_image
-            return sum(family.count_text_tokens(pipe, job.shape, text) for text in texts)
+            family = self._pipelines.family
+            return sum(family.count_text_tokens(self._counting_pipe, job.shape, text) for text in texts)
         except Exception:  # reported as 0 text tokens
             logger.warning("request %s: could not count the prompt's tokens", job.request_id, exc_info=True)
             return 0
@@ -318,7 +328,8 @@ class ImageModelDeployment:
         return outcomes
 
     def _images_per_call(self, shape: CallShape) -> int:
-        return self._batching.images_per_call(shape.width, shape.height)
+        limit = self._batching.images_per_call(shape.width, shape.height)
+        return min(limit, self._pipelines.family.max_images_per_call or limit)
 
     def _run_call(self, call: PipelineCall, on_step_end: StepCallback | None = None) -> list[Any]:
         started = time.monotonic()
@@ -383,7 +394,21 @@ def run_call(
             images=call.images,
             masks=call.masks,
             on_step_end=on_step_end,
+            references=call.references,
         )
+
+
+def _tokenizers_of(pipelines: PipelineSet) -> Any:
+    """Copies of the text-to-image pipeline's tokenizers, as the attributes the family counts
+    with (``Family.text_tokenizers``)."""
+    import copy
+    import types
+
+    pipe = pipelines.text_to_image
+    attributes = pipelines.family.text_tokenizers
+    return types.SimpleNamespace(
+        **{name: copy.deepcopy(getattr(pipe, name)) for name in attributes if getattr(pipe, name, None) is not None}
+    )
 
 
 def _ignore_outcome(future: asyncio.Future[Any]) -> None:

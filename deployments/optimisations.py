@@ -332,7 +332,14 @@ def warm_up_calls(model: ModelConfig) -> list[tuple[CallShape, int]]:
     width, height = (int(side) for side in model.defaults.size.split("x"))
     compile_options = model.optimisations.compile
     if compile_options is None:
-        shape = CallShape(width=width, height=height, steps=model.min_steps, guidance=0.0, with_negative_prompt=False)
+        shape = CallShape(
+            width=width,
+            height=height,
+            steps=model.min_steps,
+            guidance=0.0,
+            with_negative_prompt=False,
+            mode=model.rules.base_mode,  # an edit-only family warms up on an edit
+        )
         return [(shape, 1)]
     calls = []
     for size in compile_options.sizes or [model.defaults.size]:
@@ -340,7 +347,14 @@ def warm_up_calls(model: ModelConfig) -> list[tuple[CallShape, int]]:
         limit = model.batching.images_per_call(w, h)
         counts = compile_options.batch_sizes or _powers_of_two(limit)
         steps = max(model.min_steps, 2)
-        shape = CallShape(width=w, height=h, steps=steps, guidance=model.defaults.guidance, with_negative_prompt=False)
+        shape = CallShape(
+            width=w,
+            height=h,
+            steps=steps,
+            guidance=model.defaults.guidance,
+            with_negative_prompt=False,
+            mode=model.rules.base_mode,
+        )
         calls.extend((shape, n) for n in sorted(set(counts)) if n <= limit)
     return calls
 

@@ -38,7 +38,9 @@ class PipelineSet:
 
     @property
     def text_to_image(self) -> Any:
-        return self.pipelines[Mode.TEXT_TO_IMAGE]
+        """The pipeline loaded from the weights, whose modules the others share: text-to-image,
+        or the family's ``base_mode`` (a multi-reference edit family has no text-to-image)."""
+        return self.pipelines[self.family.base_mode]
 
 
 def _torch_dtype(dtype: str):
@@ -98,7 +100,7 @@ def load_pipelines(
     ``optimisations`` are applied (``deployments.optimisations``).
     """
     rules = get_family(family)
-    pipeline_class = rules.pipeline_class(Mode.TEXT_TO_IMAGE)
+    pipeline_class = rules.pipeline_class(rules.base_mode)
     torch_dtype = _torch_dtype(dtype)
     disable_progress_bars()
     # "modules that should be kept in float32: []", on load and again on every image-to-image
@@ -106,7 +108,8 @@ def load_pipelines(
     logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
     source = resolve_weights(rules, weights, cache_dir)
     try:
-        pipe = pipeline_class.from_pretrained(source, dtype=torch_dtype)  # diffusers >= 0.42 name
+        overrides = rules.load_components(source)
+        pipe = pipeline_class.from_pretrained(source, dtype=torch_dtype, **overrides)  # diffusers >= 0.42 name
     except (OSError, ValueError) as exc:
         # diffusers raises OSError/ValueError for unknown ids, offline hubs and broken folders;
         # keep its message (it names what is missing) but say which setting caused it.
@@ -124,9 +127,9 @@ def load_pipelines(
 def assemble_pipelines(rules: Family, pipe: Any, model: Any = None) -> PipelineSet:
     """The family's pipeline for each mode around a loaded text-to-image ``pipe``, with the
     family's fixes applied and progress bars and prompt-echoing warnings off."""
-    pipelines = {Mode.TEXT_TO_IMAGE: pipe}
+    pipelines = {rules.base_mode: pipe}
     for mode in rules.pipeline_classes:
-        if mode is not Mode.TEXT_TO_IMAGE:
+        if mode is not rules.base_mode:
             pipelines[mode] = rules.pipeline_class(mode).from_pipe(pipe)
     for each in pipelines.values():
         rules.after_load(each, model)

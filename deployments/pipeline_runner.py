@@ -19,9 +19,11 @@ def run_pipeline(
     images: Sequence[InputImage] | None = None,
     masks: Sequence[InputImage] | None = None,
     on_step_end: Callable[..., dict] | None = None,
+    references: Sequence[Sequence[InputImage]] | None = None,
 ) -> list:
     """Generate ``len(prompts)`` images in one pipeline call; image i uses ``seeds[i]``
-    (and ``images[i]`` / ``masks[i]`` in the image modes).
+    (and ``images[i]`` / ``masks[i]`` in the image modes; in a multi-reference edit,
+    ``images[i]`` followed by ``references[i]``).
 
     Every image gets its own ``torch.Generator`` seeded with its seed, so image i equals the
     image a call with only ``prompts[i]`` and ``seeds[i]`` gives (the batch-vs-single
@@ -54,7 +56,14 @@ def run_pipeline(
     inputs = None if images is None else [image.to_pil() for image in images]
     keep_masks = None if masks is None else [mask.to_pil() for mask in masks]
     pipe = pipelines[shape.mode]
-    if shape.mode is not Mode.TEXT_TO_IMAGE:
+    if shape.mode is Mode.EDIT:
+        # One prompt per call (the family's max_images_per_call): its image list is the
+        # first input image and the further references, in the request's order.
+        if n != 1:
+            raise ValueError(f"an edit call takes one prompt, got {n}")
+        extra = [] if references is None else [image.to_pil() for image in references[0]]
+        kwargs.update(image=[*inputs, *extra])
+    elif shape.mode is not Mode.TEXT_TO_IMAGE:
         kwargs.update(image=inputs, strength=shape.strength)
         if "height" not in inspect.signature(pipe.__call__).parameters:
             # SDXL's image-to-image takes its size from the input, already fitted to it.
@@ -62,7 +71,7 @@ def run_pipeline(
     if shape.mode is Mode.INPAINT:
         kwargs.update(mask_image=keep_masks)
 
-    with torch.inference_mode():
+    with torch.inference_mode(), pipelines.family.call_scope(pipe):
         outputs = list(pipe(**kwargs).images)
     if len(outputs) != n:
         raise RuntimeError(f"pipeline returned {len(outputs)} images for {n} prompts")

@@ -117,11 +117,15 @@ class Decoder:
         """``image_from_field`` off the loop: an http(s) URL is fetched on the default
         executor (waiting on the network, bounded by ``policy.fetch_timeout_s``), so a slow
         host never holds a decoding thread; the bytes are decoded on this pool."""
-        if _is_url(value):
-            data = await asyncio.to_thread(image_bytes_from_field, value, param=param, policy=policy)
-        else:
-            data = await self.run(image_bytes_from_field, value, param=param, policy=policy)
+        data = await self.bytes_from_field(value, param=param, policy=policy)
         return await self.run(decode_image, data, param=param, policy=policy)
+
+    async def bytes_from_field(self, value: str, *, param: str, policy: ImageInputPolicy) -> bytes:
+        """``image_bytes_from_field`` off the loop: a URL fetched on the default executor,
+        base64 or a data URI decoded on this pool."""
+        if _is_url(value):
+            return await asyncio.to_thread(image_bytes_from_field, value, param=param, policy=policy)
+        return await self.run(image_bytes_from_field, value, param=param, policy=policy)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -26,6 +26,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from serve_app.accounts import build_accounts
+from serve_app.batches.openapi import (
+    BATCH_ERRORS,
+    CREATE_BATCH,
+    CREATE_BATCH_ERRORS,
+    FILE_CONTENT_OK,
+    LIST_BATCHES,
+    LIST_FILES,
+    UPLOAD,
+    UPLOAD_ERRORS,
+)
+from serve_app.batches.protocol import BatchList, BatchObject, FileDeleted, FileList, FileObject
 from serve_app.batches.runner import BatchMetrics, BatchRunner
 from serve_app.batches.service import BatchService
 from serve_app.batches.store import BatchStore
@@ -43,7 +54,27 @@ from serve_app.errors import (
 from serve_app.http_errors import REQUEST_ID_HEADER, SAFE_REQUEST_ID, error_response
 from serve_app.metrics import ServeMetrics
 from serve_app.multipart import FormPart, parse_form
-from serve_app.openapi import install_openapi
+from serve_app.openapi import (
+    EDIT_FORM,
+    IDEMPOTENCY_KEY,
+    IMAGE_ERRORS,
+    IMAGE_REASONS,
+    KEY_ONLY_ERRORS,
+    NO_MODEL_503,
+    SECURED,
+    SIGNED_IMAGE_OK,
+    SIGNED_IMAGE_PARAMETERS,
+    USAGE_OK,
+    VARIATION_FORM,
+    errors,
+    images_ok,
+    install_openapi,
+    json_body,
+    merged_bodies,
+    ok,
+    operation,
+)
+from serve_app.protocol import ImageEditJSONRequest, ImageGenerationRequest, ModelCard, ModelList
 from serve_app.routing import ModelRoute, ModelRouter, ServeReplicaCounter, live_replica_owners, replica_owner
 from serve_app.serving import EditUpload, ImageGenerationService
 from serve_app.storage import LocalImageStore, build_file_store, build_image_store
@@ -80,7 +111,13 @@ PLAYGROUND_HEADERS = {
 # /openapi.json is always served.
 API_DOCS_CDN = "https://cdn.jsdelivr.net"
 api = FastAPI(title="imagegen", summary="OpenAI-compatible image generation", docs_url=None, redoc_url=None)
-install_openapi(api)  # the document from the protocol models (serve_app/openapi.py)
+# The document: FastAPI's, from what each route declares on its decorator (serve_app/openapi.py).
+# The image routes read their bodies themselves, after authentication and bounded in size and
+# time (``_respond``, ``read_body``): a body parameter would make FastAPI read and parse the
+# whole body before any dependency or handler ran. So their request models are declared with
+# ``openapi_extra`` (schemas generated from serve_app.protocol) and validated by our parsers,
+# which answer the documented 400 naming the field instead of FastAPI's 422.
+install_openapi(api)
 
 
 def request_id_of(request: Request) -> str:
@@ -298,6 +335,12 @@ class ImageGenerationIngress:
         self._accounts = build_accounts(self._config, owner=owner)
         self._live_owners = functools.partial(live_replica_owners, app_name, deployment_name)
         self._metrics = ServeMetrics()
+        # The Batch API: files and batches in the accounts database, bytes in the file store,
+        # and this replica's runner of batch lines (serve_app/batches/). Edits read their
+        # file_id inputs through the same files.
+        self._files = build_file_store(self._config.storage)
+        batch_store = BatchStore(self._accounts.store)
+        self._batches = BatchService(self._config, batch_store, self._files)
         self._service = ImageGenerationService(
             config=self._config,
             router=ModelRouter(routes, replicas),
@@ -305,12 +348,8 @@ class ImageGenerationIngress:
             store=self._store,
             metrics=self._metrics,
             enhancer=build_enhancer(self._config.prompt_enhancer, enhancer_handle),
+            files=self._batches,
         )
-        # The Batch API: files and batches in the accounts database, bytes in the file store,
-        # and this replica's runner of batch lines (serve_app/batches/).
-        self._files = build_file_store(self._config.storage)
-        batch_store = BatchStore(self._accounts.store)
-        self._batches = BatchService(self._config, batch_store, self._files)
         self._batch_runner = BatchRunner(
             self._config, self._service, self._accounts.store, batch_store, self._files, owner, BatchMetrics(True)
         )
@@ -335,7 +374,7 @@ class ImageGenerationIngress:
         if self._config.batches.enabled:
             self._batch_runner.start()
 
-    @api.get("/health")
+    @api.get("/health", responses={200: ok(description="The ingress is up."), **errors(500, 503, reasons=NO_MODEL_503)})
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
@@ -356,7 +395,11 @@ class ImageGenerationIngress:
     async def redoc(self, request: Request) -> Response:
         return api_docs_page(self._config.api_docs, "redoc", request)
 
-    @api.get("/v1/models")
+    @api.get(
+        "/v1/models",
+        dependencies=SECURED,
+        responses={200: ok(ModelList), **errors(*KEY_ONLY_ERRORS, reasons=NO_MODEL_503)},
+    )
     async def list_models(self, request: Request) -> Response:
         try:
             models = await self._service.list_models(request.headers.get("authorization"))
@@ -364,7 +407,11 @@ class ImageGenerationIngress:
             return error_for(exc, request)
         return JSONResponse(models.model_dump(exclude_none=True))
 
-    @api.get("/v1/models/{model_id:path}")
+    @api.get(
+        "/v1/models/{model_id:path}",
+        dependencies=SECURED,
+        responses={200: ok(ModelCard), **errors(401, 403, 404, 500, 503, reasons=NO_MODEL_503)},
+    )
     async def retrieve_model(self, model_id: str, request: Request) -> Response:
         try:
             model = await self._service.retrieve_model(request.headers.get("authorization"), model_id)
@@ -372,7 +419,9 @@ class ImageGenerationIngress:
             return error_for(exc, request)
         return JSONResponse(model.model_dump(exclude_none=True))
 
-    @api.get("/v1/usage")
+    @api.get(
+        "/v1/usage", dependencies=SECURED, responses={200: USAGE_OK, **errors(*KEY_ONLY_ERRORS, reasons=NO_MODEL_503)}
+    )
     async def usage(self, request: Request) -> Response:
         self._start_background_work()
         try:
@@ -381,7 +430,13 @@ class ImageGenerationIngress:
             return error_for(exc, request)
         return JSONResponse(usage)
 
-    @api.api_route("/v1/files/images/{name:path}", methods=["GET", "HEAD"])
+    @api.api_route(
+        "/v1/files/images/{name:path}",
+        methods=["GET", "HEAD"],
+        responses={200: SIGNED_IMAGE_OK, **errors(403, 404, 500, 503, reasons=IMAGE_REASONS)},
+        openapi_extra=operation(parameters=SIGNED_IMAGE_PARAMETERS),
+        description="A stored image (`response_format: url`). The URL's signature is the authorization, not a key.",
+    )
     async def get_image(self, name: str, request: Request) -> Response:
         """A stored image; the URL's signature is the authorization, not an API key."""
         expires = request.query_params.get("expires")
@@ -399,7 +454,13 @@ class ImageGenerationIngress:
         )
 
     # -- the Batch API: /v1/files and /v1/batches (serve_app/batches/service.py) -----------
-    @api.post("/v1/files")
+    @api.post(
+        "/v1/files",
+        dependencies=SECURED,
+        responses={200: ok(FileObject), **UPLOAD_ERRORS},
+        openapi_extra=UPLOAD,
+        description="Upload a Batch API input file (JSONL), validated line by line.",
+    )
     async def upload_file(self, request: Request) -> Response:
         async def work(key: Any) -> Any:
             _require_media_type(request, "multipart/form-data")
@@ -419,7 +480,7 @@ class ImageGenerationIngress:
 
         return await self._keyed(request, work)
 
-    @api.get("/v1/files")
+    @api.get("/v1/files", dependencies=SECURED, responses={200: ok(FileList), **BATCH_ERRORS}, openapi_extra=LIST_FILES)
     async def list_files(self, request: Request) -> Response:
         query = request.query_params
         return await self._keyed(
@@ -433,11 +494,11 @@ class ImageGenerationIngress:
             ),
         )
 
-    @api.get("/v1/files/{file_id}")
+    @api.get("/v1/files/{file_id}", dependencies=SECURED, responses={200: ok(FileObject), **BATCH_ERRORS})
     async def retrieve_file(self, file_id: str, request: Request) -> Response:
         return await self._keyed(request, lambda key: self._batches.retrieve_file(key, file_id))
 
-    @api.get("/v1/files/{file_id}/content")
+    @api.get("/v1/files/{file_id}/content", dependencies=SECURED, responses={200: FILE_CONTENT_OK, **BATCH_ERRORS})
     async def file_content(self, file_id: str, request: Request) -> Response:
         async def work(key: Any) -> Response:
             data = await self._batches.file_content(key, file_id)
@@ -445,29 +506,37 @@ class ImageGenerationIngress:
 
         return await self._keyed(request, work)
 
-    @api.delete("/v1/files/{file_id}")
+    @api.delete("/v1/files/{file_id}", dependencies=SECURED, responses={200: ok(FileDeleted), **BATCH_ERRORS})
     async def delete_file(self, file_id: str, request: Request) -> Response:
         return await self._keyed(request, lambda key: self._batches.delete_file(key, file_id))
 
-    @api.post("/v1/batches")
+    @api.post(
+        "/v1/batches",
+        dependencies=SECURED,
+        responses={200: ok(BatchObject), **CREATE_BATCH_ERRORS},
+        openapi_extra=CREATE_BATCH,
+        description="Run every request of an uploaded file in the batch lane, at the batch price.",
+    )
     async def create_batch(self, request: Request) -> Response:
         async def work(key: Any) -> Any:
             return await self._batches.create_batch(key, await self._read_json(request))
 
         return await self._keyed(request, work)
 
-    @api.get("/v1/batches")
+    @api.get(
+        "/v1/batches", dependencies=SECURED, responses={200: ok(BatchList), **BATCH_ERRORS}, openapi_extra=LIST_BATCHES
+    )
     async def list_batches(self, request: Request) -> Response:
         query = request.query_params
         return await self._keyed(
             request, lambda key: self._batches.list_batches(key, after=query.get("after"), limit=query.get("limit"))
         )
 
-    @api.get("/v1/batches/{batch_id}")
+    @api.get("/v1/batches/{batch_id}", dependencies=SECURED, responses={200: ok(BatchObject), **BATCH_ERRORS})
     async def retrieve_batch(self, batch_id: str, request: Request) -> Response:
         return await self._keyed(request, lambda key: self._batches.retrieve_batch(key, batch_id))
 
-    @api.post("/v1/batches/{batch_id}/cancel")
+    @api.post("/v1/batches/{batch_id}/cancel", dependencies=SECURED, responses={200: ok(BatchObject), **BATCH_ERRORS})
     async def cancel_batch(self, batch_id: str, request: Request) -> Response:
         return await self._keyed(request, lambda key: self._batches.cancel_batch(key, batch_id))
 
@@ -482,15 +551,35 @@ class ImageGenerationIngress:
             return error_for(exc, request)
         return result if isinstance(result, Response) else JSONResponse(result.model_dump(mode="json"))
 
-    @api.post("/v1/images/generations")
+    @api.post(
+        "/v1/images/generations",
+        dependencies=SECURED,
+        responses={200: images_ok("image_generation"), **errors(*IMAGE_ERRORS)},
+        openapi_extra=operation(json_body(ImageGenerationRequest), [IDEMPOTENCY_KEY]),
+        description="Text-to-image, or image-to-image with `image` (OpenAI's images API plus extensions).",
+    )
     async def generate_images(self, request: Request) -> Response:
         return await self._respond(request, "generations", self._read_json, self._service.generate)
 
-    @api.post("/v1/images/edits")
+    @api.post(
+        "/v1/images/edits",
+        dependencies=SECURED,
+        responses={200: images_ok("image_edit"), **errors(*IMAGE_ERRORS)},
+        openapi_extra=operation(merged_bodies(EDIT_FORM, json_body(ImageEditJSONRequest)), [IDEMPOTENCY_KEY]),
+        description="Image-to-image, or inpainting with a `mask`: OpenAI's multipart edits form, or its JSON form "
+        "with images by reference (`images: [{image_url | file_id}]`).",
+    )
     async def edit_images(self, request: Request) -> Response:
-        return await self._respond(request, "edits", self._read_edit_form, self._service.edit)
+        return await self._respond(request, "edits", self._read_edit, self._service.edit)
 
-    @api.post("/v1/images/variations")
+    @api.post(
+        "/v1/images/variations",
+        dependencies=SECURED,
+        responses={200: images_ok(None), **errors(*IMAGE_ERRORS)},
+        openapi_extra=operation(VARIATION_FORM, [IDEMPOTENCY_KEY]),
+        description="Variations of an image: image-to-image with an empty prompt at the model's "
+        "`defaults.variation_strength` (OpenAI's multipart variations form).",
+    )
     async def create_variations(self, request: Request) -> Response:
         return await self._respond(request, "variations", self._read_variation_form, self._service.variation)
 
@@ -546,6 +635,14 @@ class ImageGenerationIngress:
             raise InvalidRequest("The request body is not valid JSON.") from None
         except RecursionError:  # the parser's stack: no request of ours nests beyond a few levels
             raise InvalidRequest("The request body is nested too deeply.") from None
+
+    async def _read_edit(self, request: Request) -> Any:
+        """An edit in either of OpenAI's forms: JSON (``images: [{image_url | file_id}]``,
+        decoded here, its images read by the service after the reservation) or multipart."""
+        declared = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if declared == "application/json":
+            return await self._read_json(request)
+        return await self._read_edit_form(request)
 
     async def _read_edit_form(self, request: Request) -> EditUpload:
         """OpenAI's edits form: text fields once each, ``image`` / ``image[]`` files, a ``mask`` file."""

@@ -1,19 +1,21 @@
-"""The service's OpenAPI document, served at ``/openapi.json`` (and shown at ``/docs`` when
-the config's ``api_docs`` is true).
+"""Declarations for the API document, used on the route decorators of ``serve_app.ingress``.
 
-FastAPI generates paths from route signatures, but the routes here read their bodies
-themselves (a JSON body goes through ``protocol.parse_generation_request`` so that every
-problem is a 400 naming its field; an edits form is size-bounded before it is parsed) and
-answer errors through ``http_errors``. So FastAPI sees no request models, documents a 422
-the service never sends, and none of the errors it does send. ``install_openapi`` keeps
-FastAPI's generated paths as the base (operation ids, path parameters, summaries) and puts
-the real contract on them, generated from the wire models in ``serve_app.protocol``: the
-request bodies, the 200 bodies and headers, and each route's error statuses with the
-``ErrorResponse`` schema. The only hand-written shapes are the multipart encoding of the
-edits form (its file parts), the signed image URL's parameters, and headers.
+FastAPI writes ``/openapi.json`` from the routes; each route declares, beside itself, what
+FastAPI cannot see in its signature (vLLM's style):
 
-Call ``install_openapi(api)`` once on the ingress's FastAPI object; it is idempotent and
-the document is built on first use, so it may run before or after the routes exist.
+- its request body, generated from the pydantic wire models in ``serve_app.protocol``
+  (``json_body`` / ``form_body``, passed as ``openapi_extra``). The routes read their bodies
+  themselves: authentication comes first and the read is bounded in size and time
+  (``serve_app.ingress.read_body``), which a body parameter in the signature would not
+  allow (FastAPI reads and parses a declared body before any dependency or handler runs);
+- its answers: ``ok(...)`` for the 200 (its model, headers, and for ``stream: true`` the
+  server-sent events as objects, ``image_events``) and ``errors(...)`` for the statuses it
+  sends, each with the ``ErrorResponse`` model;
+- ``SECURED``, FastAPI's own bearer scheme, on every route that takes an API key.
+
+``install_openapi(api)`` then only does what applies to every route alike: the component
+schemas of models that the declarations refer to, no 422 (the routes never send FastAPI's
+validation error), a HEAD operation without bodies, and unique operation ids.
 """
 
 from __future__ import annotations
@@ -21,44 +23,37 @@ from __future__ import annotations
 import copy
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Security
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from serve_app.errors import APIError
-from serve_app.protocol import (
-    ErrorResponse,
-    ImageEditRequest,
-    ImageGenerationRequest,
-    ImagesResponse,
-    ImageVariationRequest,
-    ModelCard,
-    ModelList,
-)
+from serve_app.protocol import ErrorResponse, ImageEditRequest, ImagesResponse, ImageVariationRequest
+from serve_app.streaming import CompletedEvent, PartialImageEvent, StreamErrorEvent
 
 SECURITY_SCHEME = "bearerAuth"
 REF_PREFIX = "#/components/schemas/"
-ERROR_SCHEMA_REF = {"$ref": f"{REF_PREFIX}ErrorResponse"}
 
-# The wire models, and the mode their schema is generated in (what a client sends is
-# validated; what it receives is serialized).
-_MODELS: tuple[tuple[type[BaseModel], str], ...] = (
-    (ImageGenerationRequest, "validation"),
-    (ImagesResponse, "serialization"),
-    (ModelList, "serialization"),
-    (ModelCard, "serialization"),
-    (ErrorResponse, "serialization"),
+# FastAPI's bearer scheme, for the document only: ``auto_error=False`` never answers for the
+# route, which authenticates itself (serve_app.serving) with the documented 401s.
+BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name=SECURITY_SCHEME,
+    bearerFormat="qbt_...",
+    description="An API key (`qbt_...`) from `imagegen keys create`.",
 )
+SECURED = [Security(BEARER)]
 
 # What each error status means on this service (README's and DESIGN.md's error tables); the
-# codes that answer with it are appended from ``serve_app.errors``.
+# codes of ``serve_app.errors`` that answer with it are appended, less those that a route's
+# own wording (``*_REASONS`` below) claims.
 _REASONS: dict[int, str] = {
     400: "The request failed validation; `param` names the field. Also a POST with no body, or a body not of "
-    "the operation's media type (JSON for generations, multipart/form-data for edits).",
+    "the operation's media type.",
     401: "No Bearer key, or an unknown or revoked one.",
     402: "The key's credits cannot cover the images asked for.",
     403: "The key may not use this model.",
@@ -75,175 +70,132 @@ _REASONS: dict[int, str] = {
     504: "Generation outran the model's deadline.",
 }
 
-_STRING = {"type": "string"}
-_BINARY = {"type": "string", "format": "binary"}
-_REQUEST_ID = {
-    "x-request-id": {"description": "The request's id, also in an error body's `request_id`.", "schema": _STRING}
+# Route-specific wordings (they name the codes they claim).
+NO_MODEL_503 = {503: "The service cannot take the request now (overloaded or restarting); retry later."}
+IMAGE_REASONS = {
+    403: "The URL's signature is missing or wrong, or the URL has expired (`forbidden`).",
+    404: "No such image (deleted after its retention time), or images are served by the object store (`not_found`).",
+    **NO_MODEL_503,
+}
+BATCH_REASONS = {
+    **NO_MODEL_503,
+    404: "No such file or batch for this key (`not_found`; another key's ids are unknown here too).",
+    400: "The request failed validation; `param` names the field. An upload names every malformed line.",
+}
+_SPECIFIC_REASONS = (NO_MODEL_503, IMAGE_REASONS, BATCH_REASONS)
+
+IMAGE_ERRORS = (400, 401, 402, 403, 404, 408, 409, 413, 429, 500, 502, 503, 504)
+KEY_ONLY_ERRORS = (401, 500, 503)
+
+STRING = {"type": "string"}
+BINARY = {"type": "string", "format": "binary"}
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+REQUEST_ID = {
+    "x-request-id": {"description": "The request's id, also in an error body's `request_id`.", "schema": STRING}
 }
 _RETRY_AFTER = {"retry-after": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}}
-_RATE_LIMIT_HEADERS = {
-    f"x-ratelimit-{what}-{unit}": {"description": f"Per-key rate limit: {what} {unit}.", "schema": _STRING}
+RATE_LIMIT_HEADERS = {
+    f"x-ratelimit-{what}-{unit}": {"description": f"Per-key rate limit: {what} {unit}.", "schema": STRING}
     for unit in ("requests", "images")
     for what in ("limit", "remaining", "reset")
 }
-_CREDIT_HEADERS = {
+# One 200 answers both a JSON body and (``stream: true``) events, and OpenAPI's headers are
+# per status, not per media type: so none of these is required, and each says when it is sent.
+CREDIT_HEADERS = {
     "x-credits-charged": {
-        "description": "Credits charged for this request (exact decimal).",
-        "required": True,
+        "description": "Credits charged for this request (exact decimal). On JSON answers; a stream's "
+        "`*.completed` events carry `credits_charged` instead.",
         "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
     },
     "x-credits-remaining": {
-        "description": "The key's balance after this request (exact decimal).",
-        "required": True,
+        "description": "The key's balance after this request (exact decimal). On JSON answers; a stream's "
+        "`*.completed` events carry `credits_remaining` instead.",
         "schema": {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$"},
     },
+    "x-credits-reserved": {
+        "description": "On `stream: true` answers: the credits held for the request when the stream starts "
+        "(n x price); what is not delivered is refunded when it ends.",
+        "schema": {"type": "string", "pattern": r"^[0-9]+(\.[0-9]+)?$"},
+    },
+    "x-prompt-enhancement": {"description": "With `enhance_prompt`: how the prompt was enhanced.", "schema": STRING},
+    "x-images-flagged": {
+        "description": "How many images the safety checker withheld (only when it withheld some).",
+        "schema": {"type": "integer", "minimum": 1},
+    },
 }
-_IDEMPOTENCY_KEY = {
+IDEMPOTENCY_KEY = {
     "name": "Idempotency-Key",
     "in": "header",
     "required": False,
     "description": "Makes a retry of this request return the first outcome without a second charge.",
-    "schema": _STRING,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"^[\x21-\x7e]+$"},
 }
-_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 
-_POST_ERRORS = (400, 401, 402, 403, 404, 408, 409, 413, 429, 500, 502, 503, 504)
-_KEY_ONLY_ERRORS = (401, 500, 503)
-
-
-@dataclass(frozen=True)
-class _Contract:
-    """What one operation really takes and answers."""
-
-    # The 200 response, given the operation FastAPI generated.
-    ok: Callable[[dict[str, Any]], dict[str, Any]]
-    errors: tuple[int, ...]
-    secured: bool = True
-    request_body: Callable[[], dict[str, Any]] | None = None
-    parameters: Callable[[], list[dict[str, Any]]] | None = None
-    # Per-operation wording of an error status, where the general one does not fit.
-    reasons: dict[int, str] = field(default_factory=dict)
-    # HEAD: the same statuses and headers, never a body.
-    bodiless: bool = False
-    description: str | None = None
+# Models that declarations refer to by ``$ref`` without FastAPI seeing them (request bodies,
+# event payloads), and the mode of their schema; ``install_openapi`` adds their schemas.
+_REFERENCED: dict[str, tuple[type[BaseModel], Literal["validation", "serialization"]]] = {}
 
 
-def install_openapi(api: FastAPI) -> None:
-    """Make ``api.openapi()`` (and so ``/openapi.json`` and ``/docs``) return the real
-    contract. Idempotent; the document is built on first use and cached until FastAPI's
-    own route set changes."""
-    if getattr(api.openapi, "_imagegen_openapi", False):
-        return
-    cache: dict[str, Any] = {}
-
-    def openapi() -> dict[str, Any]:
-        base = FastAPI.openapi(api)  # FastAPI's own, cached by FastAPI per route set
-        if cache.get("base") is not base:
-            cache["document"] = build_document(base)
-            cache["base"] = base
-        return cache["document"]
-
-    openapi._imagegen_openapi = True  # type: ignore[attr-defined]
-    api.openapi = openapi  # type: ignore[method-assign]
+def schema_ref(model: type[BaseModel], mode: Literal["validation", "serialization"] = "validation") -> dict[str, str]:
+    """``{"$ref": ...}`` to ``model``'s schema in components/schemas, which ``install_openapi`` adds."""
+    _REFERENCED[model.__name__] = (model, mode)
+    return {"$ref": f"{REF_PREFIX}{model.__name__}"}
 
 
-def build_document(base: dict[str, Any]) -> dict[str, Any]:
-    """The contract, from FastAPI's generated document ``base`` (left untouched)."""
-    document = copy.deepcopy(base)
-    components = document.setdefault("components", {})
-    schemas = components.setdefault("schemas", {})
-    schemas.update(_model_schemas())
-    components["securitySchemes"] = {
-        SECURITY_SCHEME: {
-            "type": "http",
-            "scheme": "bearer",
-            "bearerFormat": "qbt_...",
-            "description": "An API key (`qbt_...`) from `imagegen keys create`.",
-        }
-    }
-    paths = document.setdefault("paths", {})
-    for (method, path), contract in CONTRACTS.items():
-        item = paths.setdefault(path, {})
-        if method not in item:  # a method FastAPI does not list (HEAD): start from GET's
-            item[method] = _derived_operation(item.get("get", {}), method, path)
-        _apply(item[method], contract)
-    for item in paths.values():
-        for operation in item.values():
-            if isinstance(operation, dict):
-                operation.get("responses", {}).pop("422", None)  # never sent
-    _unique_operation_ids(paths)
-    for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's, for the 422
-        if unused in schemas and not _referenced(document, unused):
-            del schemas[unused]
-    return document
+# --- request bodies -------------------------------------------------------------------------
 
 
-# --- per-operation contracts --------------------------------------------------------------
+def operation(body: dict[str, Any] | None = None, parameters: Iterable[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A route's ``openapi_extra``: its request body and the parameters it reads itself."""
+    extra: dict[str, Any] = {}
+    if body is not None:
+        extra["requestBody"] = body
+    if parameters:
+        extra["parameters"] = [copy.deepcopy(parameter) for parameter in parameters]
+    return extra
 
 
-def _json_body(model: type[BaseModel]) -> Callable[[], dict[str, Any]]:
-    return lambda: {"required": True, "content": {"application/json": {"schema": _ref(model)}}}
+def json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """A required ``application/json`` body of ``model``."""
+    return {"required": True, "content": {"application/json": {"schema": schema_ref(model)}}}
 
 
-def _edit_form() -> dict[str, Any]:
-    """OpenAI's multipart form for edits: the file parts, and ``ImageEditRequest``'s fields
-    as form fields (a form field is never null: left out, it takes its default)."""
-    fields = ImageEditRequest.model_json_schema(mode="validation")
+def form_body(
+    model: type[BaseModel],
+    *,
+    title: str,
+    files: dict[str, dict[str, Any]],
+    required: Iterable[str],
+    exclude: Iterable[str] = (),
+    encoding: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A required ``multipart/form-data`` body: ``model``'s fields as text fields (a form field
+    is never null: left out, it takes its default), less ``exclude``, plus the ``files`` parts."""
+    fields = model.model_json_schema(mode="validation")
     if "$defs" in fields:  # a form field is text: a nested model would need an encoding of its own
-        raise RuntimeError("ImageEditRequest has nested models; document their multipart encoding")
-    properties: dict[str, Any] = {name: _form_field(schema) for name, schema in fields["properties"].items()}
-    properties["image"] = {
-        **_BINARY,
-        "description": "The input image (png, jpeg or webp). More than one: repeat `image[]` instead.",
-    }
-    properties["image[]"] = {
-        "type": "array",
-        "items": _BINARY,
-        "description": "Input images, for models that take several (OpenAI allows up to 16).",
-    }
-    properties["mask"] = {
-        **_BINARY,
-        "description": "A PNG of the image's size; its fully transparent pixels mark what to change.",
-    }
+        raise RuntimeError(f"{model.__name__} has nested models; document their multipart encoding")
+    skipped = set(exclude) | set(files)
+    properties = {name: _form_field(schema) for name, schema in fields["properties"].items() if name not in skipped}
+    properties.update(files)
     schema = {
-        "title": "ImageEditForm",
+        "title": title,
         "type": "object",
         "properties": properties,
-        "required": ["image", "prompt"],
+        "required": list(required),
         "additionalProperties": False,
     }
-    image_types = ", ".join(_IMAGE_TYPES)
-    encoding = {
-        "image": {"contentType": image_types},
-        "image[]": {"contentType": image_types},
-        "mask": {"contentType": "image/png"},
-    }
-    return {"required": True, "content": {"multipart/form-data": {"schema": schema, "encoding": encoding}}}
+    media: dict[str, Any] = {"schema": schema}
+    if encoding:
+        media["encoding"] = {name: {"contentType": content_type} for name, content_type in encoding.items()}
+    return {"required": True, "content": {"multipart/form-data": media}}
 
 
-# Fields of ImageVariationRequest (inherited from generations) that a variation refuses.
-_NOT_VARIATION_FIELDS = ("prompt", "image", "stream", "partial_images", "enhance_prompt")
-
-
-def _variation_form() -> dict[str, Any]:
-    """OpenAI's multipart form for variations: one ``image`` file, and
-    ``ImageVariationRequest``'s fields as form fields (no prompt: a variation has none)."""
-    fields = ImageVariationRequest.model_json_schema(mode="validation")
-    if "$defs" in fields:
-        raise RuntimeError("ImageVariationRequest has nested models; document their multipart encoding")
-    properties: dict[str, Any] = {
-        name: _form_field(schema) for name, schema in fields["properties"].items() if name not in _NOT_VARIATION_FIELDS
-    }
-    properties["image"] = {**_BINARY, "description": "The image to make variations of (png, jpeg or webp)."}
-    schema = {
-        "title": "ImageVariationForm",
-        "type": "object",
-        "properties": properties,
-        "required": ["image"],
-        "additionalProperties": False,
-    }
-    encoding = {"image": {"contentType": ", ".join(_IMAGE_TYPES)}}
-    return {"required": True, "content": {"multipart/form-data": {"schema": schema, "encoding": encoding}}}
+def merged_bodies(*bodies: dict[str, Any]) -> dict[str, Any]:
+    """One request body that takes any of ``bodies``' media types (edits: multipart or JSON)."""
+    content: dict[str, Any] = {}
+    for body in bodies:
+        content.update(body["content"])
+    return {"required": True, "content": content}
 
 
 def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
@@ -259,209 +211,97 @@ def _form_field(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _images_ok(_: dict[str, Any]) -> dict[str, Any]:
-    response = _json_ok(ImagesResponse, {**_CREDIT_HEADERS, **_RATE_LIMIT_HEADERS}, "The generated images.")
-    response["description"] += (
-        " With `stream: true`, server-sent events instead (OpenAI's image streaming, serve_app/streaming.py):"
-        " `image_generation.partial_image` / `image_edit.partial_image` previews, one `*.completed` event per"
-        " image, and an `error` event if generation fails after the stream started. The credit headers are then"
-        " replaced by `x-credits-reserved`; each completed event carries `credits_charged` and `credits_remaining`."
-    )
-    response["content"]["text/event-stream"] = {"schema": _STRING}
+# --- answers --------------------------------------------------------------------------------
+
+
+def ok(
+    model: type[BaseModel] | None = None,
+    *,
+    description: str = "OK",
+    headers: dict[str, Any] | None = None,
+    content: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A 200 for ``responses=``: ``model`` as JSON (FastAPI writes its schema), other media
+    types in ``content``, and its headers (``x-request-id`` on every answer)."""
+    response: dict[str, Any] = {"description": description, "headers": {**REQUEST_ID, **(headers or {})}}
+    if model is not None:
+        response["model"] = model
+    if content is not None:
+        response["content"] = content
     return response
 
 
-def _json_ok(model: type[BaseModel], headers: dict[str, Any] | None = None, description: str = "OK") -> dict[str, Any]:
-    return {
-        "description": description,
-        "headers": {**_REQUEST_ID, **(headers or {})},
-        "content": {"application/json": {"schema": _ref(model)}},
-    }
-
-
-def _usage_ok(_: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "description": "The key's balance, reserved credits, and images and credits by model.",
-        "headers": dict(_REQUEST_ID),
-        "content": {"application/json": {"schema": {"type": "object", "title": "Usage"}}},
-    }
-
-
-def _health_ok(operation: dict[str, Any]) -> dict[str, Any]:
-    generated = operation.get("responses", {}).get("200", {})
-    return {**generated, "description": "The ingress is up.", "headers": dict(_REQUEST_ID)}
-
-
-def _image_ok(_: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "description": "The stored image.",
-        "headers": {
-            **_REQUEST_ID,
-            "cache-control": {"description": "`private`, cacheable until the URL expires.", "schema": _STRING},
-        },
-        "content": {content_type: {"schema": _BINARY} for content_type in _IMAGE_TYPES},
-    }
-
-
-def _image_parameters() -> list[dict[str, Any]]:
-    return [
-        {"name": "name", "in": "path", "required": True, "schema": _STRING, "description": "The stored image's name."},
-        {
-            "name": "expires",
-            "in": "query",
-            "required": True,
-            "description": "When the URL expires (Unix seconds), as signed.",
-            "schema": {"type": "integer", "minimum": 0},
-        },
-        {
-            "name": "signature",
-            "in": "query",
-            "required": True,
-            "description": "The URL's signature (hex).",
-            "schema": _STRING,
-        },
+def image_events(prefix: Literal["image_generation", "image_edit"]) -> dict[str, Any]:
+    """The ``text/event-stream`` answer to ``stream: true``: each event an object, named by its
+    ``event:`` line, whose ``data:`` is the JSON of the event's model (serve_app/streaming.py).
+    Written as OpenAPI 3.2 writes an event (``event`` / ``data`` with ``contentSchema``) and
+    placed under ``schema``, which a 3.1 document reads as one event (as schemathesis does)."""
+    events = [
+        _event(f"{prefix}.partial_image", PartialImageEvent),
+        _event(f"{prefix}.completed", CompletedEvent),
+        _event("error", StreamErrorEvent),
     ]
+    return {"text/event-stream": {"schema": {"title": f"{prefix} events", "oneOf": events}}}
 
 
-_IMAGE_REASONS = {
-    403: "The URL's signature is missing or wrong, or the URL has expired (`forbidden`).",
-    404: "No such image (deleted after its retention time), or images are served by the object store (`not_found`).",
-}
-_IMAGE_ROUTE = "/v1/files/images/{name}"
-# Where no model is involved, a 503 is Serve's own: the ingress is overloaded or restarting.
-_NO_MODEL_503 = {503: "The service cannot take the request now (overloaded or restarting); retry later."}
-
-# (method, path) as FastAPI writes them (a ``{x:path}`` parameter is ``{x}``) -> contract.
-CONTRACTS: dict[tuple[str, str], _Contract] = {
-    ("get", "/health"): _Contract(ok=_health_ok, errors=(500, 503), secured=False, reasons=_NO_MODEL_503),
-    ("get", "/v1/models"): _Contract(ok=lambda _: _json_ok(ModelList), errors=_KEY_ONLY_ERRORS, reasons=_NO_MODEL_503),
-    ("get", "/v1/models/{model_id}"): _Contract(
-        ok=lambda _: _json_ok(ModelCard), errors=(401, 403, 404, 500, 503), reasons=_NO_MODEL_503
-    ),
-    ("get", "/v1/usage"): _Contract(ok=_usage_ok, errors=_KEY_ONLY_ERRORS, reasons=_NO_MODEL_503),
-    ("get", _IMAGE_ROUTE): _Contract(
-        ok=_image_ok,
-        errors=(403, 404, 500, 503),
-        secured=False,
-        parameters=_image_parameters,
-        reasons={**_IMAGE_REASONS, **_NO_MODEL_503},
-        description="A stored image (`response_format: url`). The URL's signature is the authorization, not a key.",
-    ),
-    ("head", _IMAGE_ROUTE): _Contract(
-        ok=_image_ok,
-        errors=(403, 404, 500, 503),
-        secured=False,
-        parameters=_image_parameters,
-        reasons={**_IMAGE_REASONS, **_NO_MODEL_503},
-        bodiless=True,
-        description="The headers `GET` would send for this image, without the body.",
-    ),
-    ("post", "/v1/images/generations"): _Contract(
-        ok=_images_ok,
-        errors=_POST_ERRORS,
-        request_body=_json_body(ImageGenerationRequest),
-        parameters=lambda: [dict(_IDEMPOTENCY_KEY)],
-        description="Text-to-image, or image-to-image with `image` (OpenAI's images API plus extensions).",
-    ),
-    ("post", "/v1/images/edits"): _Contract(
-        ok=_images_ok,
-        errors=_POST_ERRORS,
-        request_body=_edit_form,
-        parameters=lambda: [dict(_IDEMPOTENCY_KEY)],
-        description="Image-to-image, or inpainting with a `mask` (OpenAI's multipart edits form).",
-    ),
-    ("post", "/v1/images/variations"): _Contract(
-        ok=lambda _: _json_ok(ImagesResponse, {**_CREDIT_HEADERS, **_RATE_LIMIT_HEADERS}, "The generated images."),
-        errors=_POST_ERRORS,
-        request_body=_variation_form,
-        parameters=lambda: [dict(_IDEMPOTENCY_KEY)],
-        description="Variations of an image: image-to-image with an empty prompt at the model's "
-        "`defaults.variation_strength` (OpenAI's multipart variations form).",
-    ),
-}
+def _event(name: str, model: type[BaseModel]) -> dict[str, Any]:
+    return {
+        "title": name,
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {
+            "event": {"const": name},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                # Inlined, no $ref: a ref inside contentSchema is resolved by few tools (not by
+                # schemathesis past the first level).
+                "contentSchema": {"allOf": [_inlined(model), {"properties": {"type": {"const": name}}}]},
+            },
+            "id": STRING,
+            "retry": {"type": "integer"},
+        },
+    }
 
 
-def _apply(operation: dict[str, Any], contract: _Contract) -> None:
-    if contract.description:
-        operation["description"] = contract.description
-    if contract.parameters is not None:
-        _merge_parameters(operation, contract.parameters())
-    if contract.request_body is not None:
-        operation["requestBody"] = contract.request_body()
-    responses: dict[str, Any] = {"200": contract.ok(operation)}
-    for status in contract.errors:
-        responses[str(status)] = _error_response(status, contract.reasons.get(status))
-    if contract.bodiless:
-        responses = {status: _without_body(response) for status, response in responses.items()}
-    operation["responses"] = responses
-    if contract.secured:
-        operation["security"] = [{SECURITY_SCHEME: []}]
-    else:
-        operation.pop("security", None)
+def _inlined(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s serialization schema with its nested models written in place."""
+    schema = model.model_json_schema(mode="serialization")
+    definitions = schema.pop("$defs", {})
+
+    def expand(value: Any) -> Any:
+        if isinstance(value, dict):
+            ref = value.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return expand(definitions[ref.removeprefix("#/$defs/")])
+            return {key: expand(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [expand(item) for item in value]
+        return value
+
+    return expand(schema)
 
 
-def _merge_parameters(operation: dict[str, Any], parameters: list[dict[str, Any]]) -> None:
-    """Replace FastAPI's parameters of the same name and place, add the others."""
-    ours = {(parameter["name"].lower(), parameter["in"]) for parameter in parameters}
-    kept = [p for p in operation.get("parameters", []) if (p["name"].lower(), p["in"]) not in ours]
-    operation["parameters"] = kept + parameters
+def errors(*statuses: int, reasons: dict[int, str] | None = None) -> dict[int, dict[str, Any]]:
+    """The error statuses a route sends, for ``responses=``: each the ``ErrorResponse`` model,
+    described by ``reasons`` or the service's general wording (with its codes)."""
+    return {status: _error(status, (reasons or {}).get(status)) for status in statuses}
 
 
-def _derived_operation(get: dict[str, Any], method: str, path: str) -> dict[str, Any]:
-    """An operation FastAPI did not generate (HEAD on a GET route), named after GET's."""
-    derived: dict[str, Any] = {"summary": f"{get.get('summary', path)} ({method.upper()})"}
-    if "operationId" in get:
-        derived["operationId"] = _METHOD_SUFFIX.sub("", get["operationId"]) + f"_{method}"
-    if "parameters" in get:
-        derived["parameters"] = copy.deepcopy(get["parameters"])
-    return derived
-
-
-_METHOD_SUFFIX = re.compile(r"_(get|put|post|delete|options|head|patch|trace)$")
-
-
-def _unique_operation_ids(paths: dict[str, Any]) -> None:
-    """One route serving several methods (GET and HEAD) gets one operation id from FastAPI
-    for all of them; an id must be unique, so such ids end in their own method."""
-    seen: dict[str, int] = {}
-    for item in paths.values():
-        for operation in item.values():
-            if isinstance(operation, dict) and "operationId" in operation:
-                seen[operation["operationId"]] = seen.get(operation["operationId"], 0) + 1
-    for item in paths.values():
-        for method, operation in item.items():
-            if isinstance(operation, dict) and seen.get(operation.get("operationId", ""), 0) > 1:
-                operation["operationId"] = _METHOD_SUFFIX.sub("", operation["operationId"]) + f"_{method}"
-
-
-def _error_response(status: int, reason: str | None) -> dict[str, Any]:
-    """An error status: a route's own wording (which names its codes), or the general one
-    with the codes of ``serve_app.errors`` that no route claims for itself."""
+def _error(status: int, reason: str | None) -> dict[str, Any]:
     description = reason
     if description is None:
         description = _REASONS[status]
-        claimed = {code for contract in CONTRACTS.values() for code in _named_codes(contract.reasons.get(status, ""))}
+        claimed = {code for reasons in _SPECIFIC_REASONS for code in _named_codes(reasons.get(status, ""))}
         codes = [code for code in _codes_for(status) if code not in claimed]
         if codes:
             description += " Codes: " + ", ".join(f"`{code}`" for code in codes) + "."
-    headers = dict(_REQUEST_ID)
+    headers = dict(REQUEST_ID)
     if status in (429, 503):
         headers.update(_RETRY_AFTER)
     if status == 429:
-        headers.update(_RATE_LIMIT_HEADERS)
-    return {
-        "description": description,
-        "headers": headers,
-        "content": {"application/json": {"schema": ERROR_SCHEMA_REF}},
-    }
-
-
-def _without_body(response: dict[str, Any]) -> dict[str, Any]:
-    headers = dict(response.get("headers", {}))
-    content = response.get("content", {})
-    if content and "content-type" not in headers:
-        headers["content-type"] = {"description": "What GET would send: " + ", ".join(content), "schema": _STRING}
-    return {"description": response["description"], "headers": headers}
+        headers.update(RATE_LIMIT_HEADERS)
+    return {"model": ErrorResponse, "description": description, "headers": headers}
 
 
 def _codes_for(status: int) -> list[str]:
@@ -480,21 +320,165 @@ def _named_codes(text: str) -> set[str]:
     return set(re.findall(r"`([a-z_]+)`", text))
 
 
-# --- schemas --------------------------------------------------------------------------------
+# --- the image routes' own declarations (used on their decorators) ---------------------------
 
 
-def _ref(model: type[BaseModel]) -> dict[str, str]:
-    return {"$ref": f"{REF_PREFIX}{model.__name__}"}
+def images_ok(events: Literal["image_generation", "image_edit"] | None) -> dict[str, Any]:
+    """The 200 of an image route: ``ImagesResponse``, and with ``events`` the ``stream: true``
+    answer: previews, one ``*.completed`` event per image, an ``error`` event if generation
+    fails after the stream started."""
+    description = "The generated images."
+    if events is not None:
+        description += (
+            " With `stream: true`, server-sent events instead (OpenAI's image streaming): "
+            f"`{events}.partial_image` previews, one `{events}.completed` event per image, and an `error` event "
+            "if generation fails after the stream started."
+        )
+    return ok(
+        ImagesResponse,
+        description=description,
+        headers={**CREDIT_HEADERS, **RATE_LIMIT_HEADERS},
+        content=image_events(events) if events is not None else None,
+    )
 
 
-def _model_schemas() -> dict[str, Any]:
-    """The wire models' JSON schemas, their refs pointing into components/schemas."""
-    _, top = models_json_schema(list(_MODELS), ref_template=REF_PREFIX + "{model}")
+_IMAGE_FILE = {**BINARY, "description": "The input image (png, jpeg or webp). More than one: repeat `image[]` instead."}
+EDIT_FORM = form_body(
+    ImageEditRequest,
+    title="ImageEditForm",
+    files={
+        "image": _IMAGE_FILE,
+        "image[]": {
+            "type": "array",
+            "items": BINARY,
+            "description": "Input images, for models that take several (OpenAI allows up to 16).",
+        },
+        "mask": {
+            **BINARY,
+            "description": "A PNG of the image's size; its fully transparent pixels mark what to change.",
+        },
+    },
+    required=("image", "prompt"),
+    encoding={"image": ", ".join(IMAGE_TYPES), "image[]": ", ".join(IMAGE_TYPES), "mask": "image/png"},
+)
+VARIATION_FORM = form_body(
+    ImageVariationRequest,
+    title="ImageVariationForm",
+    files={"image": {**BINARY, "description": "The image to make variations of (png, jpeg or webp)."}},
+    required=("image",),
+    # Fields inherited from generations that a variation refuses (it has no prompt, no stream).
+    exclude=("prompt", "stream", "partial_images", "enhance_prompt"),
+    encoding={"image": ", ".join(IMAGE_TYPES)},
+)
+SIGNED_IMAGE_PARAMETERS = (
+    {
+        "name": "expires",
+        "in": "query",
+        "required": True,
+        "description": "When the URL expires (Unix seconds), as signed.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    {
+        "name": "signature",
+        "in": "query",
+        "required": True,
+        "description": "The URL's signature (hex).",
+        "schema": STRING,
+    },
+)
+SIGNED_IMAGE_OK = ok(
+    description="The stored image.",
+    headers={"cache-control": {"description": "`private`, cacheable until the URL expires.", "schema": STRING}},
+    content={content_type: {"schema": BINARY} for content_type in IMAGE_TYPES},
+)
+USAGE_OK = ok(
+    description="The key's balance, reserved credits, and images and credits by model.",
+    content={"application/json": {"schema": {"type": "object", "title": "Usage"}}},
+)
+
+
+# --- what applies to every route --------------------------------------------------------------
+
+
+def install_openapi(api: FastAPI) -> None:
+    """Make ``api.openapi()`` (``/openapi.json``, ``/docs``) FastAPI's document of the declared
+    routes plus the generic steps of ``finish_document``. Idempotent; built on first use and
+    cached until FastAPI's own route set changes."""
+    if getattr(api.openapi, "_imagegen_openapi", False):
+        return
+    cache: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        base = FastAPI.openapi(api)  # FastAPI's own, cached by FastAPI per route set
+        if cache.get("base") is not base:
+            cache["document"] = finish_document(base)
+            cache["base"] = base
+        return cache["document"]
+
+    openapi._imagegen_openapi = True  # type: ignore[attr-defined]
+    api.openapi = openapi  # type: ignore[method-assign]
+
+
+def finish_document(base: dict[str, Any]) -> dict[str, Any]:
+    """FastAPI's document ``base`` (left untouched) with the referenced models' schemas, no
+    422, bodiless HEAD operations and unique operation ids."""
+    document = copy.deepcopy(base)
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, schema in _referenced_schemas().items():
+        schemas.setdefault(name, schema)
+    for item in document.get("paths", {}).values():
+        for method, op in item.items():
+            responses = op.get("responses", {})
+            responses.pop("422", None)  # never sent: the routes validate themselves
+            for response in responses.values():
+                # FastAPI's placeholder for a route without a response model: an empty JSON schema.
+                content = response.get("content", {})
+                if content.get("application/json") == {"schema": {}} and len(content) > 1:
+                    del content["application/json"]
+            if method == "head":
+                op["responses"] = {status: _without_body(r) for status, r in op.get("responses", {}).items()}
+    _unique_operation_ids(document.get("paths", {}))
+    for unused in ("HTTPValidationError", "ValidationError"):  # FastAPI's, for the 422
+        if unused in schemas and not _referenced(document, unused):
+            del schemas[unused]
+    return document
+
+
+def _referenced_schemas() -> dict[str, Any]:
+    """The schemas of the models ``schema_ref`` handed out, refs pointing into components."""
+    if not _REFERENCED:
+        return {}
+    _, top = models_json_schema(list(_REFERENCED.values()), ref_template=REF_PREFIX + "{model}")
     schemas = top.get("$defs", {})
-    missing = [model.__name__ for model, _ in _MODELS if model.__name__ not in schemas]
+    missing = [name for name in _REFERENCED if name not in schemas]
     if missing:  # a name changed by pydantic (an -Input/-Output split) would break the refs
-        raise RuntimeError(f"wire models without a schema of their own name: {missing}")
+        raise RuntimeError(f"models without a schema of their own name: {missing}")
     return schemas
+
+
+def _without_body(response: dict[str, Any]) -> dict[str, Any]:
+    headers = dict(response.get("headers", {}))
+    content = response.get("content", {})
+    if content and "content-type" not in headers:
+        headers["content-type"] = {"description": "What GET would send: " + ", ".join(content), "schema": STRING}
+    return {"description": response["description"], "headers": headers}
+
+
+_METHOD_SUFFIX = re.compile(r"_(get|put|post|delete|options|head|patch|trace)$")
+
+
+def _unique_operation_ids(paths: dict[str, Any]) -> None:
+    """One route serving several methods (GET and HEAD) gets one operation id from FastAPI
+    for all of them; an id must be unique, so such ids end in their own method."""
+    seen: dict[str, int] = {}
+    for item in paths.values():
+        for op in item.values():
+            if isinstance(op, dict) and "operationId" in op:
+                seen[op["operationId"]] = seen.get(op["operationId"], 0) + 1
+    for item in paths.values():
+        for method, op in item.items():
+            if isinstance(op, dict) and seen.get(op.get("operationId", ""), 0) > 1:
+                op["operationId"] = _METHOD_SUFFIX.sub("", op["operationId"]) + f"_{method}"
 
 
 def _referenced(document: dict[str, Any], name: str) -> bool:
@@ -507,12 +491,17 @@ def _referenced(document: dict[str, Any], name: str) -> bool:
     return f'"{REF_PREFIX}{name}"' in json.dumps(others)
 
 
-__all__ = ["CONTRACTS", "build_document", "install_openapi"]
-
-
-# The Batch API's operations and wire models (serve_app/batches/openapi.py), built on the
-# helpers above.
-from serve_app.batches.openapi import batch_contracts, batch_models
-
-_MODELS += batch_models()
-CONTRACTS.update(batch_contracts())
+__all__ = [
+    "BEARER",
+    "SECURED",
+    "errors",
+    "finish_document",
+    "form_body",
+    "image_events",
+    "install_openapi",
+    "json_body",
+    "merged_bodies",
+    "ok",
+    "operation",
+    "schema_ref",
+]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 ASPECT_PATTERN = re.compile(r"([0-9]{1,3}):([0-9]{1,3})")  # fullmatch, ASCII digits
 # image_size modes from the qubrid document, as a share of the model's default pixel count.
 IMAGE_SIZE_PIXEL_SHARE = {"optimize_for_quality": 1.0, "optimize_for_speed": 0.25}
+# A multi-reference edit's further images travel at their own aspect ratio, at most this many
+# pixels (Qwen-Image-Edit encodes each at a 1024x1024 area).
+MAX_REFERENCE_PIXELS = 1024 * 1024
 QUALITY_LABELS = {"low": "low", "medium": "medium", "high": "high", "standard": "medium", "hd": "high"}
 
 
@@ -44,6 +47,7 @@ class GenerationPlan:
     quality_label: str | None
     image: InputImage | None = None
     mask: InputImage | None = None
+    references: tuple[InputImage, ...] = ()  # a multi-reference edit's further images
     check_safety: bool = True  # run the model's safety checker (when it has one)
     partial_images: int = 0  # previews per image, streamed requests only
     priority: Priority = "interactive"  # the lane (serve_app.lane): batch jobs fill what interactive leave
@@ -64,6 +68,7 @@ class GenerationPlan:
             output_quality=self.output_quality,
             image=self.image,
             mask=self.mask,
+            references=self.references,
             check_safety=self.check_safety,
             partial_images=self.partial_images,
             priority=self.priority,
@@ -72,10 +77,15 @@ class GenerationPlan:
 
 
 def plan_generation(
-    request: ImageGenerationRequest, model: ModelConfig, image: Image | None = None, mask: Image | None = None
+    request: ImageGenerationRequest,
+    model: ModelConfig,
+    image: Image | None = None,
+    mask: Image | None = None,
+    references: Sequence[Image] = (),
 ) -> GenerationPlan:
     """The work ``request`` asks of ``model``; ``image`` and ``mask`` are its decoded inputs
-    (a mask is a grey image of the input's size, 255 where to repaint)."""
+    (a mask is a grey image of the input's size, 255 where to repaint), ``references`` the
+    further input images of a multi-reference edit (after ``image``)."""
     limits = model.limits
     for param, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt or "")):
         if len(text) > limits.max_prompt_chars:
@@ -84,6 +94,14 @@ def plan_generation(
         raise InvalidRequest(f"Invalid 'n': model '{model.id}' returns at most {limits.max_n} images.", param="n")
 
     mode, strength = resolve_mode(request, model, image, mask)
+    inputs = (0 if image is None else 1) + len(references)
+    if inputs > model.rules.max_reference_images:
+        raise InvalidRequest(
+            f"Invalid 'image': model '{model.id}' uses at most {model.rules.max_reference_images} input image(s), "
+            f"got {inputs}.",
+            param="image",
+        )
+    fitted_references = tuple(_reference(each) for each in references)
     width, height = resolve_size(request, model, input_size=None if image is None else image.size)
     go_fast = model.speed_mode.default if request.go_fast is None else request.go_fast
     steps = resolve_steps(request, model)
@@ -123,6 +141,7 @@ def plan_generation(
             strength=strength,
             adapters=adapters,
             go_fast=go_fast,
+            reference_sizes=tuple((each.width, each.height) for each in fitted_references),
         ),
         seeds=tuple(range(first_seed, first_seed + request.n)),
         output_format=output_format,
@@ -133,6 +152,7 @@ def plan_generation(
         else QUALITY_LABELS.get(request.quality or "medium", "medium"),
         image=None if image is None else _fitted(image, width, height, "RGB"),
         mask=None if mask is None else _fitted(mask, width, height, "L"),
+        references=fitted_references,
         check_safety=not request.disable_safety_checker,
         partial_images=(request.partial_images or 0) if request.stream else 0,
     )
@@ -191,10 +211,27 @@ def resolve_mode(
     image, an unsent strength is the model's default (1 for inpainting: the masked area is
     painted anew) and 0 is refused, since it would return the input unchanged.
     """
+    modes = model.rules.pipeline_classes
     if image is None:
         if request.strength not in (None, 0):
             raise InvalidRequest("Invalid 'strength': it needs an input image.", param="strength")
+        if Mode.TEXT_TO_IMAGE not in modes:
+            raise InvalidRequest(
+                f"Invalid 'image': model '{model.id}' edits images and needs at least one input image "
+                "(POST /v1/images/edits, or image on /v1/images/generations).",
+                param="image",
+            )
         return Mode.TEXT_TO_IMAGE, None
+    if Mode.EDIT in modes:
+        # A multi-reference edit makes the image anew from the instruction and the references.
+        if mask is not None:
+            raise InvalidRequest(f"Invalid 'mask': model '{model.id}' does not take a mask.", param="mask")
+        if request.strength not in (None, 0) or "strength" in request.model_fields_set:
+            raise InvalidRequest(
+                f"Invalid 'strength': model '{model.id}' edits by instruction and takes no strength.",
+                param="strength",
+            )
+        return Mode.EDIT, None
     mode = Mode.IMAGE_TO_IMAGE if mask is None else Mode.INPAINT
     if request.strength is None:
         return mode, (model.defaults.strength if mask is None else 1.0)
@@ -203,6 +240,20 @@ def resolve_mode(
             "Invalid 'strength': with an input image it must be above 0 and at most 1.", param="strength"
         )
     return mode, float(request.strength)
+
+
+def _reference(image: Image) -> InputImage:
+    """A further reference image of a multi-reference edit, at its own aspect ratio, scaled
+    down to at most ``MAX_REFERENCE_PIXELS`` (the pipeline encodes it at that area or less)."""
+    from PIL import Image as PILImage
+
+    converted = image.convert("RGB")
+    pixels = converted.width * converted.height
+    if pixels > MAX_REFERENCE_PIXELS:
+        scale = math.sqrt(MAX_REFERENCE_PIXELS / pixels)
+        size = (max(1, int(converted.width * scale)), max(1, int(converted.height * scale)))
+        converted = converted.resize(size, PILImage.Resampling.BICUBIC)
+    return InputImage.from_pil(converted)
 
 
 def _fitted(image: Image, width: int, height: int, pil_mode: str) -> InputImage:

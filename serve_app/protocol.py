@@ -7,9 +7,10 @@ honour); what depends on the model (sizes, step limits) is checked in ``planning
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from serve_app.errors import InvalidRequest
 from serve_app.usage import Usage
@@ -141,6 +142,43 @@ class ImageEditRequest(ImageGenerationRequest):
         return self
 
 
+def _present_text(schema: dict[str, Any]) -> None:
+    """The schema of an optional text field that, when sent, is a non-blank string (not null)."""
+    schema.pop("default", None)
+    schema["pattern"] = r"\S"
+
+
+class ImageReference(BaseModel):
+    """An input image of a JSON edit (OpenAI's ``images[]`` / ``mask``): exactly one of
+    ``image_url`` (a data URL, or an http(s) URL under the same allow-list and limits as
+    ``image`` on generations) and ``file_id`` (a Files API file of purpose vision or user_data)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        json_schema_extra={"oneOf": [{"required": ["image_url"]}, {"required": ["file_id"]}]},
+    )
+
+    image_url: str | SkipJsonSchema[None] = Field(
+        None, max_length=64 * 1024 * 1024, json_schema_extra=lambda s: _present_text(s)
+    )
+    file_id: str | SkipJsonSchema[None] = Field(None, max_length=128, json_schema_extra=lambda s: _present_text(s))
+
+
+class ImageEditJSONRequest(ImageEditRequest):
+    """``POST /v1/images/edits`` as ``application/json`` (OpenAI's JSON form): the edit fields
+    typed as on generations, the images by reference (read by serve_app.edit_inputs after the
+    reservation). The wire shape the API document shows for that media type."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    images: list[ImageReference] = Field(min_length=1, max_length=16)
+    # Applies to the first image: a PNG of its size whose fully transparent pixels mark what to change.
+    mask: ImageReference | None = None
+    image: SkipJsonSchema[None] = None  # the multipart form's; a JSON edit sends ``images``
+
+
 class ImageVariationRequest(ImageGenerationRequest):
     """The text fields of ``POST /v1/images/variations``: OpenAI's multipart form (``model``,
     ``n``, ``size``, ``response_format``, ``user``) plus the same extensions as edits. A
@@ -186,10 +224,11 @@ def parse_generation_request(payload: object) -> ImageGenerationRequest:
         raise _to_invalid_request(exc) from None
 
 
-def parse_edit_request(fields: dict[str, str | list[str]]) -> ImageEditRequest:
-    """Validate the text fields of an edits form, the first problem a 400 naming its field."""
+def parse_edit_request(fields: dict[str, object], strict: bool = False) -> ImageEditRequest:
+    """Validate the text fields of an edits form (or, ``strict``, the members of a JSON edit
+    other than its images: typed as on generations), the first problem a 400 naming its field."""
     try:
-        return ImageEditRequest.model_validate(fields)
+        return ImageEditRequest.model_validate(fields, strict=strict)
     except ValidationError as exc:
         raise _to_invalid_request(exc) from None
 

@@ -28,6 +28,7 @@ from serve_app.accounts.records import IdempotencyClaim, Replay, Reservation, Se
 from serve_app.accounts.units import format_credits
 from serve_app.charge import Charge, Chunk, ServedResponse, one_chunk
 from serve_app.config import AppConfig, ModelConfig
+from serve_app.edit_inputs import FilesPort, decode_edit_inputs, from_json, from_upload
 from serve_app.enhancer import ENHANCE_HEADER, PromptEnhancer, enhance_prompt
 from serve_app.errors import (
     ContentFlagged,
@@ -37,7 +38,7 @@ from serve_app.errors import (
     PermissionDenied,
     UpstreamError,
 )
-from serve_app.image_input import Decoder, ImageInputPolicy, decode_image, mask_from_png
+from serve_app.image_input import Decoder, ImageInputPolicy, decode_image
 from serve_app.lane import INTERACTIVE, Lane
 from serve_app.metrics import NoMetrics, ServiceMetrics
 from serve_app.planning import GenerationPlan, plan_generation
@@ -174,6 +175,7 @@ def _usage(plan: GenerationPlan, made: Sequence[GeneratedImage], delivered: Sequ
     tokens, as the replica counted them for the images it ``made``, and the input image at the
     size the model saw it), and the output of the ``delivered`` images only."""
     inputs = [] if plan.image is None else [(plan.image.width, plan.image.height)]
+    inputs += [(image.width, image.height) for image in plan.references]
     text_tokens = max((image.text_tokens for image in made), default=0)
     return count_usage(text_tokens, inputs, [(image.width, image.height) for image in delivered])
 
@@ -197,8 +199,10 @@ class ImageGenerationService:
         metrics: ServiceMetrics | None = None,
         enhancer: PromptEnhancer | None = None,
         decoder: Decoder | None = None,
+        files: FilesPort | None = None,
     ) -> None:
         self._config = config
+        self._files = files  # the Files API, where edits' file_id inputs are read
         self._decoder = decoder or Decoder(config.image_input.decode_threads)
         self._enhancer = enhancer
         self._router = router
@@ -296,36 +300,38 @@ class ImageGenerationService:
     async def edit(
         self,
         key: Any,
-        upload: EditUpload,
+        upload: EditUpload | object,
         *,
         request_id: str,
         base_url: str | None,
         idempotency_key: str | None = None,
         lane: Lane = INTERACTIVE,
     ) -> ServedResponse:
-        """``POST /v1/images/edits``: image-to-image, or inpainting with a mask."""
-        request = parse_edit_request(upload.fields)
+        """``POST /v1/images/edits``: image-to-image, inpainting with a mask, or a
+        multi-reference edit. ``upload`` is the multipart form (``EditUpload``) or the
+        decoded JSON body (``images: [{image_url | file_id}]``, ``mask``): both give the same
+        plan; their images are fetched, loaded and decoded after the reservation."""
+        inputs = from_upload(upload) if isinstance(upload, EditUpload) else from_json(upload)
+        request = parse_edit_request(inputs.fields, strict=inputs.json)
         model = self._requested_model(key, request)
         request = self._with_default_response_format(request, model, base_url)
-        if not upload.images:
-            raise InvalidRequest("Missing required parameter: 'image'.", param="image")
-        if len(upload.images) > model.rules.max_reference_images:
+        if not inputs.images:
+            raise InvalidRequest(f"Missing required parameter: '{inputs.images_param}'.", param=inputs.images_param)
+        if len(inputs.images) > model.rules.max_reference_images:
             raise InvalidRequest(
-                f"Invalid 'image': model '{model.id}' uses at most {model.rules.max_reference_images} input "
-                f"image(s), got {len(upload.images)}.",
-                param="image",
+                f"Invalid '{inputs.images_param}': model '{model.id}' uses at most "
+                f"{model.rules.max_reference_images} input image(s), got {len(inputs.images)}.",
+                param=inputs.images_param,
             )
         policy = self._policy(model)
 
-        def decode_and_plan() -> GenerationPlan:
-            image = decode_image(upload.images[0], param="image", policy=policy)
-            mask = None if upload.mask is None else mask_from_png(upload.mask, image_size=image.size, policy=policy)
-            return plan_generation(request, model, image, mask)
-
         async def planner() -> GenerationPlan:
-            return await self._decoder.run(decode_and_plan)
+            images, mask = await decode_edit_inputs(
+                inputs, decoder=self._decoder, policy=policy, files=self._files, key=key
+            )
+            return await self._decoder.run(plan_generation, request, model, images[0], mask, images[1:])
 
-        claim = self._claim(idempotency_key, upload.fingerprint, request.stream)
+        claim = self._claim(idempotency_key, lambda: inputs.fingerprint, request.stream)
         return await self._serve(key, request, model, planner, claim, request_id, base_url, "image_edit", lane=lane)
 
     async def variation(

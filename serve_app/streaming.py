@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from serve_app.http_errors import error_body
+from serve_app.protocol import ErrorBody
 from serve_app.usage import Usage
 
 EventPrefix = Literal["image_generation", "image_edit"]
@@ -50,6 +51,13 @@ class CompletedEvent(_ImageEvent):
     credits_remaining: str  # the key's balance once the request settles if it ended here
 
 
+class StreamErrorEvent(BaseModel):
+    """The stream's last event when generation fails after it started: the documented error body."""
+
+    type: Literal["error"] = "error"
+    error: ErrorBody
+
+
 def sse(event: BaseModel) -> bytes:
     """One server-sent event: ``event:`` names the type, ``data:`` holds the JSON."""
     payload = event.model_dump(exclude_none=True)
@@ -59,5 +67,5 @@ def sse(event: BaseModel) -> bytes:
 def error_event(exc: BaseException, request_id: str) -> bytes:
     """The documented error body as the stream's last event (the SDKs raise it as an APIError)."""
     _, body = error_body(exc, request_id)
-    payload = {"type": "error", **body.model_dump()}
+    payload = StreamErrorEvent(error=body.error).model_dump()
     return f"event: error\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()

@@ -19,7 +19,7 @@ def test_embedded_default_binds_one_deployment_per_model():
     config = load_app_config(ROOT / "serve_config.yaml")
     ingress, models = bound_models(build_app(config))
     assert ingress.name == INGRESS_DEPLOYMENT_NAME
-    assert set(models) == {"tiny-sdxl", "tiny-qwen-image", "tiny-flux"}
+    assert set(models) == {"tiny-sdxl", "tiny-qwen-image", "tiny-flux", "tiny-qwen-image-edit"}
     sdxl = models["tiny-sdxl"]
     assert sdxl.name == "model-tiny-sdxl"
     # Every model at its most replicas fits on 2 cores.
@@ -39,7 +39,9 @@ def test_embedded_default_binds_one_deployment_per_model():
 def test_gpu_config_asks_for_one_gpu_per_replica():
     config = load_app_config(ROOT / "serve_config.gpu.yaml")
     _, models = bound_models(build_app(config))
-    assert set(models) == {"stable-diffusion-xl-base-v10", "qwen-image", "flux-1-schnell"}
+    assert set(models) == {"stable-diffusion-xl-base-v10", "qwen-image", "flux-1-schnell", "qwen-image-edit-2509"}
+    edit = config.model("qwen-image-edit-2509")
+    assert (edit.family, edit.weights) == ("qwen-image-edit", "Qwen/Qwen-Image-Edit-2509")
     for deployment in models.values():
         assert deployment.ray_actor_options["num_gpus"] == 1
         assert deployment._deployment_config.autoscaling_config.max_replicas > 1

@@ -22,18 +22,24 @@ def model(family: str, **fields) -> ModelConfig:
     )
 
 
-def test_the_registry_holds_three_families_with_their_rules():
-    assert sorted(FAMILIES) == ["flux", "qwen-image", "sdxl"]
+def test_the_registry_holds_four_families_with_their_rules():
+    assert sorted(FAMILIES) == ["flux", "qwen-image", "qwen-image-edit", "sdxl"]
     assert {name: (f.size_multiple, f.min_steps, f.guidance) for name, f in FAMILIES.items()} == {
         "sdxl": (8, 1, GuidanceKind.CLASSIFIER_FREE),
         "qwen-image": (16, 2, GuidanceKind.TRUE_CFG),
         "flux": (16, 1, GuidanceKind.DISTILLED),
+        "qwen-image-edit": (16, 2, GuidanceKind.TRUE_CFG),
     }
     assert not FAMILIES["flux"].takes_negative_prompt
     for family in FAMILIES.values():
-        assert set(family.pipeline_classes) == set(Mode)
-        assert family.max_reference_images == 1
         assert family.tiny_model == f"tiny-{family.name}"
+        if family.name == "qwen-image-edit":  # multi-reference edits only
+            assert set(family.pipeline_classes) == {Mode.EDIT} == {family.base_mode}
+            assert family.max_reference_images == 3 and family.max_images_per_call == 1
+            continue
+        assert set(family.pipeline_classes) == {Mode.TEXT_TO_IMAGE, Mode.IMAGE_TO_IMAGE, Mode.INPAINT}
+        assert family.base_mode is Mode.TEXT_TO_IMAGE
+        assert family.max_reference_images == 1
 
 
 def test_unknown_family_is_a_config_error_naming_the_choices():

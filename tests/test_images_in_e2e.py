@@ -245,8 +245,15 @@ def test_edit_refusals_name_their_field_and_cost_nothing(served):
         response = _edit(served, key, files, {"model": model, "prompt": "x", **data})
         assert response.status_code == 400, (param, response.text)
         assert response.json()["error"]["param"] == (param or "negative_prompt"), response.text
-    not_multipart = httpx.post(
+    # JSON is OpenAI's other form of an edit (tests/test_json_edits_e2e.py); anything else is a 400.
+    json_edit = httpx.post(
         f"{served.base_url}/v1/images/edits", json={"model": "tiny-sdxl"}, headers={"authorization": f"Bearer {key}"}
+    )
+    assert json_edit.status_code == 400 and json_edit.json()["error"]["param"] == "images"
+    not_multipart = httpx.post(
+        f"{served.base_url}/v1/images/edits",
+        content=b"model=tiny-sdxl",
+        headers={"authorization": f"Bearer {key}", "content-type": "application/x-www-form-urlencoded"},
     )
     assert not_multipart.status_code == 400
     assert not_multipart.json()["error"]["code"] == "invalid_request"

@@ -1,5 +1,6 @@
-"""The OpenAPI document (serve_app.openapi): valid, complete, and generated from the wire
-models. No Ray: the routes are on the ingress's FastAPI object once its module is imported."""
+"""The OpenAPI document: FastAPI's, from the routes' declarations (serve_app.openapi) and the
+wire models; valid and complete. No Ray: the routes are on the ingress's FastAPI object once
+its module is imported."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from serve_app.errors import APIError
-from serve_app.openapi import CONTRACTS, SECURITY_SCHEME, install_openapi
-from serve_app.protocol import ErrorResponse, ImageEditRequest, ImageGenerationRequest
+from serve_app.openapi import SECURITY_SCHEME, install_openapi
+from serve_app.protocol import ErrorResponse, ImageEditJSONRequest, ImageEditRequest, ImageGenerationRequest
+from serve_app.streaming import CompletedEvent, PartialImageEvent, StreamErrorEvent
 
 GENERATIONS = "/v1/images/generations"
 EDITS = "/v1/images/edits"
@@ -64,11 +66,26 @@ def test_it_is_built_once_and_served_at_openapi_json(api: FastAPI, document: dic
     assert "/docs" not in document["paths"] and "/redoc" not in document["paths"]
 
 
-def test_every_route_has_a_contract(api: FastAPI, document: dict) -> None:
-    generated = {(method, path) for path, item in FastAPI.openapi(api)["paths"].items() for method in item}
-    assert generated <= set(CONTRACTS), f"routes without a contract in serve_app.openapi: {generated - set(CONTRACTS)}"
-    assert {(method, path) for method, path, _ in operations(document)} == set(CONTRACTS)
+def test_every_route_declares_its_answers(api: FastAPI, document: dict) -> None:
+    """Each documented route declares its 200 and its errors on its decorator (``responses=``):
+    none is left with FastAPI's placeholder answer."""
+    assert len(list(operations(document))) >= 18
+    for method, path, operation in operations(document):
+        ok = operation["responses"]["200"]
+        assert ok["description"] != "Successful Response", (method, path)
+        assert "x-request-id" in ok["headers"], (method, path)
+        assert any(400 <= int(status) < 600 for status in operation["responses"]), (method, path)
+        for media in ok.get("content", {}).values():
+            assert media["schema"], (method, path)  # no empty placeholder schema
     assert "head" in document["paths"][IMAGE]
+    ids = [operation["operationId"] for _, _, operation in operations(document)]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_ref_resolves(document: dict) -> None:
+    text = json.dumps(document)
+    for name in set(__import__("re").findall(r'"#/components/schemas/([^"]+)"', text)):
+        assert name in document["components"]["schemas"], name
 
 
 def test_no_422_anywhere(document: dict) -> None:
@@ -90,9 +107,26 @@ def test_the_generations_body_is_the_request_model(document: dict) -> None:
     assert schema == ImageGenerationRequest.model_json_schema(ref_template="#/components/schemas/{model}")
 
 
+def test_the_edits_json_body_is_openais_json_form(document: dict) -> None:
+    body = document["paths"][EDITS]["post"]["requestBody"]
+    assert set(body["content"]) == {"multipart/form-data", "application/json"}
+    schema = resolve(document, body["content"]["application/json"]["schema"])
+    assert set(schema["required"]) == {"prompt", "images"}
+    assert "image" not in schema["properties"]  # the form's file part; JSON sends images
+    assert schema["properties"]["images"]["maxItems"] == 16
+    reference = document["components"]["schemas"]["ImageReference"]
+    assert set(reference["properties"]) == {"image_url", "file_id"}
+    assert reference["additionalProperties"] is False
+    assert schema == {
+        k: v
+        for k, v in ImageEditJSONRequest.model_json_schema(ref_template="#/components/schemas/{model}").items()
+        if k != "$defs"
+    }
+
+
 def test_the_edits_body_is_openais_multipart_form(document: dict) -> None:
     body = document["paths"][EDITS]["post"]["requestBody"]
-    assert list(body["content"]) == ["multipart/form-data"]
+    assert list(body["content"]) == ["multipart/form-data", "application/json"]
     schema = body["content"]["multipart/form-data"]["schema"]
     binary = {"type": "string", "format": "binary"}
     props = schema["properties"]
@@ -124,11 +158,73 @@ def test_post_routes(document: dict, path: str) -> None:
     assert set(operation["responses"]) == POST_STATUSES
     ok = operation["responses"]["200"]
     assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ImagesResponse"}
-    for header in ("x-credits-charged", "x-credits-remaining"):
-        assert ok["headers"][header]["required"] is True
+    # One 200 answers JSON (charged / remaining) and streams (reserved): none is required.
+    for header in ("x-credits-charged", "x-credits-remaining", "x-credits-reserved"):
+        assert not ok["headers"][header].get("required", False)
     assert "x-request-id" in ok["headers"]
+    assert ("text/event-stream" in ok["content"]) is (path != VARIATIONS)  # variations are not streamed
     (idempotency,) = [p for p in operation["parameters"] if p["name"] == "Idempotency-Key"]
     assert idempotency["in"] == "header" and idempotency["required"] is False
+
+
+@pytest.mark.parametrize(("path", "prefix"), [(GENERATIONS, "image_generation"), (EDITS, "image_edit")])
+def test_streamed_answers_are_event_objects(document: dict, path: str, prefix: str) -> None:
+    from jsonschema import Draft202012Validator
+
+    from serve_app.errors import UpstreamError
+    from serve_app.streaming import error_event, sse
+    from serve_app.usage import Usage
+
+    schema = document["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    events = {event["properties"]["event"]["const"]: event for event in schema["oneOf"]}
+    assert set(events) == {f"{prefix}.partial_image", f"{prefix}.completed", "error"}
+    models = {
+        f"{prefix}.partial_image": PartialImageEvent,
+        f"{prefix}.completed": CompletedEvent,
+        "error": StreamErrorEvent,
+    }
+    for name, event in events.items():
+        data = event["properties"]["data"]
+        assert data["contentMediaType"] == "application/json"
+        assert data["contentSchema"]["allOf"][0]["title"] == models[name].__name__
+        assert "$ref" not in json.dumps(data)  # self-contained: tools resolve no refs there
+
+    # What the service sends validates against the event payload schemas (and a wrong type does not).
+    common = {
+        "b64_json": "AA==",
+        "background": "opaque",
+        "created_at": 1,
+        "output_format": "png",
+        "quality": "low",
+        "size": "64x64",
+    }
+    common["image_index"] = 0
+    completed = CompletedEvent(
+        type=f"{prefix}.completed",
+        usage=Usage.model_validate(_usage()),
+        seed=1,
+        credits_charged="1",
+        credits_remaining="9",
+        **common,
+    )
+    partial = PartialImageEvent(type=f"{prefix}.partial_image", partial_image_index=0, step=1, total_steps=4, **common)
+    sent = [sse(partial), sse(completed), error_event(UpstreamError("the model failed"), "req_1")]
+    for chunk in sent:
+        name, data = (line.split(": ", 1)[1] for line in chunk.decode().strip().split("\n"))
+        content = {**events[name]["properties"]["data"]["contentSchema"], "$defs": document["components"]["schemas"]}
+        resolved = json.loads(json.dumps(content).replace("#/components/schemas/", "#/$defs/"))
+        Draft202012Validator(resolved).validate(json.loads(data))
+        wrong = {**json.loads(data), "type": "something.else"}
+        assert not Draft202012Validator(resolved).is_valid(wrong)
+
+
+def _usage() -> dict:
+    return {
+        "input_tokens": 1,
+        "input_tokens_details": {"text_tokens": 1, "image_tokens": 0},
+        "output_tokens": 4,
+        "total_tokens": 5,
+    }
 
 
 def test_every_error_status_has_the_error_schema(document: dict) -> None:
@@ -163,7 +259,8 @@ def test_component_schemas_are_generated_from_the_protocol(document: dict) -> No
     schemas = document["components"]["schemas"]
     error = ErrorResponse.model_json_schema(mode="serialization", ref_template="#/components/schemas/{model}")
     assert {k: v for k, v in error.items() if k != "$defs"} == schemas["ErrorResponse"]
-    assert error["$defs"]["ErrorBody"] == schemas["ErrorBody"]
+    assert set(error["$defs"]["ErrorBody"]["properties"]) == set(schemas["ErrorBody"]["properties"])
+    assert set(error["$defs"]["ErrorBody"]["required"]) == set(schemas["ErrorBody"]["required"])
     for name in ("ImagesResponse", "ImageData", "ModelList", "ModelCard"):
         assert name in schemas
 

@@ -78,3 +78,65 @@ def test_the_served_api_keeps_its_openapi_contract(served, tmp_path: Path) -> No
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"schemathesis found contract violations:\n{output[-12000:]}"
     assert "passed" in output, output[-4000:]
+
+
+def _png(size: int = 64) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 80, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "media_type"),
+    [
+        ("/v1/images/generations", {"prompt": "a red fox", "stream": True, "partial_images": 1, "n": 2}, None),
+        (
+            "/v1/images/edits",
+            {"prompt": "make it blue", "stream": "true", "partial_images": "1"},
+            "multipart/form-data",
+        ),
+    ],
+)
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 21: served *.completed events fail the documented event schema under schemathesis, while "
+    "the same events built offline pass (tests/test_openapi.py); not yet diagnosed",
+)
+def test_streamed_answers_keep_the_documented_events(served, path: str, body: dict, media_type: str | None) -> None:
+    """The ``text/event-stream`` 200s, checked by schemathesis against our own document: every
+    event's ``event:`` name and JSON ``data:`` (the fuzzing above never reaches a 200)."""
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_headers_conformance, response_schema_conformance
+
+    schema = schemathesis.openapi.from_url(f"{served.base_url}/openapi.json")
+    operation = schema[path]["POST"]
+    if media_type == "multipart/form-data":
+        body = {**body, "image": _png()}
+    case = operation.Case(body=body, media_type=media_type or "application/json")
+    headers = {"Authorization": f"Bearer {served.create_key('100')}"}
+    response = case.call(base_url=served.base_url, headers=headers)
+    assert response.status_code == 200, response.text[:2000]
+    assert response.headers["content-type"][0].startswith("text/event-stream")
+    events = [line.split(": ", 1)[1] for line in response.text.splitlines() if line.startswith("event: ")]
+    assert events.count(events[-1]) >= 1 and events[-1].endswith(".completed"), events
+    case.validate_response(
+        response, checks=[not_a_server_error, response_schema_conformance, response_headers_conformance]
+    )
+    # The same check fails a stream whose events do not match (so it did look at them).
+    from schemathesis.core.transport import Response
+
+    broken = Response(
+        status_code=200,
+        headers={k: v for k, v in response.headers.items()},
+        content=response.content.replace(b'"seed":', b'"seed":"x","was":'),
+        request=response.request,
+        elapsed=response.elapsed,
+        verify=response.verify,
+    )
+    with pytest.raises(Exception, match="(?i)schema"):
+        case.validate_response(broken, checks=[response_schema_conformance])

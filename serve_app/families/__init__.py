@@ -9,9 +9,10 @@ from __future__ import annotations
 from serve_app.families.base import Family, GuidanceKind
 from serve_app.families.flux import Flux
 from serve_app.families.qwen_image import QwenImage
+from serve_app.families.qwen_image_edit import QwenImageEdit
 from serve_app.families.sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (SDXL(), QwenImage(), Flux())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (SDXL(), QwenImage(), Flux(), QwenImageEdit())}
 
 
 def get_family(name: str) -> Family:

@@ -10,6 +10,7 @@ diffusers inside the methods that need them, so importing a family module stays 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
@@ -38,11 +39,17 @@ class Family:
     min_steps: ClassVar[int] = 1
     guidance: ClassVar[GuidanceKind]
     takes_negative_prompt: ClassVar[bool] = True
-    # Input images one call can use (image-to-image and inpainting take one).
+    # Input images one edit can use (image-to-image and inpainting take one; a multi-reference
+    # edit family, Mode.EDIT, several).
     max_reference_images: ClassVar[int] = 1
-    # diffusers pipeline class per mode; the image modes are built from the text-to-image
+    # diffusers pipeline class per mode; the other modes are built from the ``base_mode``
     # pipeline's loaded components (``from_pipe``), so they cost no second copy of the weights.
     pipeline_classes: ClassVar[Mapping[Mode, str]]
+    # The mode whose pipeline is loaded from the weights (the others are made from it).
+    base_mode: ClassVar[Mode] = Mode.TEXT_TO_IMAGE
+    # Most images one pipeline call may make (None: as many as the batching config allows);
+    # diffusers' QwenImageEditPlusPipeline takes one prompt per call.
+    max_images_per_call: ClassVar[int | None] = None
     # model_index.json "_class_name" prefix of this family's saved pipelines.
     class_name_prefix: ClassVar[str]
     # The built-in tiny model (``builtin:<name>``) and its builder.
@@ -122,6 +129,16 @@ class Family:
             bounds = {"verbose": False} if limit is None else {"truncation": True, "max_length": limit}
             counts.append(len(tokenizer(text, add_special_tokens=False, **bounds)["input_ids"]))
         return max(counts)
+
+    def load_components(self, source: str) -> dict[str, Any]:
+        """Components to pass to the base pipeline's ``from_pretrained`` instead of loading
+        them from ``source`` (a folder or hub id): none, unless a family's own loader is needed."""
+        return {}
+
+    def call_scope(self, pipe: Any) -> contextlib.AbstractContextManager[None]:
+        """A context around one call of ``pipe`` (a family whose pipeline reads settings that
+        diffusers keeps at module level sets them here)."""
+        return contextlib.nullcontext()
 
     def after_load(self, pipe: Any, model: ModelConfig | None) -> None:
         """Fixes and checks once the text-to-image pipeline is loaded (``model`` is None

@@ -80,16 +80,19 @@ class QwenImage(Family):
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)[:, :, 0]
 
     def build_tiny(self, work: Path) -> None:
+        from diffusers import QwenImagePipeline
+
+        from serve_app.families.tiny_parts import save_tiny
+
+        save_tiny(QwenImagePipeline(**self.tiny_components(work)), work)
+
+    def tiny_components(self, work: Path) -> dict[str, Any]:
+        """The tiny model's components (also those of the tiny Qwen-Image-Edit), from fixed seeds."""
         import torch
-        from diffusers import (
-            AutoencoderKLQwenImage,
-            FlowMatchEulerDiscreteScheduler,
-            QwenImagePipeline,
-            QwenImageTransformer2DModel,
-        )
+        from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        from serve_app.families.tiny_parts import build_qwen_tokenizer, fit_vae, save_tiny, seeded
+        from serve_app.families.tiny_parts import build_qwen_tokenizer, fit_vae, seeded
 
         tokenizer = build_qwen_tokenizer(work / "_tokenizer_src")
         vocab = tokenizer.get_vocab()
@@ -165,14 +168,13 @@ class QwenImage(Family):
         )
         seeded(0)
         text_encoder = Qwen2_5_VLForConditionalGeneration(config)
-        pipe = QwenImagePipeline(
-            transformer=transformer.eval(),
-            vae=vae.eval(),
-            scheduler=scheduler,
-            text_encoder=text_encoder.eval(),
-            tokenizer=tokenizer,
-        )
-        save_tiny(pipe, work)
+        return {
+            "transformer": transformer.eval(),
+            "vae": vae.eval(),
+            "scheduler": scheduler,
+            "text_encoder": text_encoder.eval(),
+            "tokenizer": tokenizer,
+        }
 
 
 def prompt_template_prefix_length(tokenizer: Any, template: str) -> int:
