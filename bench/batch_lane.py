@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     RESULTS,
+    CpuMeter,
     HttpConnection,
     Meters,
     ServeCpu,
@@ -313,7 +314,7 @@ async def phases(port: int, key: str, database: Path, args: argparse.Namespace) 
     # 3. the rest of the batch alone
     await asyncio.sleep(1.0)  # the interactive loop's last requests are out of the pipeline
     alone_start = time.time()
-    serve_cpu = ServeCpu()
+    serve_cpu, cpu_meter = ServeCpu(), CpuMeter()
     try:
         await asyncio.wait_for(watch.done.wait(), args.batch_alone_max_s)
         capped = False
@@ -321,6 +322,7 @@ async def phases(port: int, key: str, database: Path, args: argparse.Namespace) 
         capped = True
     alone_end_cap = time.time()
     serve_cpu.snapshot()
+    cpu_meter.snapshot()
     if capped:
         conn = HttpConnection(HOST, port)
         try:
@@ -350,6 +352,7 @@ async def phases(port: int, key: str, database: Path, args: argparse.Namespace) 
     metered_s = max(alone_end_cap - alone_start, 1e-9)  # the CPU meter's interval
     lane_alone["model_replica_cores"] = round(cpu["cpu_s"].get("model_replica", 0.0) / metered_s, 2)
     lane_alone["capped"] = capped
+    lane_alone["cpu"] = {**cpu_meter.stop(), **cpu}
     with_batch["batch"] = lane_during
     with_batch["total_images_per_s"] = round(with_batch["images_per_s"] + lane_during["images_per_s"], 2)
     print(
@@ -456,15 +459,20 @@ def markdown(doc: dict[str, Any], command: str) -> str:
     def met(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
+    def foreign(r: dict[str, Any]) -> str:
+        value = r.get("cpu", {}).get("foreign_cores")
+        return "—" if value is None else f"{value:.2f}"
+
     def row(label: str, r: dict[str, Any], batch: float | None, total: float | None) -> str:
         lat = r["latency"]
         return (
             f"| {label} | {r['images_per_s']:.2f} | {lat['p50_ms']:.0f} | {lat['p99_ms']:.0f} | "
             f"{'—' if batch is None else f'{batch:.2f}'} | {(total if total is not None else r['images_per_s']):.2f} | "
-            f"{r['model_replica_cores']:.2f} |"
+            f"{r['model_replica_cores']:.2f} | {foreign(r)} |"
         )
 
     wb, ba = p["with_batch"], p["batch_alone"]
+    disturbed = max(r.get("cpu", {}).get("foreign_cores", 0.0) for r in p.values())
     lines = [
         f"## Batch lane (issue 22){'' if command == 'python bench/batch_lane.py' else f': `{command[7:]}`'}",
         "",
@@ -479,13 +487,16 @@ def markdown(doc: dict[str, Any], command: str) -> str:
             f"{m['versions']['torch']}, diffusers {m['versions']['diffusers']}."
         ),
         "",
-        "| row | interactive images/s | p50 ms | p99 ms | batch images/s | total images/s | model replica cores |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        (
+            "| row | interactive images/s | p50 ms | p99 ms | batch images/s | total images/s | model replica cores "
+            "| other processes (cores) |"
+        ),
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         row("interactive alone", p["interactive_alone"], None, None),
         row("interactive + batch", wb, wb["batch"]["images_per_s"], wb["total_images_per_s"]),
         (
             f"| batch alone{' (capped)' if ba['capped'] else ''} | — | — | — | {ba['images_per_s']:.2f} | "
-            f"{ba['images_per_s']:.2f} | {ba['model_replica_cores']:.2f} |"
+            f"{ba['images_per_s']:.2f} | {ba['model_replica_cores']:.2f} | {foreign(ba)} |"
         ),
         row("interactive alone again", p["interactive_alone_again"], None, None),
         "",
@@ -508,6 +519,12 @@ def markdown(doc: dict[str, Any], command: str) -> str:
             f"{b['first_line_after_s']} s after `POST /v1/batches`."
         ),
     ]
+    if disturbed > 0.15:
+        lines.append(
+            f"- Disturbed: processes outside the benchmark used up to {disturbed:.2f} cores during the rows (last "
+            f"column; the machine has {m['nproc']}), so the rows are not comparable to a quiet run, nor fully "
+            "to one another."
+        )
     return "\n".join(lines)
 
 

@@ -101,8 +101,8 @@ def rules_mode_text():
 
 
 def _tokenizers(family: str, work: Path) -> dict[str, Any]:
-    from serve_app.families.flux import build_t5_tokenizer
-    from serve_app.families.tiny_parts import build_clip_tokenizer, build_qwen_tokenizer
+    from builtin_models.flux import build_t5_tokenizer
+    from builtin_models.parts import build_clip_tokenizer, build_qwen_tokenizer
 
     if family == "sdxl":
         clip = build_clip_tokenizer(work / "clip")

@@ -37,9 +37,9 @@ from _common import (  # noqa: E402
     machine_info,
     ray_instance,
     serve_graph,
+    served_load,
     temp_dir,
     update_doc_section,
-    served_load,
     wait_for_quiet,
     write_json,
 )
@@ -76,7 +76,7 @@ def replica_memory() -> dict[str, Any]:
 
     import torch
 
-    from deployments.tiny_models import ensure_builtin_model
+    from builtin_models import ensure_builtin_model
     from serve_app.families import get_family
     from serve_app.work import Mode
 

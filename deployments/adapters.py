@@ -10,19 +10,15 @@ text-to-image pipeline serves the image modes too.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("ray.serve")
+from deployments.weights import resolve_source
 
-BUILTIN_PREFIX = "builtin:"
-# peft's default LoRA targets in diffusers' attention blocks, the same names in a UNet's
-# transformer blocks and in the FLUX.1 / Qwen-Image transformers.
-TINY_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+logger = logging.getLogger("ray.serve")
 
 
 class AdapterLoadError(RuntimeError):
@@ -72,7 +68,7 @@ class AdapterCache:
             del self._loaded[victim]
             logger.info("LoRA %s unloaded (least recently used)", victim)
         adapter = self._registry[name]
-        source = resolve_adapter_source(adapter.source, self._cache_dir)
+        source = resolve_source(adapter.source, self._cache_dir)  # builtin:<name>: built on first use
         kwargs = {} if adapter.weight_name is None else {"weight_name": adapter.weight_name}
         try:
             self._pipe.load_lora_weights(source, adapter_name=name, **kwargs)
@@ -80,35 +76,3 @@ class AdapterCache:
             raise AdapterLoadError(f"cannot load LoRA {name!r} from {adapter.source!r}: {exc}") from exc
         self._loaded[name] = None
         logger.info("LoRA %s loaded", name)
-
-
-def resolve_adapter_source(source: str, cache_dir: Path) -> str:
-    """A folder or hub id for ``load_lora_weights``; ``builtin:<name>`` is built on first use."""
-    if source.startswith(BUILTIN_PREFIX):
-        from deployments.tiny_models import ensure_builtin_model
-
-        return str(ensure_builtin_model(source[len(BUILTIN_PREFIX) :], cache_dir))
-    return source
-
-
-def build_tiny_lora(family_name: str, base: Path, work: Path) -> None:
-    """A LoRA for a family's tiny model: random rank-4 adapters on the denoiser's attention
-    projections (peft with ``init_lora_weights=False``, so it changes images), saved with
-    the pipeline's own ``save_lora_weights`` as a trained LoRA would be."""
-    import torch
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from serve_app.families import get_family
-    from serve_app.families.tiny_parts import seeded
-
-    family = get_family(family_name)
-    pipeline_class = family.pipeline_class(family.base_mode)
-    denoiser = getattr(pipeline_class.from_pretrained(base, **family.load_components(str(base))), family.denoiser)
-    seeded(0)
-    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=TINY_LORA_TARGETS, init_lora_weights=False))
-    with torch.no_grad():
-        layers = get_peft_model_state_dict(denoiser)
-    pipeline_class.save_lora_weights(work, **{f"{family.denoiser}_lora_layers": layers})
-    # model_index.json marks a complete built-in folder (deployments.tiny_models).
-    (work / "model_index.json").write_text(json.dumps({"_class_name": "LoRA", "family": family_name}) + "\n")

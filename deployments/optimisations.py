@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from deployments.speed_mode import caches
+from deployments.weights import PipelineLoadError
 from serve_app.config import CUDA_GRAPH_COMPILE_MODES, GoFastConfig, ModelConfig, Optimisations
 from serve_app.work import CallShape
 
@@ -163,8 +164,6 @@ def to_channels_last(module: Any) -> None:
 
 def _swap_vae(pipelines: PipelineSet, source: str, torch_dtype: Any) -> None:
     from diffusers import AutoencoderKL
-
-    from deployments.pipeline_loader import PipelineLoadError
 
     pipe = pipelines.text_to_image
     try:

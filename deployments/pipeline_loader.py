@@ -8,18 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deployments.tiny_models import BUILTIN_MODELS, ensure_builtin_model
+from deployments.weights import PipelineLoadError, is_builtin, resolve_source
 from serve_app.families import Family, get_family
 from serve_app.work import Mode
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
 DTYPES = ("float32", "float16", "bfloat16")
-
-
-class PipelineLoadError(RuntimeError):
-    """The weights could not be loaded (missing folder, unreachable hub, broken files)."""
 
 
 @dataclass
@@ -53,15 +48,8 @@ def _torch_dtype(dtype: str):
 
 def resolve_weights(family: Family, weights: str, cache_dir: Path) -> str:
     """Turn a ``weights`` setting into what ``from_pretrained`` takes: a folder or a hub id."""
-    if weights.startswith(BUILTIN_PREFIX):
-        name = weights[len(BUILTIN_PREFIX) :]
-        if name not in BUILTIN_MODELS:
-            known = [BUILTIN_PREFIX + n for n in BUILTIN_MODELS]
-            raise ValueError(f"unknown built-in model {weights!r}; known: {known}")
-        builtin_family = BUILTIN_MODELS[name].family
-        if builtin_family != family.name:
-            raise ValueError(f"built-in model {weights!r} is a {builtin_family!r} model, not {family.name!r}")
-        return str(ensure_builtin_model(name, Path(cache_dir)))
+    if is_builtin(weights):  # a built-in tiny model of this family (deployments.weights)
+        return resolve_source(weights, cache_dir, family=family.name)
     path = Path(weights).expanduser()
     if path.exists():
         index = path / "model_index.json"

@@ -4,10 +4,10 @@ A streamed request with ``partial_images`` k gets k previews per image, taken af
 spaced denoising steps through diffusers' ``callback_on_step_end``. A preview is not a VAE
 decode (that would cost as much as a step on a real model): each latent pixel is mapped to
 RGB by a linear approximation of the model's own VAE decoder, ``LatentRGB``, fitted once at
-load by least squares (the VAE encodes synthetic images; each latent pixel's RGB is regressed
-on the mean colour of the pixel block it covers). That is the approach of ComfyUI's and
-A1111's "latent2rgb" previews, but fitted to the loaded VAE, so it holds for the built-in tiny
-VAEs and for fine-tuned ones alike. What a family's latents look like inside the pipeline
+load by least squares (the VAE encodes synthetic images from ``deployments.vae_latents``;
+each latent pixel's RGB is regressed on the mean colour of the pixel block it covers). That
+is the approach of ComfyUI's and A1111's "latent2rgb" previews, but fitted to the loaded
+VAE, so it holds for the built-in tiny VAEs and for fine-tuned ones alike. What a family's latents look like inside the pipeline
 (packed or not) is the family module's ``preview_latents``.
 
 Only the previewed rows of a batch are touched and only at the preview steps, so a batch's
@@ -70,7 +70,7 @@ def fit_latent_rgb(vae: Any, family: Any, device: str, dtype: Any) -> LatentRGB:
     import torch
     import torch.nn.functional as F
 
-    from serve_app.families.tiny_vae import encode_like_pipeline, synthetic_images
+    from deployments.vae_latents import encode_like_pipeline, synthetic_images
 
     generator = torch.Generator().manual_seed(0)
     images = synthetic_images(FIT_IMAGES, FIT_SIZE, generator).clamp(-1, 1)

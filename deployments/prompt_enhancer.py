@@ -2,10 +2,11 @@
 
 Served in the same Ray application as the image models, as its own deployment (the
 ingress never runs a model). Production configs name a small instruct model (a folder or
-hub id with a chat template); the built-in ``builtin:tiny-enhancer`` is a Qwen2 causal LM
-with random weights and a tokenizer built offline, so the real code path (chat template,
-``generate``, decoding) runs in tests and in the embedded default. Its rewrites are
-gibberish, as random weights are; a request's ``revised_prompt`` shows them.
+hub id with a chat template); the built-in ``builtin:tiny-enhancer``
+(``builtin_models/prompt_enhancer.py``) is a Qwen2 causal LM with random weights and a
+tokenizer built offline, so the real code path (chat template, ``generate``, decoding) runs
+in tests and in the embedded default. Its rewrites are gibberish, as random weights are; a
+request's ``revised_prompt`` shows them.
 """
 
 from __future__ import annotations
@@ -14,24 +15,18 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from ray import serve
 
+from deployments.weights import resolve_source
 from serve_app.config import PromptEnhancerConfig
 
 logger = logging.getLogger("ray.serve")
 
-BUILTIN_PREFIX = "builtin:"
 # A rewrite shorter than this many tokens is not one; it also keeps a model whose first
 # token is its end-of-text from answering with nothing.
 MIN_NEW_TOKENS = 4
-# Qwen's chat layout, for the tiny tokenizer (real instruct models ship their own template).
-TINY_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 class PromptEnhancerDeployment:
@@ -44,11 +39,7 @@ class PromptEnhancerDeployment:
         threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        source = self.config.weights
-        if source.startswith(BUILTIN_PREFIX):
-            from deployments.tiny_models import ensure_builtin_model
-
-            source = str(ensure_builtin_model(source[len(BUILTIN_PREFIX) :], Path(cache_dir)))
+        source = resolve_source(self.config.weights, cache_dir)  # builtin:tiny-enhancer: built on first use
         self._tokenizer = AutoTokenizer.from_pretrained(source)
         self._model = AutoModelForCausalLM.from_pretrained(source).to(self.config.device).eval()
         # A rewrite is text: no chat-control tokens other than the end of the answer.
@@ -87,45 +78,3 @@ class PromptEnhancerDeployment:
 
 
 PromptEnhancer = serve.deployment(PromptEnhancerDeployment)
-
-
-def build_tiny_enhancer(work: Path) -> None:
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    from serve_app.families.tiny_parts import build_qwen_tokenizer, seeded
-
-    tokenizer = build_qwen_tokenizer(work / "_tokenizer_src")
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    seeded(0)
-    model = Qwen2ForCausalLM(config).eval()
-    # Random weights pick any byte; zeroing the (tied) embeddings of tokens that are not
-    # printable text gives them a zero logit, so greedy decoding writes visible characters.
-    embeddings = model.get_input_embeddings().weight
-    with torch.no_grad():
-        for token_id in range(len(tokenizer)):
-            text = tokenizer.decode([token_id])
-            if not text.strip() or not text.isprintable() or "\ufffd" in text:
-                embeddings[token_id] = 0
-    model.generation_config = GenerationConfig(eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(work, safe_serialization=True)
-    tokenizer.save_pretrained(work)
-    import shutil
-
-    shutil.rmtree(work / "_tokenizer_src")
-    # model_index.json marks a complete built-in folder (deployments.tiny_models).
-    (work / "model_index.json").write_text('{"_class_name": "Qwen2ForCausalLM"}\n')

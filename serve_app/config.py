@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.families import FAMILIES, Family, get_family
+from serve_app.go_fast import GoFastConfig
 from serve_app.work import OUTPUT_FORMATS
 
 # ASCII digits only (\d also matches other scripts' digits), matched whole with fullmatch
@@ -201,22 +202,6 @@ class LoraAdapterConfig(StrictModel):
     source: str = Field(min_length=1, max_length=512, description="local folder, hub id, or builtin:<name>")
     weight_name: str | None = Field(None, max_length=256, description="the .safetensors file in source, if several")
     family: str = Field(description="the model family it was trained for; must be the model's")
-
-
-class GoFastConfig(StrictModel):
-    """What ``go_fast: true`` does on this model (``serve_app.families`` gives each family's
-    default; ``deployments/speed_mode.py`` applies it). Every option is batch-independent,
-    so an image is the same alone or batched."""
-
-    default: bool = Field(True, description="go_fast of a request that does not send it (the qubrid default: true)")
-    cache: Literal["none", "taylorseer"] = Field(
-        "none", description="diffusers' TaylorSeer cache on a transformer: full steps every cache_interval"
-    )
-    cache_interval: int = Field(2, ge=2, le=16)
-    cache_warmup_steps: int = Field(1, ge=0, le=100, description="steps computed in full before caching starts")
-    step_fraction: float = Field(
-        1.0, gt=0, le=1, description="share of the denoising steps run (fewer effective steps)"
-    )
 
 
 class SafetyCheckerConfig(StrictModel):

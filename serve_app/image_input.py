@@ -164,6 +164,32 @@ def decode_image(data: bytes, *, param: str, policy: ImageInputPolicy) -> Image.
         image.close()
 
 
+def sniff_image(data: bytes, *, param: str, policy: ImageInputPolicy) -> tuple[str, int, int]:
+    """``(format, width, height)`` of a PNG, JPEG or WEBP still image, from its header only:
+    the checks ``decode_image`` makes before it decodes a pixel (bytes, JPEG scans, format,
+    declared pixels, one frame), for an image kept now and decoded later (a Files API upload
+    of purpose vision / user_data). ``format`` is PNG, JPEG or WEBP (an MPO is a JPEG)."""
+    if not data:
+        raise InvalidRequest(f"Invalid '{param}': the image is empty.", param=param)
+    _check_byte_size(len(data), param=param, policy=policy)
+    _check_jpeg_scans(data, param=param, policy=policy)
+    image, _ = _open(data, INPUT_FORMATS, param=param, what="a PNG, JPEG or WEBP image")
+    try:
+        _check_pixels(image, param=param, policy=policy)
+        if getattr(image, "n_frames", 1) > 1 and image.format not in _STILL_MULTI_PICTURE_FORMATS:
+            raise InvalidRequest(
+                f"Invalid '{param}': animated images are not accepted; send a single frame.", param=param
+            )
+        kind = "JPEG" if image.format in _STILL_MULTI_PICTURE_FORMATS else str(image.format)
+        return kind, image.width, image.height
+    except _ParseBudgetExceeded:
+        raise _over_parse_budget(param) from None
+    except _DECODE_ERRORS:
+        raise _unreadable(param) from None
+    finally:
+        image.close()
+
+
 def mask_from_png(
     data: bytes, *, image_size: tuple[int, int], policy: ImageInputPolicy, param: str = "mask"
 ) -> Image.Image:

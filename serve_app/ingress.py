@@ -430,9 +430,15 @@ class ImageGenerationIngress:
             return error_for(exc, request)
         return JSONResponse(usage)
 
-    @api.api_route(
+    # One route per method: a route serving GET and HEAD has one operation id for both.
+    @api.head(
         "/v1/files/images/{name:path}",
-        methods=["GET", "HEAD"],
+        responses={200: SIGNED_IMAGE_OK, **errors(403, 404, 500, 503, reasons=IMAGE_REASONS)},
+        openapi_extra=operation(parameters=SIGNED_IMAGE_PARAMETERS),
+        description="A stored image's headers (`response_format: url`), as GET would send them.",
+    )
+    @api.get(
+        "/v1/files/images/{name:path}",
         responses={200: SIGNED_IMAGE_OK, **errors(403, 404, 500, 503, reasons=IMAGE_REASONS)},
         openapi_extra=operation(parameters=SIGNED_IMAGE_PARAMETERS),
         description="A stored image (`response_format: url`). The URL's signature is the authorization, not a key.",
@@ -459,7 +465,8 @@ class ImageGenerationIngress:
         dependencies=SECURED,
         responses={200: ok(FileObject), **UPLOAD_ERRORS},
         openapi_extra=UPLOAD,
-        description="Upload a Batch API input file (JSONL), validated line by line.",
+        description="Upload a Batch API input file (JSONL, purpose batch), validated line by line, or an image "
+        "for edits' file_id (purpose vision or user_data).",
     )
     async def upload_file(self, request: Request) -> Response:
         async def work(key: Any) -> Any:
@@ -476,7 +483,7 @@ class ImageGenerationIngress:
                 raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose")
             upload = form["file"]
             purpose = _text_part(form["purpose"])
-            return await self._batches.upload_file(key, upload.filename or "file.jsonl", purpose, upload.data)
+            return await self._batches.upload_file(key, upload.filename or "", purpose, upload.data)
 
         return await self._keyed(request, work)
 

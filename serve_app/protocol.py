@@ -30,7 +30,9 @@ class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
     # --- OpenAI images API -------------------------------------------------------------
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    # May be empty (OpenAI's schema allows it): the model then generates unconditionally, as a
+    # variation does; only enhance_prompt needs text.
+    prompt: str = Field(max_length=MAX_TEXT_CHARS)
     # None (absent or null): the config's default_model.
     model: str | None = Field(None, min_length=1, max_length=128)
     background: Literal["transparent", "opaque", "auto"] | None = None
@@ -111,8 +113,8 @@ class ImageGenerationRequest(BaseModel):
         return self
 
     def _check_prompt(self) -> None:
-        if not self.prompt.strip():
-            raise _FieldError("prompt", "it must contain more than whitespace")
+        if self.enhance_prompt and not self.prompt.strip():
+            raise _FieldError("enhance_prompt", "an empty prompt has nothing to enhance")
 
     def resolved_output_format(self, default: str = "png") -> str:
         fmt = self.output_format or default

@@ -110,8 +110,8 @@ def test_in_a_batch_only_the_abandoned_call_is_dropped():
 
 @pytest.fixture(scope="module")
 def pipes():
+    from builtin_models import ensure_builtin_model
     from deployments.pipeline_loader import load_pipelines
-    from deployments.tiny_models import ensure_builtin_model
     from tests.conftest import MODEL_CACHE
 
     for name in FAMILIES.values():

@@ -56,8 +56,9 @@ class World:
         self.images = FakeStore()
         self.files = LocalImageStore(LocalStorageConfig(root=tmp_path / "files"), 3600)
         self.batch_store = BatchStore(self.store)
-        self.service = ImageGenerationService(CONFIG, self.router, self.accounts, store=self.images)
         self.batches = BatchService(CONFIG, self.batch_store, self.files)
+        # Edits read their file_id inputs through the Files API, as in the ingress.
+        self.service = ImageGenerationService(CONFIG, self.router, self.accounts, store=self.images, files=self.batches)
 
     def runner(self, owner="replica-a", files=None, service=None):
         return BatchRunner(
@@ -197,6 +198,65 @@ def test_every_malformed_line_is_named(world):
         upload(world, key, b"\xff\xfe")
 
 
+def test_image_files_for_edits(world):
+    """purpose vision / user_data keeps a PNG, JPEG or WEBP still image, checked from its
+    header within the input-image limits of the most generous model; per key, as any file."""
+    import os
+
+    from PIL import Image
+
+    from serve_app.batches.service import image_upload_policy
+
+    key = world.key()
+    kept = {}
+    for purpose, fmt in (("vision", "PNG"), ("user_data", "JPEG"), ("vision", "WEBP")):
+        data = image_bytes(fmt=fmt)
+        uploaded = as_openai(
+            oai.FileObject, asyncio.run(world.batches.upload_file(key, f"photo.{fmt.lower()}", purpose, data))
+        )
+        assert (uploaded.purpose, uploaded.bytes, uploaded.filename) == (purpose, len(data), f"photo.{fmt.lower()}")
+        assert asyncio.run(world.batches.file_content(key, uploaded.id)) == data
+        kept[uploaded.id] = fmt
+    assert sorted(path.suffix for path in world.files.root.glob("file-*")) == [".jpg", ".png", ".webp"]
+    unnamed = asyncio.run(world.batches.upload_file(key, "", "vision", image_bytes()))
+    assert unnamed.filename == "file.png"
+    listed = asyncio.run(world.batches.list_files(key, after=None, limit=None, order=None, purpose="vision"))
+    assert {f.id for f in listed.data} == {unnamed.id} | {i for i, fmt in kept.items() if fmt != "JPEG"}
+    # An image file is no batch's input.
+    with pytest.raises(InvalidRequest, match="purpose batch"):
+        create(world, key, unnamed.id)
+
+    def refused(data, purpose="vision", service=None):
+        with pytest.raises(InvalidRequest) as caught:
+            asyncio.run((service or world.batches).upload_file(key, "x", purpose, data))
+        assert caught.value.param == "file", caught.value
+        return caught.value.message
+
+    assert "PNG, JPEG or WEBP" in refused(jsonl(line("r")))
+    assert "PNG, JPEG or WEBP" in refused(image_bytes(fmt="GIF"), purpose="user_data")
+    assert "PNG, JPEG or WEBP" in refused(image_bytes(fmt="TIFF"))
+    assert "empty" in refused(b"")
+    frames = image_bytes(fmt="PNG", save_all=True, append_images=[Image.new("RGB", (64, 64))])
+    assert "animated" in refused(frames)
+    # Pixels from the header, without decoding: the default 4096 x 4096 of input images.
+    assert image_upload_policy(CONFIG).max_pixels == 4096 * 4096
+    assert "pixels" in refused(image_bytes(size=(5000, 4000)))
+    # Bytes: the largest limits.max_input_image_bytes of the configured models.
+    models = [
+        {**CONFIG.models[0].model_dump(mode="json"), "id": f"m{i}", "limits": {"max_input_image_bytes": most}}
+        for i, most in enumerate((2048, 4096))
+    ]
+    small = AppConfig.model_validate({**CONFIG.model_dump(mode="json", exclude={"models"}), "models": models})
+    assert image_upload_policy(small).max_bytes == 4096
+    service = BatchService(small, world.batch_store, world.files)
+    try:
+        small_png = image_bytes()
+        assert asyncio.run(service.upload_file(key, "x", "vision", small_png)).bytes == len(small_png) <= 4096
+        assert "larger than 4096 bytes" in refused(b"\x89PNG" + os.urandom(5000), service=service)
+    finally:
+        service.close()
+
+
 # -- batches -------------------------------------------------------------------------------
 def test_a_batch_runs_every_line_at_the_batch_price(world):
     world.router.flag_seeds = {7}  # the safety checker withholds the image of seed 7
@@ -254,34 +314,74 @@ def test_a_batch_runs_every_line_at_the_batch_price(world):
     assert {job.priority for job in world.router.jobs} == {"batch"}
 
 
-def test_edit_lines_use_openais_json_form(world):
-    import base64
+def image_bytes(size=(64, 64), colour=(200, 30, 30), fmt="PNG", **options) -> bytes:
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, "PNG")
-    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    key = world.key()
+    Image.new("RGB", size, colour).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_edit_lines_take_the_json_form_of_v1_images_edits(world):
+    """A batch edit line is read as POST /v1/images/edits reads JSON: data URLs, file_ids of
+    the line's own key (purpose vision or user_data), URLs only from allowed hosts."""
+    import base64
+
+    data = image_bytes()
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    key, other = world.key("a"), world.key("b")
+    mine = upload(world, key, data, purpose="vision")
+    theirs = upload(world, other, data, purpose="user_data")
+    requests = upload(world, key, jsonl(line("r")))  # a batch input file is no image
     edits = "/v1/images/edits"
     source = upload(
         world,
         key,
         jsonl(
             line("edit", url=edits, images=[{"image_url": url}], seed=3),
-            line("file-id", url=edits, images=[{"file_id": "file-abc"}]),
+            line("by-file", url=edits, images=[{"file_id": mine.id}], seed=3),
+            line("unknown-file", url=edits, images=[{"file_id": "file-abc"}]),
+            line("other-keys-file", url=edits, images=[{"file_id": theirs.id}]),
+            line("batch-file", url=edits, images=[{"file_id": requests.id}]),
+            line("http", url=edits, images=[{"image_url": "https://images.example/a.png"}]),
             line("no-image", url=edits),
+            line("two-images", url=edits, images=[{"image_url": url}, {"file_id": mine.id}]),
         ),
     )
     batch = create(world, key, source.id, endpoint=edits)
     assert batch.model == "m"
     run_all(world.runner())
     done = asyncio.run(world.batches.retrieve_batch(key, batch.id))
-    assert [o["custom_id"] for o in content(world, key, done.output_file_id)] == ["edit"]
-    errors = {e["custom_id"]: e["response"]["body"]["error"]["param"] for e in content(world, key, done.error_file_id)}
-    assert errors == {"file-id": "images[0]", "no-image": "images"}
-    assert world.router.jobs[0].image is not None and world.router.jobs[0].shape.mode.value == "image-to-image"
+    assert sorted(o["custom_id"] for o in content(world, key, done.output_file_id)) == ["by-file", "edit"]
+    errors = {e["custom_id"]: e["response"]["body"]["error"] for e in content(world, key, done.error_file_id)}
+    assert {name: error["param"] for name, error in errors.items()} == {
+        "unknown-file": "images[0].file_id",
+        "other-keys-file": "images[0].file_id",
+        "batch-file": "images[0].file_id",
+        "http": "images[0].image_url",
+        "no-image": "images",
+        "two-images": "images",  # sdxl takes one image, as on /v1/images/edits
+    }
+    assert "purpose 'batch'" in errors["batch-file"]["message"]
+    assert "operator allows" in errors["http"]["message"]
+    by_url, by_file = world.router.jobs
+    assert by_url.shape.mode.value == by_file.shape.mode.value == "image-to-image"
+    assert by_url.image == by_file.image and by_url.seeds == by_file.seeds
+
+
+def test_an_image_file_is_decoded_when_an_edit_uses_it(world):
+    """The upload reads the header only; the pixels are decoded by the edit, after the
+    reservation, under the decoding budget: a truncated image is that edit's 400, refunded."""
+    data = image_bytes(size=(64, 64), fmt="PNG", compress_level=0)
+    key = world.key(credits=10)
+    truncated = asyncio.run(world.batches.upload_file(key, "cut.png", "vision", data[: len(data) // 2]))
+    body = {"model": "m", "prompt": "x", "images": [{"file_id": truncated.id}]}
+    with pytest.raises(InvalidRequest) as caught:
+        asyncio.run(world.service.edit(key, body, request_id="req-cut", base_url=None))
+    assert caught.value.param == "images[0].file_id" and "corrupt or truncated" in caught.value.message
+    assert world.balance(key) == 10 and world.router.jobs == []
 
 
 def test_create_refusals_and_a_mismatched_endpoint(world):

@@ -3,14 +3,16 @@ create, poll, download; mixed lines; an edit batch; and an ingress killed mid-ba
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
 import httpx
+import numpy as np
 import openai.types as oai
 import pytest
 
-from deployments.safety_checker import flag_pattern
+from builtin_models.safety_checker import flag_pattern
 from serve_app.accounts.store import open_store
 from tests.test_extensions_e2e import data_uri
 from tests.test_recovery import _ingress_actor, balance
@@ -98,11 +100,14 @@ def test_an_edit_batch_and_a_cancelled_one(served):
 
     client = served.client(served.create_key("100"))
     photo = data_uri(Image.new("RGB", (64, 64), (30, 90, 200)))
+    kept = client.files.create(file=("photo.png", base64.b64decode(photo.split(",", 1)[1])), purpose="vision")
+    edit = {"seed": 2, "strength": 0.6}
     edits = submit(
         client,
         [
-            request_line("edit", "/v1/images/edits", images=[{"image_url": photo}], seed=2, strength=0.6),
-            request_line("by-file", "/v1/images/edits", images=[{"file_id": "file-x"}]),
+            request_line("edit", "/v1/images/edits", images=[{"image_url": photo}], **edit),
+            request_line("by-file", "/v1/images/edits", images=[{"file_id": kept.id}], **edit),
+            request_line("no-such-file", "/v1/images/edits", images=[{"file_id": "file-x"}]),
         ],
         endpoint="/v1/images/edits",
     )
@@ -110,8 +115,13 @@ def test_an_edit_batch_and_a_cancelled_one(served):
     cancelling = client.batches.cancel(many.id)
     assert cancelling.status in ("cancelling", "cancelled")
     done = wait(client, edits.id)
-    assert [line["custom_id"] for line in lines_of(client, done.output_file_id)] == ["edit"]
-    assert lines_of(client, done.error_file_id)[0]["response"]["body"]["error"]["param"] == "images[0]"
+    outputs = {line["custom_id"]: line["response"]["body"] for line in lines_of(client, done.output_file_id)}
+    assert sorted(outputs) == ["by-file", "edit"]  # a file_id edits as its data URL does
+    by_file, by_url = (_pixels(outputs[name]["data"][0]["b64_json"]) for name in ("by-file", "edit"))
+    assert np.abs(by_file - by_url).max() <= 1
+    [error] = lines_of(client, done.error_file_id)
+    assert error["custom_id"] == "no-such-file"
+    assert error["response"]["body"]["error"]["param"] == "images[0].file_id"
     cancelled = wait(client, many.id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at
     assert cancelled.request_counts.completed + cancelled.request_counts.failed == 8
@@ -161,6 +171,14 @@ def test_a_killed_ingress_loses_no_line_and_charges_none_twice(served):
         assert sum(e.images for e in charged) == 12
     finally:
         store.close()
+
+
+def _pixels(b64: str):
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
 
 
 def _key_id(store, secret):

@@ -15,7 +15,7 @@ import openai
 import pytest
 from PIL import Image
 
-from deployments.safety_checker import flag_pattern
+from builtin_models.safety_checker import flag_pattern
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.serve

@@ -82,6 +82,17 @@ def test_denoising_steps_follow_each_pipelines_arithmetic():
     assert FAMILIES["sdxl"].denoising_steps(4, 0.1) == 0
 
 
+def test_every_family_has_a_built_in_tiny_model_and_lora():
+    """A family's tiny builder is no part of the product: its module in ``builtin_models``
+    and one line in ``builtin_models.FAMILY_BUILDERS``."""
+    from builtin_models import BUILTIN_MODELS, FAMILY_BUILDERS
+
+    assert sorted(FAMILY_BUILDERS) == sorted(FAMILIES)
+    for family in FAMILIES.values():
+        assert BUILTIN_MODELS[family.tiny_model].family == family.name
+        assert BUILTIN_MODELS[f"{family.tiny_model}-lora"].family is None
+
+
 class TinyDiT(Family):
     """A family added the documented way: one class and one registry line."""
 
@@ -108,7 +119,7 @@ def test_adding_a_family_is_one_module_and_one_registry_line(monkeypatch):
 
 def test_family_modules_import_without_torch():
     code = (
-        "import sys, serve_app.families, serve_app.planning, serve_app.image_input; "
+        "import sys, serve_app.families, serve_app.planning, serve_app.image_input, builtin_models; "
         "assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -95,6 +95,29 @@ def test_several_images_in_one_edit_through_both_forms(client):
     assert body.usage.input_tokens_details.image_tokens > fewer.usage.input_tokens_details.image_tokens
 
 
+def test_an_image_uploaded_to_the_files_api_edits_as_its_data_url(served, client):
+    """files.create(purpose="vision") keeps an image; a JSON edit naming its file_id gives
+    the same image as the same edit with a data URL (same seed); another key cannot use it."""
+    source = png_bytes(scene())
+    uploaded = client.files.create(file=("scene.png", source, "image/png"), purpose="vision")
+    assert isinstance(uploaded, openai.types.FileObject)
+    assert (uploaded.purpose, uploaded.bytes, uploaded.filename) == ("vision", len(source), "scene.png")
+    assert client.files.content(uploaded.id).content == source
+    edit = {"model": "tiny-sdxl", "prompt": "a red circle", "n": 2, "seed": 21, "strength": 0.6}
+    by_file = json_edit(client, images=[{"file_id": uploaded.id}], **edit)
+    by_url = json_edit(client, images=[{"image_url": data_url(source)}], **edit)
+    assert [item.model_extra["seed"] for item in by_file.data] == [21, 22]
+    for ours, theirs in zip(by_file.data, by_url.data, strict=True):
+        assert np.abs(pixels(ours) - pixels(theirs)).max() <= 1
+    stranger = served.client(served.create_key("10"))
+    with pytest.raises(openai.BadRequestError) as caught:
+        json_edit(stranger, images=[{"file_id": uploaded.id}], **edit)
+    assert caught.value.body["param"] == "images[0].file_id"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.files.create(file=("notes.txt", b"not an image", "text/plain"), purpose="user_data")
+    assert caught.value.body["param"] == "file"
+
+
 def test_limits_and_unsupported_inputs_are_400s_naming_the_field(served, client):
     image = png_bytes(scene())
     cases = [

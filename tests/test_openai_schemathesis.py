@@ -7,11 +7,14 @@ from it must be accepted, answered without a 5xx, and their 200s (JSON and strea
 match OpenAI's response schemas. The one accepted kind of failure: a 400 naming ``size``
 (the patched sizes are the union over the models; each model takes its own).
 
-Binary parts (``image``, ``mask``) are one small PNG: random bytes are no image.
+Binary parts (``image``, ``mask``) are one small PNG: random bytes are no image. For the
+same reason a JSON edit's ``image_url`` is that PNG as a data URL, and its ``file_id`` that
+PNG uploaded to the Files API (purpose ``vision``): a random URL or id names no image.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
@@ -33,11 +36,6 @@ def _png() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="first run (issue 21): OpenAI's document allows prompt '' (we answer 400 param=prompt); "
-    "the full list of non-size findings is not yet triaged",
-)
 def test_openais_images_document_finds_nothing_beyond_sizes(served) -> None:
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
@@ -47,8 +45,10 @@ def test_openais_images_document_finds_nothing_beyond_sizes(served) -> None:
     from schemathesis.specs.openapi.checks import positive_data_acceptance, response_schema_conformance
 
     schemathesis.openapi.format("binary", st.just(_png()))
+    schemathesis.openapi.format("uri", st.just("data:image/png;base64," + base64.b64encode(_png()).decode()))
     schema = schemathesis.openapi.from_path(DOCUMENT)
     headers = {"Authorization": f"Bearer {served.create_key('100000')}"}
+    file_id = _uploaded_png(served.base_url, headers)
     base_url = f"{served.base_url}/v1"
     checks = [not_a_server_error, response_schema_conformance, positive_data_acceptance]
     found: dict[str, list[str]] = {}
@@ -66,6 +66,7 @@ def test_openais_images_document_finds_nothing_beyond_sizes(served) -> None:
             suppress_health_check=list(HealthCheck),
         )
         def run(case) -> None:
+            _name_the_uploaded_file(case.body, file_id)
             response = case.call(base_url=base_url, headers=headers, timeout=60)
             try:
                 case.validate_response(response, checks=checks)
@@ -84,6 +85,30 @@ def test_openais_images_document_finds_nothing_beyond_sizes(served) -> None:
     assert not found, "schemathesis with OpenAI's document found:\n" + "\n".join(
         f"{label}:\n  " + "\n  ".join(items) for label, items in found.items()
     )
+
+
+def _uploaded_png(base_url: str, headers: dict[str, str]) -> str:
+    import httpx
+
+    response = httpx.post(
+        f"{base_url}/v1/files",
+        headers=headers,
+        data={"purpose": "vision"},
+        files={"file": ("in.png", _png(), "image/png")},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+def _name_the_uploaded_file(body, file_id: str) -> None:
+    """Every ``file_id`` of a JSON edit's image references (``images[]``, ``mask``) names ``file_id``."""
+    if not isinstance(body, dict):
+        return
+    references = [*body.get("images", []), body.get("mask")] if isinstance(body.get("images"), list) else []
+    for reference in references:
+        if isinstance(reference, dict) and "file_id" in reference:
+            reference["file_id"] = file_id
 
 
 def _error_param(response) -> str | None:

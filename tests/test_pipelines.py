@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deployments import tiny_models
+import builtin_models
+from builtin_models import BUILTIN_MODELS, BuiltinModel, ensure_builtin_model
 from deployments.encoding import encode_image
 from deployments.pipeline_loader import PipelineLoadError, load_pipelines
 from deployments.pipeline_runner import run_pipeline
-from deployments.tiny_models import BUILTIN_MODELS, BuiltinModel, ensure_builtin_model
 from serve_app.families.qwen_image import prompt_template_prefix_length
 from serve_app.work import CallShape, Mode
 from tests.conftest import MODEL_CACHE
@@ -87,7 +87,7 @@ def test_tiny_build_is_deterministic(name, built, tmp_path):
     # A tiny LoRA is built from its tiny model, which it finds in the same cache beside it.
     # That base's own determinism is its own case here; copy the session's build of it in,
     # so this case rebuilds only the adapter and not the (much costlier) base as well.
-    base = [f"{name[: -len('-lora')]}-{tiny_models.BUILTIN_VERSION}"] if name.endswith("-lora") else []
+    base = [f"{name[: -len('-lora')]}-{builtin_models.BUILTIN_VERSION}"] if name.endswith("-lora") else []
     for folder in base:
         shutil.copytree(built[name[: -len("-lora")]], tmp_path / folder)
     torch.manual_seed(2024)
@@ -97,7 +97,7 @@ def test_tiny_build_is_deterministic(name, built, tmp_path):
     again = ensure_builtin_model(name, tmp_path)
 
     assert torch.equal(torch.rand(3), expected_next), "building must not disturb the caller's RNG"
-    assert again == tmp_path / f"{name}-{tiny_models.BUILTIN_VERSION}"
+    assert again == tmp_path / f"{name}-{builtin_models.BUILTIN_VERSION}"
     first, second = _folder_contents(built[name]), _folder_contents(again)
     assert sorted(first) == sorted(second)
     assert any(rel.endswith(".safetensors") for rel in first)
@@ -116,7 +116,7 @@ def test_existing_folder_is_reused(built, cache_dir):
 
 
 def test_losing_a_build_race_uses_the_winners_folder(tmp_path, monkeypatch):
-    target = tmp_path / f"tiny-sdxl-{tiny_models.BUILTIN_VERSION}"
+    target = tmp_path / f"tiny-sdxl-{builtin_models.BUILTIN_VERSION}"
 
     def build_while_another_process_wins(work: Path) -> None:
         (work / "model_index.json").write_text('{"mine": true}')
@@ -417,7 +417,7 @@ def test_previews_decode_the_latents_and_leave_the_images_alone(pipes, family):
 
     from deployments.grouping import group_jobs
     from deployments.previews import build_relay
-    from serve_app.families.tiny_vae import encode_like_pipeline, synthetic_images
+    from deployments.vae_latents import encode_like_pipeline, synthetic_images
     from serve_app.work import GenerationJob
 
     relay = build_relay(pipes[family], "cpu")

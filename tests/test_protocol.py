@@ -74,7 +74,6 @@ def test_jpg_is_an_alias_of_jpeg():
         ("seed", 7.5),
         ("num_inference_steps", 4.5),
         ("output_compression", 50.5),
-        ("prompt", ""),
         ("prompt", 5),
         ("model", ""),
         ("size", 1024),
@@ -116,6 +115,15 @@ def test_invalid_field_is_a_400_naming_it(field, value):
     assert caught.value.status_code == 400
     assert caught.value.param == field
     assert field in caught.value.message
+
+
+@pytest.mark.parametrize("prompt", ["", "  "])
+def test_an_empty_prompt_is_taken_but_not_enhanced(prompt):
+    """OpenAI's schema allows an empty prompt: the model generates unconditionally (as for a variation)."""
+    assert parse_generation_request({**BASE, "prompt": prompt}).prompt == prompt
+    with pytest.raises(InvalidRequest) as caught:
+        parse_generation_request({**BASE, "prompt": prompt, "enhance_prompt": True})
+    assert caught.value.param == "enhance_prompt"
 
 
 def test_unknown_field_is_named():

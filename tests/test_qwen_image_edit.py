@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from builtin_models import ensure_builtin_model
 from deployments.grouping import run_grouped
 from deployments.pipeline_loader import load_pipelines
 from deployments.pipeline_runner import run_pipeline
-from deployments.tiny_models import ensure_builtin_model
 from serve_app.config import ModelConfig
 from serve_app.families import get_family
 from serve_app.families.qwen_image import prompt_template_prefix_length

@@ -11,11 +11,12 @@ import math
 import numpy as np
 import pytest
 
+from builtin_models.safety_checker import flag_pattern, ordinary_images
 from deployments.adapters import AdapterCache
 from deployments.grouping import run_grouped
 from deployments.model_deployment import run_call
 from deployments.pipeline_loader import load_pipelines
-from deployments.safety_checker import SafetyChecker, _ordinary_images, flag_pattern
+from deployments.safety_checker import SafetyChecker
 from serve_app.config import GoFastConfig, LoraAdapterConfig
 from serve_app.families import get_family
 from serve_app.work import CallShape, GenerationJob, InputImage, Mode
@@ -163,7 +164,7 @@ def source_mask() -> InputImage:
 
 def test_the_tiny_safety_checker_passes_ordinary_images_and_flags_its_pattern():
     assert checker().flags([flag_pattern(64, 64), flag_pattern(96, 64)]) == [True, True]
-    assert not any(checker().flags(_ordinary_images(30, side=64)))
+    assert not any(checker().flags(ordinary_images(30, side=64)))
     assert checker().flags([]) == []
 
 
@@ -201,7 +202,7 @@ def test_a_preview_the_safety_checker_flags_is_not_sent():
     encode_preview = ImageModelDeployment._encode_preview
     job = GenerationJob("r1", "a", None, CallShape(64, 64, 4, 5.0, with_negative_prompt=False), (1,), partial_images=2)
     flagged = np.asarray(flag_pattern(64, 64))
-    ordinary = np.asarray(_ordinary_images(1, side=64)[0].convert("RGB"))
+    ordinary = np.asarray(ordinary_images(1, side=64)[0].convert("RGB"))
     assert encode_preview(flagged, 0, 0, 1, 4, job, checker()) is None
     sent = encode_preview(ordinary, 0, 1, 3, 4, job, checker())
     assert (sent.partial_image_index, sent.step) == (1, 3) and sent.data

@@ -47,8 +47,8 @@ def test_total_is_input_plus_output():
 
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
-    from serve_app.families.flux import build_t5_tokenizer
-    from serve_app.families.tiny_parts import build_clip_tokenizer, build_qwen_tokenizer
+    from builtin_models.flux import build_t5_tokenizer
+    from builtin_models.parts import build_clip_tokenizer, build_qwen_tokenizer
 
     work = tmp_path_factory.mktemp("tokenizers")
     return SimpleNamespace(

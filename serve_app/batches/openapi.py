@@ -28,8 +28,12 @@ UPLOAD = operation(
                     "title": "FileUploadForm",
                     "type": "object",
                     "properties": {
-                        "file": {**BINARY, "description": "The JSONL file: one request per line."},
-                        "purpose": {"type": "string", "enum": ["batch"]},
+                        "file": {
+                            **BINARY,
+                            "description": "batch: the JSONL file, one request per line. vision or user_data: "
+                            "a PNG, JPEG or WEBP image that edits name by file_id.",
+                        },
+                        "purpose": {"type": "string", "enum": ["batch", "vision", "user_data"]},
                     },
                     "required": ["file", "purpose"],
                     "additionalProperties": False,
@@ -50,7 +54,10 @@ CREATE_BATCH = operation(json_body(BatchCreateRequest))
 LIST_BATCHES = operation(
     parameters=[_AFTER, _query("limit", "1 to 100 (default 20).", {"type": "integer", "minimum": 1, "maximum": 100})]
 )
-FILE_CONTENT_OK = ok(description="The file's bytes (JSONL).", content={"application/octet-stream": {"schema": BINARY}})
+FILE_CONTENT_OK = ok(
+    description="The file's bytes (JSONL, or the image as uploaded).",
+    content={"application/octet-stream": {"schema": BINARY}},
+)
 
 __all__ = [
     "BATCH_ERRORS",

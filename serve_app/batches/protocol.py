@@ -9,12 +9,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve_app.edit_inputs import IMAGE_FILE_PURPOSES
 from serve_app.errors import InvalidRequest
 
-# The endpoints a batch line may name. Edits take OpenAI's JSON form in a line
-# (``images: [{"image_url": ...}]``, ``mask: {"image_url": ...}``).
+# The endpoints a batch line may name. Edits take OpenAI's JSON form in a line, as
+# ``/v1/images/edits`` does (``images: [{"image_url" | "file_id"}]``, ``mask``).
 ENDPOINTS = ("/v1/images/generations", "/v1/images/edits")
-FILE_PURPOSES = ("batch",)  # what an upload may be for; outputs are "batch_output"
+# What an upload may be for: a batch input file (JSONL), or an image an edit names by
+# ``file_id`` (OpenAI's "vision" and "user_data"). Outputs are "batch_output".
+FILE_PURPOSES = ("batch", *IMAGE_FILE_PURPOSES)
 MAX_CUSTOM_ID_CHARS = 512
 MAX_LISTED_ERRORS = 20  # a 400 names this many malformed lines, then counts the rest
 
@@ -26,7 +29,7 @@ class FileObject(BaseModel):
     created_at: int
     expires_at: int | None = None
     filename: str
-    purpose: Literal["batch", "batch_output"]
+    purpose: Literal["batch", "batch_output", "vision", "user_data"]
     status: Literal["uploaded", "processed", "error"] = "processed"
     status_details: str | None = None
 
@@ -213,6 +216,7 @@ def parse_batch_file(data: bytes, *, max_lines: int, max_line_bytes: int) -> lis
 __all__ = [
     "ENDPOINTS",
     "FILE_PURPOSES",
+    "IMAGE_FILE_PURPOSES",
     "BatchCreateRequest",
     "BatchLine",
     "BatchList",

@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from serve_app.accounts.store import AccountStore
-from serve_app.batches.lines import check_batchable, edit_upload
+from serve_app.batches.lines import check_batchable
 from serve_app.batches.store import BatchRow, BatchStore, FileRow, LineRow, new_id
 from serve_app.charge import hand_over
 from serve_app.config import AppConfig
@@ -244,7 +244,7 @@ class BatchRunner:
                 "lane": self._lane,
             }
             if line.endpoint == "/v1/images/edits":
-                served = await service.edit(key, edit_upload(body), **options)
+                served = await service.edit(key, body, **options)  # OpenAI's JSON form, as /v1/images/edits
             else:
                 served = await service.generate(key, body, **options)
             chunks: list[bytes] = []

@@ -5,6 +5,12 @@ and sees only that key's files and batches: another key's id is a 404, as an unk
 A file's bytes go to the file store (``storage.build_file_store``: its own folder or prefix,
 never swept with the images), its row to the accounts database. A batch's lines are written
 as rows when it is created; ``serve_app.batches.runner`` runs them.
+
+Files are of two kinds. ``batch``: a JSONL input file, validated line by line at upload.
+``vision`` / ``user_data``: an image that an edit names by ``file_id`` (``serve_app.
+edit_inputs``), checked at upload from its header only (``image_input.sniff_image``: PNG, JPEG
+or WEBP, one frame, within ``image_upload_policy``); it is decoded when an edit uses it, under
+that edit's model's limits and the decoding budget, as any input image.
 """
 
 from __future__ import annotations
@@ -32,11 +38,28 @@ from serve_app.batches.protocol import (
 )
 from serve_app.batches.store import BatchRow, BatchStore, FileRow, NewLine, new_id
 from serve_app.config import AppConfig
+from serve_app.edit_inputs import IMAGE_FILE_PURPOSES
 from serve_app.errors import InvalidRequest, NotFound
+from serve_app.image_input import ImageInputPolicy, sniff_image
 from serve_app.storage import ImageStore, StorageError
 
 T = TypeVar("T")
 MAX_FILENAME_CHARS = 255
+# An image file's stored suffix and content type, by the format its header declares.
+IMAGE_TYPES = {"PNG": (".png", "image/png"), "JPEG": (".jpg", "image/jpeg"), "WEBP": (".webp", "image/webp")}
+
+
+def image_upload_policy(config: AppConfig) -> ImageInputPolicy:
+    """What an image upload (purpose vision / user_data) may be: the input-image limits of
+    the most generous configured model (``limits.max_input_image_bytes`` and
+    ``max_input_image_pixels``; bytes also within ``files.max_bytes``), so no image is kept
+    that no model could take. An edit that uses it applies its own model's limits again."""
+    models = config.models
+    return ImageInputPolicy(
+        max_bytes=min(config.files.max_bytes, max(m.limits.max_input_image_bytes for m in models)),
+        max_pixels=max(m.limits.max_input_image_pixels for m in models),
+        max_jpeg_scans=config.image_input.max_jpeg_scans,
+    )
 
 
 def file_object(row: FileRow) -> FileObject:
@@ -111,7 +134,8 @@ class BatchService:
 
     # -- files -------------------------------------------------------------------------
     async def upload_file(self, key: Any, filename: str, purpose: str, data: bytes) -> FileObject:
-        """``POST /v1/files``: a batch input file, validated line by line before it is kept."""
+        """``POST /v1/files``: a batch input file, validated line by line, or an image for
+        edits (vision / user_data), checked from its header; either before it is kept."""
         if purpose not in FILE_PURPOSES:
             raise InvalidRequest(
                 f"Invalid 'purpose': this service keeps files for {', '.join(FILE_PURPOSES)} only.", param="purpose"
@@ -119,10 +143,19 @@ class BatchService:
         limits = self._config.files
         if len(data) > limits.max_bytes:
             raise InvalidRequest(f"Invalid 'file': larger than {limits.max_bytes} bytes.", param="file")
-        lines = parse_batch_file(data, max_lines=limits.max_lines, max_line_bytes=limits.max_line_bytes)
-        name = "".join(c for c in filename if c.isprintable())[:MAX_FILENAME_CHARS] or "file.jsonl"
+        count: int | None
+        if purpose in IMAGE_FILE_PURPOSES:
+            kind, _, _ = await asyncio.to_thread(
+                sniff_image, data, param="file", policy=image_upload_policy(self._config)
+            )
+            suffix, content_type = IMAGE_TYPES[kind]
+            count = None
+        else:
+            lines = parse_batch_file(data, max_lines=limits.max_lines, max_line_bytes=limits.max_line_bytes)
+            suffix, content_type, count = ".jsonl", "application/jsonl", len(lines)
+        name = "".join(c for c in filename if c.isprintable())[:MAX_FILENAME_CHARS] or f"file{suffix}"
         file_id = new_id("file-")
-        stored = await self._files.save(f"{file_id}.jsonl", data, "application/jsonl")
+        stored = await self._files.save(f"{file_id}{suffix}", data, content_type)
         now = self._clock()
         row = FileRow(
             id=file_id,
@@ -133,7 +166,7 @@ class BatchService:
             created_at=now,
             expires_at=now + limits.retention_s,
             stored=stored,
-            lines=len(lines),
+            lines=count,
         )
         try:
             row = await self._run(self._store.add_file, row)
@@ -267,4 +300,4 @@ class BatchService:
         self._executor.shutdown(wait=False)
 
 
-__all__ = ["BatchService", "batch_object", "file_object"]
+__all__ = ["BatchService", "batch_object", "file_object", "image_upload_policy"]

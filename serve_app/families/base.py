@@ -3,7 +3,8 @@
 A family (SDXL, Qwen-Image, FLUX.1, ...) is one module holding everything that differs
 between families: its diffusers pipeline classes per mode, its size multiple and minimum
 steps, what guidance means and whether it takes a negative prompt, how a pipeline call's
-arguments are built, fixes applied after loading, and its built-in tiny model. The ingress
+arguments are built, fixes applied after loading, and the name of its built-in tiny model
+(whose builder is no part of the product: ``builtin_models/<family>.py``). The ingress
 reads only the plain attributes and the request checks; the pipeline side imports torch and
 diffusers inside the methods that need them, so importing a family module stays cheap.
 """
@@ -13,14 +14,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from serve_app.errors import InvalidRequest
+from serve_app.go_fast import GoFastConfig
 from serve_app.work import CallShape, Mode
 
 if TYPE_CHECKING:
-    from serve_app.config import GoFastConfig, ModelConfig
+    from serve_app.config import ModelConfig
 
 
 class GuidanceKind(str, Enum):
@@ -52,7 +53,8 @@ class Family:
     max_images_per_call: ClassVar[int | None] = None
     # model_index.json "_class_name" prefix of this family's saved pipelines.
     class_name_prefix: ClassVar[str]
-    # The built-in tiny model (``builtin:<name>``) and its builder.
+    # The name of the built-in tiny model (``builtin:<name>``); its builder is no part of the
+    # product: ``builtin_models/<family>.py``, registered in ``builtin_models/__init__.py``.
     tiny_model: ClassVar[str]
     # Whether the pipeline decodes with the VAE upcast to float32 when run in float16 (SDXL's
     # VAE overflows in float16), so that an fp16-safe VAE (optimisations.fp16_vae) pays.
@@ -68,8 +70,6 @@ class Family:
     @property
     def default_go_fast(self) -> GoFastConfig:
         """What ``go_fast: true`` does on this family unless a model's config says otherwise."""
-        from serve_app.config import GoFastConfig
-
         return GoFastConfig()
 
     # --- the ingress side: plain Python ---------------------------------------------------
@@ -143,10 +143,6 @@ class Family:
     def after_load(self, pipe: Any, model: ModelConfig | None) -> None:
         """Fixes and checks once the text-to-image pipeline is loaded (``model`` is None
         when loaded outside a served model, e.g. in a benchmark)."""
-
-    def build_tiny(self, work: Path) -> None:
-        """Build the family's built-in tiny model into ``work`` (save_pretrained layout)."""
-        raise NotImplementedError
 
     def pipeline_class(self, mode: Mode) -> type:
         import diffusers

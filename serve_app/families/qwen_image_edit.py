@@ -10,7 +10,6 @@ packing, the prompt template's prefix) is Qwen-Image's.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -24,9 +23,6 @@ logger = logging.getLogger(__name__)
 
 # The processor's own folder in a saved pipeline (the 2509 weights have one).
 PROCESSOR_FOLDER = "processor"
-# Where the tiny model's condition images for the text encoder end up: about 4x4 merged
-# patches of 28 px each (the real processor allows up to 12845056 pixels).
-TINY_CONDITION_MAX_PIXELS = 28 * 28 * 16
 # diffusers keeps the area every reference is VAE-encoded at as a module constant (1024x1024,
 # what the model was trained at); a pipeline run here encodes them at no more than the model's
 # own largest output (``limits.max_pixels``), which for the 2509 weights is that same area.
@@ -61,32 +57,6 @@ class QwenImageEdit(QwenImage):
 
     def call_scope(self, pipe: Any) -> contextlib.AbstractContextManager[None]:
         return _reference_area(pipe)
-
-    def build_tiny(self, work: Path) -> None:
-        from diffusers import QwenImageEditPlusPipeline
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        from serve_app.families.tiny_parts import save_tiny
-
-        # The tiny Qwen-Image's components (its Qwen2.5-VL text encoder has a 1-block vision
-        # tower) and a processor of its tokenizer and a Qwen2-VL image processor.
-        components = self.tiny_components(work)
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=28 * 28 * 4,
-            max_pixels=TINY_CONDITION_MAX_PIXELS,
-            patch_size=14,
-            temporal_patch_size=2,
-            merge_size=2,
-        )
-        # The processor is saved by hand (transformers' save_pretrained wants its video
-        # processor), in the real weights' layout: a Qwen2VLProcessor of these two parts.
-        save_tiny(QwenImageEditPlusPipeline(processor=None, **components), work)
-        image_processor.save_pretrained(str(work / PROCESSOR_FOLDER))
-        components["tokenizer"].save_pretrained(str(work / PROCESSOR_FOLDER))
-        index_path = work / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index[PROCESSOR_FOLDER] = ["transformers", "Qwen2VLProcessor"]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager

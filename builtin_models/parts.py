@@ -1,10 +1,10 @@
 """Parts the built-in tiny models share: byte-level BPE tokenizers made from nothing,
-seeding, and saving.
+seeding, saving, and VAE fitting.
 
 The tiny models let the service (and its tests) run end to end on a CPU with no weights to
 download: each is a real diffusers pipeline of the real class, every component shrunk to at
 most a few hundred thousand parameters and initialised from fixed seeds. Each family's
-module builds its own from these parts (``Family.build_tiny``); ``deployments.tiny_models``
+builder (``builtin_models/<family>.py``) makes its own from these parts; ``builtin_models``
 materialises them into the model cache. torch and transformers are imported inside.
 """
 
@@ -20,9 +20,7 @@ from pathlib import Path
 
 def _bytes_to_unicode() -> list[str]:
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = {b: chr(b) for b in printable}
     n = 0
@@ -134,7 +132,6 @@ def build_qwen_tokenizer(work: Path):
     return _checked(tokenizer, vocab)
 
 
-
 def seeded(seed: int):
     import torch
 
@@ -155,9 +152,9 @@ def save_tiny(pipe, work: Path) -> None:
 
 
 def fit_vae(vae, *, seed: int = 0) -> None:
-    """Fit a tiny VAE to reconstruct images (``serve_app.families.tiny_vae``): a random one
+    """Fit a tiny VAE to reconstruct images (``builtin_models.vae_fit``): a random one
     does not, so an input image would not survive image-to-image on a tiny model."""
-    from serve_app.families.tiny_vae import fit_vae as fit
+    from builtin_models.vae_fit import fit_vae as fit
 
     if not fit(vae, seed=seed):
         raise RuntimeError(f"{type(vae).__name__}: its configuration cannot carry colour; use norm_num_groups=1")

@@ -25,6 +25,10 @@ Two stages:
    scale the noise schedules assume (with SDXL's scaling_factor 0.13 unconstrained latents
    would be ~10x too small next to the noise and a low strength would wash the image out).
 
+The synthetic images and the pipelines' image-to-latent conventions are production code
+(``deployments.vae_latents``: the streamed previews fit their latent-to-RGB map to any
+loaded VAE with them); this module, which only the built-in tiny models need, uses them.
+
 The caller's global state is left alone: the global RNG is forked, the thread count is
 restored, so are ``requires_grad`` flags and train/eval mode, and no ``.grad`` is left behind.
 """
@@ -38,71 +42,26 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from deployments.vae_latents import (
+    decode_like_pipeline,
+    encode_like_pipeline,
+    from_vae_output,
+    is_video_vae,
+    latent_affine,
+    synthetic_images,
+    to_vae_input,
+)
+
 __all__ = [
-    "fit_vae",
     "default_steps",
-    "structured_init",
-    "synthetic_images",
-    "encode_like_pipeline",
-    "decode_like_pipeline",
+    "fit_vae",
     "roundtrip_mae",
+    "structured_init",
 ]
 
 
 # ----------------------------------------------------------------------------------------
-# VAE conventions (how the pipelines normalise latents)
-
-
-def _is_video_vae(vae) -> bool:
-    # AutoencoderKLQwenImage (and Wan-style VAEs) take [B, C, T, H, W] and have z_dim.
-    return hasattr(vae.config, "z_dim") and not hasattr(vae.config, "latent_channels")
-
-
-def _to_vae_input(vae, x: torch.Tensor) -> torch.Tensor:
-    return x.unsqueeze(2) if _is_video_vae(vae) else x
-
-
-def _from_vae_output(vae, x: torch.Tensor) -> torch.Tensor:
-    return x[:, :, 0] if _is_video_vae(vae) else x
-
-
-def _latent_affine(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(offset, scale) such that pipeline_latents = (raw - offset) * scale."""
-    cfg = vae.config
-    if _is_video_vae(vae):  # QwenImage pipelines: (z - latents_mean) / latents_std
-        shape = (1, cfg.z_dim, 1, 1, 1)
-        mean = torch.tensor(cfg.latents_mean, dtype=like.dtype).view(shape)
-        std = torch.tensor(cfg.latents_std, dtype=like.dtype).view(shape)
-        return mean, 1.0 / std
-    channels = cfg.latent_channels
-    shape = (1, channels, 1, 1)
-    mean = getattr(cfg, "latents_mean", None)
-    std = getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:  # SDXL pipelines with latents_mean/std in the config
-        mean_t = torch.tensor(mean, dtype=like.dtype).view(shape)
-        std_t = torch.tensor(std, dtype=like.dtype).view(shape)
-        return mean_t, cfg.scaling_factor / std_t
-    shift = getattr(cfg, "shift_factor", None) or 0.0  # FLUX / SD3: (z - shift) * scale
-    return torch.full(shape, float(shift), dtype=like.dtype), torch.full(shape, float(cfg.scaling_factor), dtype=like.dtype)
-
-
-def encode_like_pipeline(vae, images: torch.Tensor, generator=None, sample: bool = True) -> torch.Tensor:
-    """Images in [-1, 1], [B, 3, H, W] -> latents as an img2img pipeline prepares them.
-
-    ``sample=True`` draws from the posterior with ``generator`` (what the SDXL, FLUX and
-    Qwen-Image img2img/inpaint pipelines do); ``sample=False`` uses its mean.
-    """
-    dist = vae.encode(_to_vae_input(vae, images)).latent_dist
-    raw = dist.sample(generator) if sample else dist.mode()
-    offset, scale = _latent_affine(vae, raw)
-    return (raw - offset.to(raw.device)) * scale.to(raw.device)
-
-
-def decode_like_pipeline(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Pipeline-space latents -> images in [-1, 1], [B, 3, H, W], as the pipelines decode."""
-    offset, scale = _latent_affine(vae, latents)
-    raw = latents / scale.to(latents.device) + offset.to(latents.device)
-    return _from_vae_output(vae, vae.decode(raw).sample)
+# Measuring a fit
 
 
 @torch.no_grad()
@@ -110,60 +69,6 @@ def roundtrip_mae(vae, images: torch.Tensor, generator=None, sample: bool = True
     """Mean absolute error (in [-1, 1] units) of decode(encode(images)) the pipeline way."""
     out = decode_like_pipeline(vae, encode_like_pipeline(vae, images, generator, sample)).clamp(-1, 1)
     return (out - images).abs().mean().item()
-
-
-# ----------------------------------------------------------------------------------------
-# Synthetic training images
-
-
-def _rand(gen, *shape):
-    return torch.rand(*shape, generator=gen)
-
-
-def synthetic_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` varied images in [-1, 1], shape [n, 3, size, size], drawn from ``generator``."""
-    g = generator
-    lin = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    yy, xx = torch.meshgrid(lin, lin, indexing="ij")
-    yy, xx = yy.expand(n, 1, size, size), xx.expand(n, 1, size, size)
-
-    def colors(k=1):
-        return _rand(g, n, 3, 1, 1) * 2 - 1 if k == 1 else _rand(g, n, k, 3, 1, 1) * 2 - 1
-
-    # 1. linear gradient between two colours in a random direction
-    angle = _rand(g, n, 1, 1, 1) * (2 * math.pi)
-    t = (xx - 0.5) * torch.cos(angle) + (yy - 0.5) * torch.sin(angle)
-    t = (t / 0.71 + 0.5).clamp(0, 1)
-    c0, c1 = colors(), colors()
-    img = c0 + (c1 - c0) * t
-    # 2. smooth low-frequency colour field
-    for cells, amp in ((3, 0.6), (6, 0.3)):
-        field = torch.randn(n, 3, cells, cells, generator=g)
-        field = F.interpolate(field, size=(size, size), mode="bicubic", align_corners=False)
-        img = img + field * (_rand(g, n, 1, 1, 1) * amp)
-    # 3. soft blobs
-    for _ in range(3):
-        cx, cy = _rand(g, n, 1, 1, 1), _rand(g, n, 1, 1, 1)
-        sigma = 0.04 + _rand(g, n, 1, 1, 1) * 0.2
-        present = (_rand(g, n, 1, 1, 1) < 0.7).float()
-        alpha = torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)) * present
-        img = img * (1 - alpha) + colors() * alpha
-    # 4. hard-edged rectangles (and, half of the time, a hard-edged disc)
-    for _ in range(3):
-        a, b = _rand(g, n, 2, 1, 1), _rand(g, n, 2, 1, 1)
-        lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-        present = (_rand(g, n, 1, 1, 1) < 0.7).float()
-        inside = (xx >= lo[:, :1]) & (xx <= hi[:, :1]) & (yy >= lo[:, 1:]) & (yy <= hi[:, 1:])
-        alpha = inside.float() * present
-        img = img * (1 - alpha) + colors() * alpha
-    cx, cy, r = _rand(g, n, 1, 1, 1), _rand(g, n, 1, 1, 1), 0.05 + _rand(g, n, 1, 1, 1) * 0.25
-    alpha = (((xx - cx) ** 2 + (yy - cy) ** 2) <= r**2).float() * (_rand(g, n, 1, 1, 1) < 0.5).float()
-    img = img * (1 - alpha) + colors() * alpha
-    # 5. noise texture: pixel noise and a little 2x2-grain noise, of random strength
-    img = img + torch.randn(n, 3, size, size, generator=g) * (_rand(g, n, 1, 1, 1) * 0.08)
-    grain = torch.randn(n, 1, size // 2, size // 2, generator=g)
-    img = img + F.interpolate(grain, scale_factor=2, mode="nearest") * (_rand(g, n, 1, 1, 1) * 0.08)
-    return img.clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,7 +170,7 @@ def _stream_out(conv, rows) -> None:
 
 
 def _linearisable(vae) -> bool:
-    if _is_video_vae(vae):
+    if is_video_vae(vae):
         dec_c = vae.decoder.norm_out.gamma.shape[0]
         enc_c = vae.encoder.norm_out.gamma.shape[0]
         return min(dec_c, enc_c) >= _STREAM and vae.config.z_dim >= 3
@@ -333,10 +238,10 @@ def structured_init(vae, *, latent_gain: float = 2.0, posterior_std: float = 0.0
     """
     if not _linearisable(vae):
         return False
-    video = _is_video_vae(vae)
+    video = is_video_vae(vae)
     n_lat = vae.config.z_dim if video else vae.config.latent_channels
     like = next(vae.parameters())
-    offset, scale = _latent_affine(vae, like)
+    offset, scale = latent_affine(vae, like)
     offset, scale = offset.flatten().tolist(), scale.flatten().tolist()
     mix = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]] + [[1 / 3, 1 / 3, 1 / 3]] * (n_lat - 3)
     # pixel value of channel c in the stream: u_c in [-1, 1]
@@ -407,7 +312,7 @@ def default_steps(vae) -> tuple[int, int]:
 
     The Qwen-Image video VAE costs ~3x more per image (its causal 3D convs), so it gets fewer
     steps and a smaller batch."""
-    return (80, 4) if _is_video_vae(vae) else (150, 8)
+    return (80, 4) if is_video_vae(vae) else (150, 8)
 
 
 def fit_vae(
@@ -473,16 +378,16 @@ def fit_vae(
         try:
             for _ in range(steps):
                 x = synthetic_images(batch_size, size, data_gen).to(device=device, dtype=dtype)
-                dist = vae.encode(_to_vae_input(vae, x)).latent_dist
+                dist = vae.encode(to_vae_input(vae, x)).latent_dist
                 eps = torch.randn(dist.mean.shape, generator=noise_gen, device=device, dtype=dtype)
                 z_sample = dist.mean + dist.std * eps  # reparameterised, as the pipelines sample
                 both = torch.cat([z_sample, dist.mean]) if mean_weight > 0 else z_sample
-                out = _from_vae_output(vae, vae.decode(both).sample)
+                out = from_vae_output(vae, vae.decode(both).sample)
                 loss = F.mse_loss(out[:batch_size], x)
                 if mean_weight > 0:
                     loss = loss + mean_weight * F.mse_loss(out[batch_size:], x)
                 if moment_weight > 0:
-                    offset, scale = _latent_affine(vae, dist.mean)
+                    offset, scale = latent_affine(vae, dist.mean)
                     z = (dist.mean - offset.to(device)) * scale.to(device)  # pipeline-space latents
                     dims = [d for d in range(z.ndim) if d != 1]
                     ch_mean = z.mean(dim=dims)
