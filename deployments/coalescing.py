@@ -16,9 +16,14 @@ torch and Serve so it is tested with a fake pipeline.
 Two lanes (``is_batch``): interactive jobs are taken first, oldest first, as above; batch jobs
 (Batch API lines) only top the batch up, and only when they share the call shape of an
 interactive job taken (``shape_of``), so they ride in a pipeline call that runs anyway and add
-no call of their own. With no interactive job waiting, batch jobs make a batch of their own.
-An interactive job thus never waits for batch work longer than the one batch running when it
-arrived.
+no call of their own. With no interactive job waiting, batch jobs make a batch of their own,
+but not straight after a call that carried interactive work: for ``batch_grace_s`` the
+pipeline waits for the next interactive job first. Under steady interactive load the next
+requests are on their way back through the proxy and ingress at that moment, and a batch-only
+call started then would make every one of them wait for it (measured on the tiny SDXL with 4
+closed-loop clients: interactive p99 1.9x with a batch running). An interactive job thus never
+waits for batch work longer than the one batch running when it arrived, and that batch is
+rarely a batch-only one while interactive traffic flows.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         is_abandoned: Callable[[JobT], bool] | None = None,
         is_batch: Callable[[JobT], bool] | None = None,
         shape_of: Callable[[JobT], Hashable] | None = None,
+        batch_grace_s: Callable[[], float] = lambda: 0.0,
     ) -> None:
         self._run_batch = run_batch
         self._executor = executor
@@ -77,6 +83,9 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         self._is_abandoned = is_abandoned
         self._is_batch = is_batch
         self._shape_of = shape_of
+        self._batch_grace_s = batch_grace_s
+        self._interactive_arrived = asyncio.Event()
+        self._interactive_ran_until = float("-inf")  # loop time the last interactive call ended
 
     def submit(self, job: JobT) -> asyncio.Future[OutcomeT]:
         """Queue a job; the future gets its outcome. Call on the event loop.
@@ -88,6 +97,8 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         future: asyncio.Future[OutcomeT] = loop.create_future()
         batch = self._is_batch is not None and self._is_batch(job)
         self._queue.append(_Pending(job, self._size_of(job), future, batch))
+        if not batch:
+            self._interactive_arrived.set()
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._drain())
         return future
@@ -142,9 +153,25 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
         except Exception:  # a metric must never stop the pipeline
             logger.exception("could not report a batch of %d images", images)
 
+    async def _await_interactive(self) -> None:
+        """Only batch jobs wait, and interactive work ran a moment ago: give its next job
+        ``batch_grace_s`` (from the end of that call) to arrive before batch work alone runs."""
+        loop = asyncio.get_running_loop()
+        if any(not pending.batch for pending in self._queue):
+            return
+        remaining = self._interactive_ran_until + self._batch_grace_s() - loop.time()
+        if remaining <= 0:
+            return
+        self._interactive_arrived.clear()
+        try:
+            await asyncio.wait_for(self._interactive_arrived.wait(), remaining)
+        except asyncio.TimeoutError:
+            pass
+
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
         while self._queue:
+            await self._await_interactive()
             taken = self._take_merged()
             if not taken:
                 return
@@ -163,3 +190,5 @@ class BatchCoalescer(Generic[JobT, OutcomeT]):
             for pending, outcome in zip(taken, outcomes):
                 if not pending.future.done():
                     pending.future.set_result(outcome)
+            if any(not pending.batch for pending in taken):
+                self._interactive_ran_until = loop.time()

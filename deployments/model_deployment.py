@@ -111,6 +111,7 @@ class ImageModelDeployment:
             # Batch API lines only fill the slots interactive jobs leave (serve_app/lane.py).
             is_batch=lambda work: work.job.priority == "batch",
             shape_of=lambda work: work.job.shape,
+            batch_grace_s=lambda: self._batching.batch_lane_grace_s,
         )
         self._queue_wait = model_histogram(
             "imagegen_queue_wait_seconds",

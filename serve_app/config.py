@@ -73,6 +73,13 @@ class BatchingConfig(StrictModel):
 
     max_batch_images: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
+    batch_lane_grace_s: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="after a pipeline call that carried interactive work, how long the replica waits for the "
+        "next interactive request before running Batch API work alone (deployments/coalescing.py)",
+    )
     max_images_by_size: dict[str, int] = Field(
         default_factory=dict,
         max_length=32,

@@ -11,9 +11,10 @@ from serve_app.lane import INTERACTIVE, batch_lane
 from tests.test_coalescing import FakePipeline
 
 
-def make(pipeline: FakePipeline, max_images: int = 8) -> BatchCoalescer:
+def make(pipeline: FakePipeline, max_images: int = 8, grace_s: float = 0.0) -> BatchCoalescer:
     """Jobs are (name, images, shape); a name starting with "b" is a batch line."""
     return BatchCoalescer(
+        batch_grace_s=lambda: grace_s,
         run_batch=pipeline.run_named,
         executor=ThreadPoolExecutor(max_workers=1),
         size_of=lambda job: job[1],
@@ -58,6 +59,35 @@ def test_an_interactive_job_waits_at_most_the_batch_running_when_it_arrives():
 
     position, _ = asyncio.run(_finish(scenario))
     assert position == 1  # right after the batch that ran when it arrived (b0 fills the call)
+
+
+def test_after_an_interactive_call_the_next_interactive_job_goes_before_batch_work_alone():
+    """Closed-loop clients are on their way back when a call ends: batch work alone waits
+    ``batch_grace_s`` for them instead of making each one wait for a batch-only call."""
+    pipeline = Pipeline(seconds_per_batch=0)
+    coalescer = make(pipeline, max_images=1, grace_s=1.0)  # i2 comes back well within it
+
+    async def scenario():
+        await coalescer.submit(("i1", 1, "64"))
+        line = coalescer.submit(("b1", 1, "64"))  # queued at once: without the grace, it runs now
+        await asyncio.sleep(0)  # let the pipeline pick (it must keep waiting)
+        await coalescer.submit(("i2", 1, "64"))  # the client is back
+        await line
+
+    asyncio.run(scenario())
+    assert pipeline.batches == [["i1"], ["i2"], ["b1"]]
+
+
+def test_batch_work_alone_runs_once_the_grace_has_passed():
+    pipeline = Pipeline(seconds_per_batch=0)
+    coalescer = make(pipeline, max_images=1, grace_s=0.01)
+
+    async def scenario():
+        await coalescer.submit(("i1", 1, "64"))
+        await coalescer.submit(("b1", 1, "64"))  # nobody interactive comes: it runs
+
+    asyncio.run(asyncio.wait_for(scenario(), 5))
+    assert pipeline.batches == [["i1"], ["b1"]]
 
 
 async def _finish(scenario):
