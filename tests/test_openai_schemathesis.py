@@ -2,7 +2,8 @@
 
 tests/data/openai_images/openapi.json is OpenAI's published document for the three
 ``/images/*`` operations, with ``model`` and ``size`` patched to the served default's models
-and sizes (tests/data/openai_images/README.md). Requests schemathesis generates as valid
+and sizes, and the values the service refuses on purpose (each a 400 naming the field) left
+out, each with its reason (tests/data/openai_images/README.md). Requests schemathesis generates as valid
 from it must be accepted, answered without a 5xx, and their 200s (JSON and streamed) must
 match OpenAI's response schemas. The one accepted kind of failure: a 400 naming ``size``
 (the patched sizes are the union over the models; each model takes its own).

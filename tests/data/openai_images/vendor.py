@@ -125,7 +125,10 @@ def patch(schemas: dict[str, Any]) -> None:
                 "anyOf": [
                     {
                         "required": ["partial_images"],
-                        "properties": {"partial_images": {"type": "integer", "minimum": 1}, "stream": {"not": {"const": True}}},
+                        "properties": {
+                            "partial_images": {"type": "integer", "minimum": 1},
+                            "stream": {"not": {"const": True}},
+                        },
                     },
                     {
                         "required": ["stream", "response_format"],
