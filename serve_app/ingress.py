@@ -23,6 +23,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from serve_app.accounts import build_accounts
@@ -281,18 +282,32 @@ class ChargedResponse(StreamingResponse):
         super().__init__(_never_iterated(), media_type=served.media_type, headers=served.headers, **kwargs)
         self._served = served
 
+    @property
+    def _events(self) -> bool:
+        return self._served.media_type == "text/event-stream"
+
     async def stream_response(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        # A JSON answer is one chunk: sent as the whole body in one message (each message is
+        # one more hop from the ingress replica to Serve's proxy). Events go out one by one.
+        more = self._events
 
         async def body(data: bytes) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": data, "more_body": more})
 
         await hand_over(self._served, body)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if more:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            if self._events:  # Starlette's: listens for the client leaving between events
+                await super().__call__(scope, receive, send)
+            else:  # one message: nothing to listen for meanwhile (a cancellation ends it)
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    raise ClientDisconnect() from None
         finally:
             # A response cancelled before ``stream_response`` ran (the client left at once)
             # never reached ``hand_over``: settle it here (a no-op when it did).

@@ -292,3 +292,40 @@ async def _answered(served):
 
     await answer(served)
     return served
+
+
+# -- The ingress's response: what goes on the wire, and what it charges -----------------------
+
+
+@pytest.mark.parametrize("send_fails", [False, True])
+def test_a_json_answer_is_one_body_message_and_is_charged_only_once_sent(accounts, send_fails):
+    from starlette.requests import ClientDisconnect
+
+    from serve_app.ingress import ChargedResponse
+
+    secret = make_key(accounts, 10)
+    svc = ImageGenerationService(CONFIG, FakeRouter(), accounts)
+    messages = []
+
+    async def send(message):
+        if send_fails and message["type"] == "http.response.body":
+            raise OSError("the client is gone")
+        messages.append(message)
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def main():
+        served = await serve(svc, secret, {"model": "m", "prompt": "apple", "n": 2})
+        with contextlib.suppress(ClientDisconnect):
+            await ChargedResponse(served)({"type": "http", "asgi": {"spec_version": "2.0"}}, receive, send)
+        return await balance(accounts, secret)
+
+    paid = asyncio.run(main())
+    if send_fails:
+        assert paid == 10  # refunded: the body never left
+    else:
+        assert [m["type"] for m in messages] == ["http.response.start", "http.response.body"]
+        assert messages[1]["more_body"] is False
+        assert paid == 10 - 2 * PRICE
+    assert accounts.store.inconsistencies() == []
