@@ -29,7 +29,7 @@ Ray instance (raylet, GCS, controller, proxy, ingress, each model's replicas, ..
 at the start and at the end of the load, with a timeline.
 
     python bench/soak.py            # 10 minutes; bench/results/soak.json + docs/benchmarks.md
-    python bench/soak.py --quick    # 60 s, a kill every 20 s, stale release after 75 s; writes nothing
+    python bench/soak.py --quick    # 60 s, a kill every 20 s, stale release after 90 s; writes nothing
 """
 
 from __future__ import annotations
@@ -1073,7 +1073,7 @@ def markdown(doc: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="60 s, a model kill every 20 s, the ingress at 30 s, stale release after 75 s "
+                        help="60 s, a model kill every 20 s, the ingress at 30 s, stale release after 90 s "
                              "(swept every 5 s); prints, writes nothing")
     parser.add_argument("--duration-s", type=float, default=600.0, help="load duration (default 600)")
     parser.add_argument("--clients", type=int, default=12, help="closed-loop HTTP clients (default 12)")
@@ -1111,7 +1111,7 @@ def main() -> int:
         args.duration_s, args.kill_every_s = 60.0, 20.0
         args.memory_every_s = min(args.memory_every_s, 15.0)
         if args.release_stale_after_s is None:
-            args.release_stale_after_s = 75.0
+            args.release_stale_after_s = 90.0
         if args.release_stale_every_s is None:
             args.release_stale_every_s = 5.0
     if args.ingress_kill_at_s is None:
