@@ -796,7 +796,7 @@ async def wait_until_ready(port: int, key: str, models: list[str], records: list
                 request_id = f"soak-warmup-{model}-{attempt}-{int(time.time())}"
                 payload = {"model": model, "prompt": "warm-up", "n": 1, "seed": attempt}
                 t = time.perf_counter()
-                status, code, got, charged = await send(connection, request_bytes(port, payload, key, request_id), 120)
+                status, code, got, charged, _ = await send(connection, request_bytes(port, payload, key, request_id), 120)
                 records.append(Record("warmup", -1, attempt, 0, model, "text", "b64_json", 1, request_id,
                                       t - started, time.perf_counter() - started, status, code, got, charged))
                 if status == 200:
@@ -810,11 +810,14 @@ async def wait_until_ready(port: int, key: str, models: list[str], records: list
 
 # -- the served graph ------------------------------------------------------------------------
 def soak_config(data_dir: Path, *, release_stale_after_s: float | None, release_stale_every_s: float | None):
-    """The embedded default (serve_config.yaml's args: every model, with its autoscaling),
-    with its own database and image folder under ``data_dir`` and the tests' model cache."""
+    """The embedded default (serve_config.yaml's args: every model that generates, with its
+    autoscaling; the request mix has no edits, so edit-only models are left out), with its own
+    database and image folder under ``data_dir`` and the tests' model cache."""
     from serve_app.config import AppConfig, load_app_config
+    from serve_app.work import Mode
 
     base = load_app_config(ROOT / "serve_config.yaml")
+    base = base.model_copy(update={"models": [m for m in base.models if m.rules.base_mode is Mode.TEXT_TO_IMAGE]})
     accounts: dict[str, Any] = {"database_url": f"sqlite:///{data_dir}/imagegen.db"}
     if release_stale_after_s is not None:
         accounts["release_stale_after_s"] = release_stale_after_s
