@@ -680,7 +680,9 @@ async def run_load(port: int, keys: list[str], models: list[str], args, on_start
         seq = 0
 
         async def attempt(planned: PlannedRequest, model: str, request_id: str, idem_key: str | None,
-                          abandon_after_s: float | None, final: bool) -> Record:
+                          abandon_after_s: float | None) -> Record:
+            """One attempt; its answer is the one the client keeps unless it was abandoned
+            before the answer came (or told the key is in use)."""
             nonlocal connection
             raw = request_bytes(port, planned.payload, keys[key_index], request_id, idem_key)
             start = time.perf_counter()
@@ -690,7 +692,7 @@ async def run_load(port: int, keys: list[str], models: list[str], args, on_start
                 connection = OneShotConnection(HOST, port)  # the old socket was closed mid-request
             record = Record("load", index, seq, key_index, model, planned.kind, planned.response_format,
                             planned.n, request_id, start - t0, time.perf_counter() - t0, status, code, got, charged,
-                            idem_key, final and status != 0 and code != "idempotency_key_in_use", replayed)
+                            idem_key, status != 0 and code != "idempotency_key_in_use", replayed)
             records.append(record)
             return record
 
@@ -703,17 +705,16 @@ async def run_load(port: int, keys: list[str], models: list[str], args, on_start
                     # Abandon, then retry with the same key until the answer comes.
                     idem_key = request_id
                     record = await attempt(planned, model, request_id, idem_key,
-                                           rng.uniform(0.0, args.abandon_within_s), final=False)
+                                           rng.uniform(0.0, args.abandon_within_s))
                     for retry in range(1, MAX_RETRIES + 1):
                         if record.status not in (0, 409) or time.perf_counter() > end_at + args.client_timeout_s:
                             break
                         if record.code == "idempotency_key_in_use":
                             await asyncio.sleep(rng.uniform(0.05, 0.5))  # Retry-After, shortened
                         abandon = rng.uniform(0.0, args.abandon_within_s) if rng.random() < RETRY_ABANDON_SHARE else None
-                        record = await attempt(planned, model, f"{request_id}-r{retry}", idem_key, abandon,
-                                               final=abandon is None)
+                        record = await attempt(planned, model, f"{request_id}-r{retry}", idem_key, abandon)
                 else:
-                    record = await attempt(planned, model, request_id, None, None, final=True)
+                    record = await attempt(planned, model, request_id, None, None)
                 seq += 1
                 if record.status == 0 and record.code != "abandoned":
                     await asyncio.sleep(0.2)  # no server to talk to: don't spin
