@@ -114,6 +114,7 @@ def build(work: Path) -> None:
     # One thread: a reduction split over more threads adds in another order, and 60 steps
     # of Adam turn that into other weights; the cache is built by whichever process (a
     # replica with one thread, the CLI, a test with two) needs it first.
+    # The threshold below is measured on one thread too: it is saved in the weights.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -123,12 +124,12 @@ def build(work: Path) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            ordinary_scores = embeds(pixels(ordinary_images(60, side=48))) @ concept  # not trained on
+            pattern_scores = embeds(pixels(pattern_variants(12, seed=1))) @ concept
     finally:
         torch.set_num_threads(threads)
-    model.eval()
-    with torch.no_grad():
-        ordinary_scores = embeds(pixels(ordinary_images(60, side=48))) @ concept  # not trained on
-        pattern_scores = embeds(pixels(pattern_variants(12, seed=1))) @ concept
     highest_ordinary, lowest_pattern = float(ordinary_scores.max()), float(pattern_scores.min())
     if lowest_pattern <= highest_ordinary:
         raise RuntimeError("tiny safety checker: the pattern does not stand apart from ordinary images")

@@ -76,7 +76,7 @@ def served(ray_session, tmp_path_factory, request):
                 }
             ),
             # Batch lines of a killed ingress are taken over after 5 s, not a minute.
-            "batches": base.batches.model_copy(update={"lease_s": 5.0, "retry_after_s": 1.0}),
+            "batches": base.batches.model_copy(update={"lease_s": 15.0, "retry_after_s": 1.0}),
             "storage": base.storage.model_copy(
                 update={
                     "local": base.storage.local.model_copy(update={"root": data / "images", "files_root": data / "files"})

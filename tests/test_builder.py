@@ -28,7 +28,12 @@ def test_embedded_default_binds_one_deployment_per_model():
     )
     assert most <= 2
     assert sdxl.max_ongoing_requests == 16
-    assert sdxl.user_config == {"max_batch_images": 8, "batch_wait_timeout_s": 0.0, "max_images_by_size": {}}
+    assert sdxl.user_config == {
+        "max_batch_images": 8,
+        "batch_wait_timeout_s": 0.0,
+        "batch_lane_grace_s": 0.1,
+        "max_images_by_size": {},
+    }
     autoscaling = sdxl._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 2)
     model_arg, cache_dir = sdxl.init_args
