@@ -131,7 +131,12 @@ def failure_app(served):
     )
     models = [needs_gpu.model_dump(), tight_deadline.model_dump()]
     # A model asking for a GPU: the config must say the SQLite ledger is on one machine.
-    config = AppConfig.model_validate({**served.config.model_dump(), "models": models, "single_machine": True})
+    # Its ingress runs no batch runner: batch lines belong to whichever runner claims them, and
+    # one on the same database with other models would answer them 404 (README, Batch API).
+    batches = {**served.config.batches.model_dump(), "enabled": False}
+    config = AppConfig.model_validate(
+        {**served.config.model_dump(), "models": models, "single_machine": True, "batches": batches}
+    )
     serve.run_many(
         [serve.RunTarget(build_app(config), name="failure-app", route_prefix="/failures")],
         wait_for_applications_running=False,
