@@ -64,27 +64,6 @@ logger = logging.getLogger("ray.serve")
 class AccountsPort(Protocol):
     """What the service needs from accounts (``serve_app.accounts.Accounts``)."""
 
-    def _claim(
-        self, idempotency_key: str | None, fingerprint: Callable[[], str], stream: bool
-    ) -> IdempotencyClaim | None:
-        if idempotency_key is None:
-            return None
-        if not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-            raise InvalidRequest(
-                "Invalid 'Idempotency-Key': 1 to 255 printable ASCII characters.", param="Idempotency-Key"
-            )
-        if stream:  # a replay would have to store and resend every event; a stream is not repeatable
-            raise InvalidRequest(
-                "Invalid 'Idempotency-Key': not supported with stream: true; retry a stream without it.",
-                param="Idempotency-Key",
-            )
-        if self._store is None:  # outcomes refer to stored images
-            raise InvalidRequest(
-                "Invalid 'Idempotency-Key': this service has no image storage to keep outcomes in.",
-                param="Idempotency-Key",
-            )
-        return IdempotencyClaim(idempotency_key, fingerprint(), self._config.idempotency_replay_window_s)
-
     async def authenticate(self, authorization: str | None) -> Any: ...
 
     def check_model(self, key: Any, model_id: str) -> None: ...
