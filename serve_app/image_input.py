@@ -134,19 +134,27 @@ class Decoder:
 # --- decoding -------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, *, param: str, policy: ImageInputPolicy) -> Image.Image:
-    """A PNG, JPEG or WEBP still image, EXIF orientation applied, in "RGB" or "RGBA"."""
+def _check_before_parsing(data: bytes, *, param: str, policy: ImageInputPolicy) -> None:
+    """What an image's bytes must pass before a parser sees them (decode_image, sniff_image)."""
     if not data:
         raise InvalidRequest(f"Invalid '{param}': the image is empty.", param=param)
     _check_byte_size(len(data), param=param, policy=policy)
     _check_jpeg_scans(data, param=param, policy=policy)
+
+
+def _check_still_within_pixels(image: Image.Image, *, param: str, policy: ImageInputPolicy) -> None:
+    """What an opened image's header must pass: declared pixels within the limit, one frame."""
+    _check_pixels(image, param=param, policy=policy)
+    if getattr(image, "n_frames", 1) > 1 and image.format not in _STILL_MULTI_PICTURE_FORMATS:
+        raise InvalidRequest(f"Invalid '{param}': animated images are not accepted; send a single frame.", param=param)
+
+
+def decode_image(data: bytes, *, param: str, policy: ImageInputPolicy) -> Image.Image:
+    """A PNG, JPEG or WEBP still image, EXIF orientation applied, in "RGB" or "RGBA"."""
+    _check_before_parsing(data, param=param, policy=policy)
     image, reader = _open(data, INPUT_FORMATS, param=param, what="a PNG, JPEG or WEBP image")
     try:
-        _check_pixels(image, param=param, policy=policy)
-        if getattr(image, "n_frames", 1) > 1 and image.format not in _STILL_MULTI_PICTURE_FORMATS:
-            raise InvalidRequest(
-                f"Invalid '{param}': animated images are not accepted; send a single frame.", param=param
-            )
+        _check_still_within_pixels(image, param=param, policy=policy)
         _load(image, reader, param=param)
         # After loading: a PNG's eXIf chunk may follow its image data.
         if len(image.info.get("exif") or b"") > MAX_EXIF_BYTES:
@@ -169,17 +177,10 @@ def sniff_image(data: bytes, *, param: str, policy: ImageInputPolicy) -> tuple[s
     the checks ``decode_image`` makes before it decodes a pixel (bytes, JPEG scans, format,
     declared pixels, one frame), for an image kept now and decoded later (a Files API upload
     of purpose vision / user_data). ``format`` is PNG, JPEG or WEBP (an MPO is a JPEG)."""
-    if not data:
-        raise InvalidRequest(f"Invalid '{param}': the image is empty.", param=param)
-    _check_byte_size(len(data), param=param, policy=policy)
-    _check_jpeg_scans(data, param=param, policy=policy)
+    _check_before_parsing(data, param=param, policy=policy)
     image, _ = _open(data, INPUT_FORMATS, param=param, what="a PNG, JPEG or WEBP image")
     try:
-        _check_pixels(image, param=param, policy=policy)
-        if getattr(image, "n_frames", 1) > 1 and image.format not in _STILL_MULTI_PICTURE_FORMATS:
-            raise InvalidRequest(
-                f"Invalid '{param}': animated images are not accepted; send a single frame.", param=param
-            )
+        _check_still_within_pixels(image, param=param, policy=policy)
         kind = "JPEG" if image.format in _STILL_MULTI_PICTURE_FORMATS else str(image.format)
         return kind, image.width, image.height
     except _ParseBudgetExceeded:
